@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make train` and `make test`. Both set up .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build by default; users with a CUDA torch already installed in the venv keep theirs
+# (torch is only installed when it cannot be imported).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup train test bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The default pipeline: synthetic world -> tiny GPT-2 base model -> MEND meta-training -> evaluation.
+train: setup
+	$(PY) train.py --config configs/base_zsre_gpt2_tiny.yaml
+	$(PY) train.py --config configs/mend_zsre_gpt2_tiny.yaml
+	$(PY) eval.py --config configs/mend_zsre_gpt2_tiny.yaml --ckpt_path runs/default/editor.ckpt --mode all --report runs/default/report.json
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf runs lightning_logs
