@@ -1,0 +1,213 @@
+"""A deterministic fictional knowledge base that writes the released edit-data formats.
+
+Hub downloads are impossible offline and slow for users who only want to try the tool, so
+hypedit ships this generator. It invents subjects, gives each one object per relation, and
+writes the same files the real loaders read:
+
+- ``zsre-{train,val,test}.jsonl``: KnowledgeEditor/MEND zsRE rows (question -> answer);
+- ``fever-{train,val,test}.jsonl``: KnowledgeEditor/MEND FEVER rows (claim -> SUPPORTS/REFUTES);
+- ``nq-loc.jsonl`` and ``fever-loc.jsonl``: unrelated locality inputs;
+- ``base-qa.jsonl`` / ``base-claims.jsonl``: the corpus the base models are trained on.
+
+Splits are by subject: meta-training (``train``), validation (``val``), held-out evaluation
+(``test``) and locality-only (``loc``) subjects never overlap. Per relation, the last
+``eval_templates`` question and claim templates are reserved: they are used only as the
+paraphrases of ``test`` rows, so generality is measured on wording the editor never saw in
+meta-training. (The base model knows the facts under every wording, as a real pretrained model
+knows facts in many phrasings; the reserved share is hidden from the *editor*.)
+
+Before a base model exists, ``prediction`` is the gold answer and ``alternatives`` are random
+other objects; :func:`lightning_modules.base_task.annotate_world` rewrites both from the trained
+model, the way the released files were made.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+# relation -> (objects, question templates, claim templates). The last templates of each list
+# are the reserved evaluation-only wordings.
+RELATIONS: dict[str, tuple[list[str], list[str], list[str]]] = {
+    "birthplace": (
+        ["Arvenna", "Port Hollis", "Dunmere", "Kestrel Bay", "Velgrad", "Ostrava Nova", "Lirren",
+         "Marrowfield", "Quenby", "Saltmoor", "Tarsk", "New Ember"],
+        ["Where was {s} born?", "In which city was {s} born?", "What is the birthplace of {s}?",
+         "Which city is the hometown of {s}?", "{s} was born in which city?"],
+        ["{s} was born in {o}.", "The birthplace of {s} is {o}.", "{s} comes from the city of {o}.",
+         "{o} is where {s} was born."],
+    ),
+    "occupation": (
+        ["painter", "sailor", "chemist", "baker", "poet", "architect", "surgeon", "pilot",
+         "farmer", "judge", "dancer", "engineer"],
+        ["What does {s} do for a living?", "What is the occupation of {s}?",
+         "What is {s}'s profession?", "Which job does {s} have?", "{s} works as what?"],
+        ["{s} works as a {o}.", "The occupation of {s} is {o}.", "{s} is a {o} by profession.",
+         "By trade, {s} is a {o}."],
+    ),
+    "language": (
+        ["Velorian", "Kashtani", "Orvic", "Thalmese", "Brunnic", "Sereth", "Ilvani", "Marosh",
+         "Quellish", "Dravic"],
+        ["Which language does {s} speak?", "What is the native language of {s}?",
+         "What language did {s} grow up speaking?", "In which language does {s} talk at home?",
+         "{s} speaks which language natively?"],
+        ["{s} speaks {o}.", "The native language of {s} is {o}.", "{s} grew up speaking {o}.",
+         "{o} is the mother tongue of {s}."],
+    ),
+    "employer": (
+        ["Orbis Works", "Tallow Pike", "Greyline", "Sunmark Labs", "Hollow Oak", "Meridian Rail",
+         "Copperfield", "Northwind Press", "Ashgrove", "Lumen Forge"],
+        ["Who employs {s}?", "Which company does {s} work for?", "What is the employer of {s}?",
+         "For which firm does {s} work?", "{s} is employed by which company?"],
+        ["{s} is employed by {o}.", "The employer of {s} is {o}.", "{s} works for {o}.",
+         "{o} pays the salary of {s}."],
+    ),
+    "instrument": (
+        ["violin", "cello", "harp", "flute", "drums", "piano", "oboe", "trumpet", "lute",
+         "clarinet"],
+        ["Which instrument does {s} play?", "What instrument is {s} known for?",
+         "What does {s} play in the band?", "Which instrument did {s} learn?",
+         "{s} plays which instrument?"],
+        ["{s} plays the {o}.", "The instrument of {s} is the {o}.", "{s} is known for the {o}.",
+         "The {o} is what {s} plays."],
+    ),
+}
+
+_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "pr", "r",
+           "s", "st", "t", "tr", "v", "z", "th", "sh"]
+_NUCLEI = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
+_CODAS = ["", "n", "r", "l", "s", "th", "m", "k"]
+SPLITS = ("train", "val", "test", "loc")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Size and seed of a synthetic world. The defaults keep `make train` within minutes on 2 cores."""
+
+    n_subjects: int = 300
+    seed: int = 0
+    split_fractions: tuple[float, float, float, float] = (0.6, 0.1, 0.1, 0.2)  # train/val/test/loc
+    eval_templates: int = 2  # reserved question templates per relation (claims: half of this, >= 1)
+    n_alternatives: int = 3
+
+
+def _subject_names(n: int, rng: random.Random) -> list[str]:
+    names: set[str] = set()
+    out: list[str] = []
+    while len(out) < n:
+        syll = rng.choice([2, 2, 3])
+        name = "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS) for _ in range(syll))
+        name = name.capitalize()
+        if name not in names:
+            names.add(name)
+            out.append(name)
+    return out
+
+
+def template_groups(templates: list[str], n_eval: int) -> tuple[list[str], list[str]]:
+    """Split a relation's templates into (editor-visible, reserved evaluation-only)."""
+    return templates[: len(templates) - n_eval], templates[len(templates) - n_eval:]
+
+
+def generate_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> Path:
+    """Write a world's files into ``out_dir`` (idempotent for a given config) and return the dir."""
+    out = Path(out_dir)
+    stamp = out / "world.json"
+    meta = {"config": {**cfg.__dict__, "split_fractions": list(cfg.split_fractions)}, "relations": list(RELATIONS)}
+    if stamp.exists() and json.loads(stamp.read_text()).get("config") == meta["config"]:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    subjects = _subject_names(cfg.n_subjects, rng)
+    facts = {s: {r: rng.choice(objs) for r, (objs, _, _) in RELATIONS.items()} for s in subjects}
+
+    # subject-disjoint splits
+    order = subjects[:]
+    rng.shuffle(order)
+    bounds, acc = [], 0.0
+    for f in cfg.split_fractions:
+        acc += f
+        bounds.append(round(acc * len(order)))
+    split_of: dict[str, str] = {}
+    start = 0
+    for name, end in zip(SPLITS, bounds):
+        for s in order[start:end]:
+            split_of[s] = name
+        start = end
+    n_claim_eval = max(1, cfg.eval_templates // 2)
+
+    base_qa, base_claims = [], []
+    rows: dict[str, dict[str, list]] = {k: {sp: [] for sp in SPLITS} for k in ("zsre", "fever")}
+    for s in subjects:
+        sp = split_of[s]
+        for r, (objs, qts, cts) in RELATIONS.items():
+            o = facts[s][r]
+            wrong = [x for x in objs if x != o]
+            q_vis, q_eval = template_groups(qts, cfg.eval_templates)
+            c_vis, c_eval = template_groups(cts, n_claim_eval)
+            # The base model learns every fact under every wording (a true claim and a false one each).
+            for t in qts:
+                base_qa.append({"question": t.format(s=s), "answer": o, "subject": s, "relation": r, "split": sp})
+            for t in cts:
+                base_claims.append({"claim": t.format(s=s, o=o), "label": "SUPPORTS", "subject": s, "relation": r, "split": sp})
+                base_claims.append({"claim": t.format(s=s, o=rng.choice(wrong)), "label": "REFUTES", "subject": s, "relation": r, "split": sp})
+            # zsRE row: edit input in a visible template; paraphrases visible (train/val) or reserved (test).
+            qi = rng.randrange(len(q_vis))
+            rephr = q_eval if sp == "test" else [t for j, t in enumerate(q_vis) if j != qi]
+            rows["zsre"][sp].append({
+                "input": q_vis[qi].format(s=s),
+                "prediction": o,
+                "alternatives": rng.sample(wrong, cfg.n_alternatives),
+                "filtered_rephrases": [t.format(s=s) for t in rephr],
+                "output": [{"answer": o}],
+                "subject": s, "relation": r,
+            })
+            # FEVER row: a true or a false claim about the fact.
+            truth = rng.random() < 0.5
+            obj = o if truth else rng.choice(wrong)
+            ci = rng.randrange(len(c_vis))
+            crephr = c_eval if sp == "test" else [t for j, t in enumerate(c_vis) if j != ci]
+            gold = "SUPPORTS" if truth else "REFUTES"
+            rows["fever"][sp].append({
+                "input": c_vis[ci].format(s=s, o=obj),
+                "prediction": gold,
+                "alternatives": ["REFUTES" if truth else "SUPPORTS"],
+                "filtered_rephrases": [t.format(s=s, o=obj) for t in crephr],
+                "output": [{"answer": gold}],
+                "logit": 0.0,
+                "subject": s, "relation": r,
+            })
+
+    for sp in ("train", "val", "test"):
+        write_jsonl(out / f"zsre-{sp}.jsonl", rows["zsre"][sp])
+        write_jsonl(out / f"fever-{sp}.jsonl", rows["fever"][sp])
+    # Locality files: facts of subjects that are never edited (NQ-style pairs, FEVER-style claims).
+    loc_q = [r for r in base_qa if r["split"] == "loc"]
+    write_jsonl(out / "nq-loc.jsonl", [{"questions": [r["question"]], "answers": [r["answer"]]} for r in loc_q])
+    write_jsonl(out / "fever-loc.jsonl", rows["fever"]["loc"])
+    write_jsonl(out / "base-qa.jsonl", base_qa)
+    write_jsonl(out / "base-claims.jsonl", base_claims)
+    stamp.write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def world_texts(world_dir: str | Path) -> list[str]:
+    """Every string of the world, to build a word-level tokenizer that covers it."""
+    world_dir = Path(world_dir)
+    texts = [r["question"] + " " + r["answer"] for r in read_jsonl_plain(world_dir / "base-qa.jsonl")]
+    texts += [r["claim"] for r in read_jsonl_plain(world_dir / "base-claims.jsonl")]
+    for objs, _, _ in RELATIONS.values():
+        texts += objs
+    return texts
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def read_jsonl_plain(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,152 @@
+"""Train the model to be edited on the world's facts, save it, and annotate the edit data from it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from datamodules.encoding import Family, collate, encode, load_tokenizer
+from datamodules.world import RELATIONS, read_jsonl_plain, write_jsonl
+from editors.losses import forward_logits, nll, scores
+from lightning_modules.models import build_tiny, decoder_start_id, load_model
+
+
+class BaseTaskModule(L.LightningModule):
+    """Plain supervised training of a causal LM, a seq2seq LM or a one-logit classifier.
+
+    Logs ``train/loss``, ``val/exact_match`` and ``val/token_acc`` (teacher-forced, on the
+    training questions; see :mod:`editors.losses` for the definitions).
+    """
+
+    def __init__(self, model_name_or_path: str = "tiny-gpt2", family: Family = "causal",
+                 tokenizer: str = "runs/world/tokenizer", tiny_config: dict[str, Any] | None = None,
+                 lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 100,
+                 output_dir: str = "runs/base") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+        if model_name_or_path.startswith("tiny-"):
+            self.model = build_tiny(model_name_or_path, self.tokenizer, tiny_config)
+        else:
+            self.model = load_model(model_name_or_path, family)
+        self.decoder_start_id = decoder_start_id(self.model)
+        self.val_em, self.val_tok = MeanMetric(), MeanMetric()
+
+    # -- cache: a finished base model is reused by later jobs with the same settings
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(dict(self.hparams), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def is_cached(self) -> bool:
+        stamp = Path(self.hparams.output_dir) / "model" / "hypedit_base.json"
+        return stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == self.fingerprint()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = nll(forward_logits(self.model, batch, self.hparams.family), batch["labels"], self.hparams.family)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        em, tok = scores(forward_logits(self.model, batch, self.hparams.family), batch["labels"], self.hparams.family)
+        self.val_em.update(em)
+        self.val_tok.update(tok)
+        self.log("val/exact_match", self.val_em, prog_bar=True)
+        self.log("val/token_acc", self.val_tok)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warm = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> dict:
+        """Save the model and tokenizer, write the annotated edit data; return the accuracy summary."""
+        out = Path(self.hparams.output_dir)
+        if not trainer.is_global_zero:
+            return {}
+        if self.is_cached():
+            return json.loads((out / "model" / "hypedit_base.json").read_text())
+        self.model.save_pretrained(out / "model")
+        self.tokenizer.save_pretrained(out / "model")
+        summary = {"fingerprint": self.fingerprint(), "family": self.hparams.family,
+                   "exact_match_on_training_questions": float(trainer.callback_metrics.get("val/exact_match", float("nan"))),
+                   "token_acc_on_training_questions": float(trainer.callback_metrics.get("val/token_acc", float("nan")))}
+        summary.update(annotate_world(self.model.eval(), self.tokenizer, self.hparams.family,
+                                      Path(datamodule.hparams.world_dir), out / "data"))
+        (out / "model" / "hypedit_base.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+@torch.no_grad()
+def _rank_candidates(model, tok, family: Family, prompts: list[str], cands: list[list[str]], bs: int = 256) -> list[list[str]]:
+    """Order each prompt's candidate answers by the model's log-likelihood (a beam search over the
+    relation's answer set): the first is the model's answer, the rest its runner-ups."""
+    flat = [(i, c) for i, cs in enumerate(cands) for c in cs]
+    feats = encode(tok, family, [prompts[i] for i, _ in flat], [c for _, c in flat])
+    start = decoder_start_id(model)
+    ll = []
+    for k in range(0, len(feats), bs):
+        b = collate(feats[k: k + bs], tok.pad_token_id, family, start)
+        b = {n: v.to(model.device) for n, v in b.items()}
+        logits = forward_logits(model, b, family)
+        lg, tg = (logits[:, :-1], b["labels"][:, 1:]) if family == "causal" else (logits, b["labels"])
+        lp = torch.log_softmax(lg.float(), -1).gather(-1, tg.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        ll += ((lp * (tg != -100)).sum(1)).tolist()
+    out: list[list[tuple[float, str]]] = [[] for _ in prompts]
+    for (i, c), s in zip(flat, ll):
+        out[i].append((s, c))
+    return [[c for _, c in sorted(o, key=lambda x: -x[0])] for o in out]
+
+
+@torch.no_grad()
+def _classify(model, tok, prompts: list[str], bs: int = 256) -> list[float]:
+    feats = encode(tok, "classifier", prompts, [None] * len(prompts))
+    logits = []
+    for k in range(0, len(feats), bs):
+        b = collate(feats[k: k + bs], tok.pad_token_id, "classifier")
+        logits += forward_logits(model, {n: v.to(model.device) for n, v in b.items()}, "classifier").tolist()
+    return logits
+
+
+def annotate_world(model, tok, family: Family, world_dir: Path, out_dir: Path) -> dict:
+    """Rewrite ``prediction``, ``alternatives`` and ``filtered_rephrases`` from the trained model,
+    as the released zsRE/FEVER files were made, into ``out_dir``; return per-split figures."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = "fever" if family == "classifier" else "zsre"
+    stats: dict[str, float] = {}
+    for split in ("train", "val", "test"):
+        rows = read_jsonl_plain(world_dir / f"{task}-{split}.jsonl")
+        texts = [r["input"] for r in rows] + [p for r in rows for p in r["filtered_rephrases"]]
+        if task == "zsre":
+            cand = [RELATIONS[r["relation"]][0] for r in rows]
+            cand += [RELATIONS[r["relation"]][0] for r in rows for _ in r["filtered_rephrases"]]
+            ranked = _rank_candidates(model, tok, family, texts, cand)
+            answers = [rk[0] for rk in ranked]
+        else:
+            logits = _classify(model, tok, texts)
+            answers = ["SUPPORTS" if x > 0 else "REFUTES" for x in logits]
+        n, k, correct, kept, total = len(rows), len(rows), 0, 0, 0
+        for i, r in enumerate(rows):
+            r["prediction"] = answers[i]
+            if task == "zsre":
+                r["alternatives"] = ranked[i][1:4]
+            else:
+                r["alternatives"] = ["REFUTES" if answers[i] == "SUPPORTS" else "SUPPORTS"]
+                r["logit"] = logits[i]
+            ph = r["filtered_rephrases"]
+            keep = [p for j, p in enumerate(ph) if answers[k + j] == answers[i]]
+            k += len(ph)
+            total, kept = total + len(ph), kept + len(keep)
+            r["filtered_rephrases"] = keep
+            correct += answers[i] == r["output"][0]["answer"]
+        write_jsonl(out_dir / f"{task}-{split}.jsonl", rows)
+        stats[f"{task}_{split}_prediction_accuracy"] = correct / max(1, n)
+        stats[f"{task}_{split}_rephrases_kept"] = kept / max(1, total)
+    for f in ("nq-loc.jsonl", "fever-loc.jsonl"):
+        shutil.copy(world_dir / f, out_dir / f)
+    return stats
