@@ -1,0 +1,189 @@
+"""Edit-pair DataModules: zsRE-style (question -> answer) and FEVER-style (claim -> verdict).
+
+A batch is a dict of three padded sub-batches (see :mod:`datamodules.encoding`):
+
+- ``edit_inner``: the ``n_edits`` edit inputs, labelled with their new targets;
+- ``edit_outer``: one equivalent input (paraphrase) per edit, with the same new target;
+- ``loc``: ``loc_per_edit`` unrelated inputs per edit, labelled with their known answers
+  (-100 where unknown), drawn from a pool that shares no text with any edit.
+
+Meta-training items are (edit, paraphrase) pairs, every paraphrase of every record once per
+epoch; validation and test items are one per record with its first paraphrase (evaluation
+scores all of them itself). Under DDP each process reads its own shard, and the last
+incomplete step is dropped so no edit is duplicated within a step.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from datamodules.encoding import Family, collate, encode, load_tokenizer
+from datamodules.formats import (EditRecord, LocalityPair, read_fever_jsonl, read_fever_locality, read_nq,
+                                 read_zsre_jsonl, read_zsre_toolkit)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedSplit:
+    """A split's records and their tokenised forms, ready to batch."""
+
+    records: list[EditRecord]
+    items: list[tuple[int, int]]  # (record index, paraphrase index)
+    edits: list[dict]
+    rephrases: list[list[dict]]
+
+
+class EditDataset(Dataset):
+    """Index -> (edit, paraphrase, locality inputs), deterministic for a given seed."""
+
+    def __init__(self, split: EncodedSplit, loc: list[dict], loc_per_edit: int, seed: int) -> None:
+        self.split, self.loc, self.k = split, loc, loc_per_edit
+        self.loc_order = list(range(len(loc)))
+        random.Random(seed).shuffle(self.loc_order)
+
+    def __len__(self) -> int:
+        return len(self.split.items)
+
+    def __getitem__(self, i: int) -> dict:
+        r, p = self.split.items[i]
+        locs = [self.loc[self.loc_order[(i * self.k + j) % len(self.loc)]] for j in range(self.k)]
+        return {"edit": self.split.edits[r], "rephrase": self.split.rephrases[r][p], "loc": locs, "index": i}
+
+
+class EditDataModule(L.LightningDataModule):
+    """Shared machinery; subclasses say how to read their files (:meth:`read_split`, :meth:`read_locality`)."""
+
+    task = "edit"
+
+    def __init__(self, train_path: str | None = None, val_path: str | None = None, test_path: str | None = None,
+                 loc_path: str | None = None, tokenizer: str = "runs/base_zsre_gpt2_tiny/model",
+                 family: Family = "causal", n_edits: int = 1, loc_per_edit: int = 1, max_length: int = 64,
+                 seed: int = 0, shuffle: bool = True, num_workers: int = 0, val_limit: int | None = None,
+                 decoder_start_id: int | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.splits: dict[str, EncodedSplit] = {}
+        self.loc_encoded: list[dict] = []
+        self.loc_pairs: list[LocalityPair] = []
+
+    # -- format hooks
+    def read_split(self, path: Path) -> tuple[list[EditRecord], list[LocalityPair]]:
+        raise NotImplementedError
+
+    def read_locality(self, path: Path) -> list[LocalityPair]:
+        raise NotImplementedError
+
+    # -- setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.tokenizer)
+        self.decoder_start_id = hp.decoder_start_id
+        if hp.family == "seq2seq" and self.decoder_start_id is None:
+            from transformers import AutoConfig
+
+            self.decoder_start_id = AutoConfig.from_pretrained(hp.tokenizer).decoder_start_token_id
+        embedded_loc: list[LocalityPair] = []
+        for name in ("train", "val", "test"):
+            path = getattr(hp, f"{name}_path")
+            if not path:
+                continue
+            recs, loc = self.read_split(Path(path))
+            if name == "val" and hp.val_limit:
+                recs = recs[: hp.val_limit]
+            embedded_loc += loc
+            self.splits[name] = self._encode_split(recs, expand=(name == "train"))
+        pool = self.read_locality(Path(hp.loc_path)) if hp.loc_path else embedded_loc
+        # Locality inputs must be unrelated: drop any that share text or subject with an edit.
+        edit_text = {t for s in self.splits.values() for r in s.records for t in [r.prompt, *r.rephrases]}
+        subjects = {r.subject for s in self.splits.values() for r in s.records if r.subject}
+        pool = [p for p in pool if p.prompt not in edit_text and not subjects.intersection(re.findall(r"\w+", p.prompt))]
+        if not pool:
+            raise ValueError("no locality inputs left after removing those that overlap the edits; give loc_path")
+        self.loc_pairs = pool
+        self.loc_encoded = encode(self.tokenizer, hp.family, [p.prompt for p in pool], [p.answer for p in pool], hp.max_length)
+        log.info("%s data: %s edits, %d locality inputs", self.task,
+                 {k: len(v.records) for k, v in self.splits.items()}, len(pool))
+
+    def _encode_split(self, recs: list[EditRecord], expand: bool) -> EncodedSplit:
+        hp = self.hparams
+        edits = encode(self.tokenizer, hp.family, [r.prompt for r in recs], [r.target for r in recs], hp.max_length)
+        flat = [(i, ph) for i, r in enumerate(recs) for ph in r.rephrases]
+        enc = encode(self.tokenizer, hp.family, [ph for _, ph in flat], [recs[i].target for i, _ in flat], hp.max_length)
+        reph: list[list[dict]] = [[] for _ in recs]
+        for (i, _), e in zip(flat, enc):
+            reph[i].append(e)
+        items = [(i, j) for i, r in enumerate(recs) for j in range(len(r.rephrases) if expand else 1)]
+        return EncodedSplit(recs, items, edits, reph)
+
+    # -- loaders
+    def collate(self, items: list[dict]) -> dict:
+        fam, pad = self.hparams.family, self.tokenizer.pad_token_id
+        start = self.decoder_start_id
+        return {"edit_inner": collate([it["edit"] for it in items], pad, fam, start),
+                "edit_outer": collate([it["rephrase"] for it in items], pad, fam, start),
+                "loc": collate([l for it in items for l in it["loc"]], pad, fam, start),
+                "index": [it["index"] for it in items]}
+
+    def dataset(self, split: str) -> EditDataset:
+        if split not in self.splits:
+            raise ValueError(f"no {split} data: set {split}_path")
+        return EditDataset(self.splits[split], self.loc_encoded, self.hparams.loc_per_edit, self.hparams.seed)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds, hp = self.dataset(split), self.hparams
+        sampler = None
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1:  # our own sampler: drop the ragged tail instead of padding it with duplicated edits
+            sampler = DistributedSampler(ds, num_replicas=world, rank=self.trainer.global_rank,
+                                         shuffle=shuffle, seed=hp.seed, drop_last=True)
+        return DataLoader(ds, batch_size=hp.n_edits, shuffle=shuffle and sampler is None, sampler=sampler,
+                          drop_last=(split == "train"), num_workers=hp.num_workers, collate_fn=self.collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+class ZsreDataModule(EditDataModule):
+    """zsRE-style QA edits from the KnowledgeEditor/MEND JSON lines (``.jsonl``) or the toolkit's
+    JSON list (``.json``, which carries its own locality questions); locality from an NQ file."""
+
+    task = "zsre"
+
+    def read_split(self, path: Path) -> tuple[list[EditRecord], list[LocalityPair]]:
+        if path.suffix == ".json":
+            return read_zsre_toolkit(path)
+        return read_zsre_jsonl(path), []
+
+    def read_locality(self, path: Path) -> list[LocalityPair]:
+        return read_nq(path)
+
+
+class FeverDataModule(EditDataModule):
+    """FEVER-style claim edits (flip the verdict) from the KnowledgeEditor/MEND JSON lines; locality
+    from other labelled claims in the same format."""
+
+    task = "fever"
+
+    def __init__(self, *args, family: Family = "classifier", **kwargs) -> None:
+        super().__init__(*args, family=family, **kwargs)
+
+    def read_split(self, path: Path) -> tuple[list[EditRecord], list[LocalityPair]]:
+        return read_fever_jsonl(path), []
+
+    def read_locality(self, path: Path) -> list[LocalityPair]:
+        return read_fever_locality(path)

@@ -1,0 +1,214 @@
+"""MEND: Model Editor Networks with gradient Decomposition (Mitchell et al., ICLR 2022).
+
+For each edited layer the gradient of the edit loss is ``sum_t delta_t u_t^T``. MEND maps every
+token's ``(u, delta)`` through a small network ``g`` to ``(u~, delta~)`` and edits the layer with a
+*descent* step ``W - alpha_l * sum_t delta~_t u~_t^T`` (so an untrained, identity ``g`` is one plain
+gradient step with step size ``alpha_l``; the reference code adds instead and must first learn to
+flip the sign).
+
+``g`` takes ``concat(norm(u), norm(delta))``, is shared by all layers of one weight shape (each
+layer gets its own FiLM scale/offset), and is a stack of low-rank residual blocks
+``z + relu(s * (U V z + b) + o)`` with ``U = 0`` at init, so it starts as the identity. The running
+normalisation statistics are per layer, updated only while meta-training, synchronised across
+data-parallel processes, and saved with the editor. Padding tokens (all-zero ``u`` or ``delta``) are
+masked out of both the statistics and the update. All layers of one shape go through ``g`` in one
+batched call.
+
+Plain torch: no Lightning here. Typical use::
+
+    editor = MEND.load("runs/default/editor.ckpt", model)       # refuses a different base model
+    edited = editor.edit(model, batch, family="causal")         # functional: model is untouched
+    logits = edited(**inputs).logits
+    permanent = edited.merged()                                  # a copy with the edit written in
+"""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from datamodules.encoding import Family
+from editors.layers import LayerSpec, check_fingerprint, fingerprint, gradient_pieces, select_layers, weight_update
+from editors.losses import forward_logits, nll
+
+CHECKPOINT_KEY = "hypedit_editor"
+
+
+class RunningNorm(nn.Module):
+    """Per-layer running mean/std of ``M`` layers' ``D``-dim inputs (Chan's parallel update).
+
+    Before any update it is the identity (mean 0, std 1).
+    """
+
+    def __init__(self, n_layers: int, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("count", torch.zeros(n_layers, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(n_layers, dim, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(n_layers, dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: Tensor, mask: Tensor) -> None:
+        """Fold in the rows of ``x [M, N, D]`` where ``mask [M, N]``, summed over all processes."""
+        m = mask.to(torch.float64).unsqueeze(-1)
+        xd = x.detach().to(torch.float64)
+        stats = torch.cat([m.sum(1), (xd * m).sum(1), (xd * xd * m).sum(1)], dim=-1)  # [M, 1 + 2D]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        D = x.shape[-1]
+        n_b, s, ss = stats[:, :1], stats[:, 1:1 + D], stats[:, 1 + D:]
+        mean_b = s / n_b.clamp_min(1)
+        m2_b = (ss - n_b * mean_b * mean_b).clamp_min(0)
+        n_a = self.count.unsqueeze(-1)
+        n = n_a + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n.clamp_min(1)
+        self.m2 += m2_b + delta * delta * n_a * n_b / n.clamp_min(1)
+        self.count += n_b.squeeze(-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = self.count.unsqueeze(-1)
+        std = torch.where(n > 1, (self.m2 / (n - 1).clamp_min(1)).sqrt(), torch.ones_like(self.m2))
+        mean, std = self.mean.to(x.dtype).unsqueeze(1), std.to(x.dtype).unsqueeze(1)
+        return (x - mean) / (std + self.eps)
+
+
+class LowRankResidualNet(nn.Module):
+    """``g``: residual low-rank blocks shared by ``M`` layers, each with its FiLM scale and offset."""
+
+    def __init__(self, n_layers: int, dim: int, rank: int, n_hidden: int = 2) -> None:
+        super().__init__()
+        rank = min(rank, dim)
+        self.U = nn.Parameter(torch.zeros(n_hidden, dim, rank))  # zero: g starts as the identity
+        self.V = nn.Parameter(torch.empty(n_hidden, rank, dim))
+        for v in self.V:
+            nn.init.xavier_uniform_(v)
+        self.b = nn.Parameter(torch.zeros(n_hidden, dim))
+        self.scale = nn.Parameter(torch.ones(n_layers, n_hidden, dim))
+        self.shift = nn.Parameter(torch.zeros(n_layers, n_hidden, dim))
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``z [M, N, D]`` -> same shape; layer ``m`` uses FiLM parameters ``m``."""
+        for i in range(self.U.shape[0]):
+            h = (z @ self.V[i].T) @ self.U[i].T + self.b[i]
+            z = z + torch.relu(self.scale[:, i].unsqueeze(1) * h + self.shift[:, i].unsqueeze(1))
+        return z
+
+
+class MEND(nn.Module):
+    """The editor: one :class:`LowRankResidualNet` and :class:`RunningNorm` per distinct (d_in, d_out),
+    and one learned step size per edited layer."""
+
+    def __init__(self, layers: Sequence[LayerSpec | Mapping[str, Any]], rank: int = 1920, n_hidden: int = 2,
+                 init_edit_lr: float = 1e-4) -> None:
+        super().__init__()
+        self.layers = [l if isinstance(l, LayerSpec) else LayerSpec(**l) for l in layers]
+        self.config = {"layers": [asdict(l) for l in self.layers], "rank": rank, "n_hidden": n_hidden,
+                       "init_edit_lr": init_edit_lr}
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, l in enumerate(self.layers):
+            groups[(l.d_in, l.d_out)].append(i)
+        self.groups = list(groups.items())  # [((d_in, d_out), [layer indices])]
+        self.nets = nn.ModuleList(LowRankResidualNet(len(ix), di + do, rank, n_hidden) for (di, do), ix in self.groups)
+        self.norms = nn.ModuleList(RunningNorm(len(ix), di + do) for (di, do), ix in self.groups)
+        self.edit_lrs = nn.Parameter(torch.full((len(self.layers),), float(init_edit_lr)))
+
+    @classmethod
+    def for_model(cls, model: nn.Module, edit_params: list[str] | None = None, **kw: Any) -> "MEND":
+        """An untrained editor for ``model``'s default (or given) edited matrices."""
+        return cls(select_layers(model, edit_params), **kw)
+
+    # -- the edit
+    def transform(self, pieces: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+        """Per-layer pseudo-gradients ``sum_t delta~_t u~_t^T`` (stored weight layout, before the step size)."""
+        out: dict[str, Tensor] = {}
+        for ((d_in, d_out), ix), net, norm in zip(self.groups, self.nets, self.norms):
+            u = torch.stack([pieces[self.layers[i].name][0] for i in ix])  # [M, N, d_in]
+            d = torch.stack([pieces[self.layers[i].name][1] for i in ix])  # [M, N, d_out]
+            mask = (u != 0).any(-1) & (d != 0).any(-1)  # padding tokens carry no gradient: leave them out
+            x = torch.cat([u, d], dim=-1).to(net.U.dtype)
+            if self.training:
+                norm.update(x, mask)
+            y = net(norm(x)) * mask.unsqueeze(-1).to(x.dtype)
+            u_t, d_t = y[..., :d_in], y[..., d_in:]
+            for k, i in enumerate(ix):
+                out[self.layers[i].name] = weight_update(self.layers[i], u_t[k], d_t[k])
+        return out
+
+    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> dict[str, Tensor]:
+        """The weight changes (to add to the weights) that edit ``model`` towards ``batch``'s labels.
+
+        Several edits in one batch are applied at once (their per-token pieces are summed).
+        """
+        pieces = gradient_pieces(model, self.layers, lambda: nll(forward_logits(model, batch, family), batch["labels"], family))
+        pseudo = self.transform(pieces)
+        return {l.name: -self.edit_lrs[i] * pseudo[l.name] for i, l in enumerate(self.layers)}
+
+    def edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> "EditedModel":
+        """The edited model, applied functionally (``model``'s tensors are never modified)."""
+        with torch.no_grad():
+            return EditedModel(model, {k: v.detach() for k, v in self.deltas(model, batch, family).items()})
+
+    # -- checkpoints: the editor only, with a fingerprint of its base model
+    def export(self, model: nn.Module) -> dict[str, Any]:
+        return {"class": "MEND", "format": 1, "config": self.config,
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                "fingerprint": fingerprint(model, self.layers)}
+
+    def save(self, path: str | Path, model: nn.Module) -> None:
+        torch.save({CHECKPOINT_KEY: self.export(model)}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, check: bool = True) -> "MEND":
+        """Load an editor saved by :meth:`save` or a meta-training checkpoint; verify the base model."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"editor checkpoint {path} does not exist")
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+        if CHECKPOINT_KEY not in ckpt:
+            raise ValueError(f"{path} is not a hypedit editor checkpoint (no '{CHECKPOINT_KEY}' entry)")
+        blob = ckpt[CHECKPOINT_KEY]
+        if blob.get("class") != "MEND":
+            raise ValueError(f"{path} holds a {blob.get('class')} editor, not MEND")
+        editor = cls(**blob["config"])
+        if check:
+            check_fingerprint(blob["fingerprint"], model, editor.layers, f"editor checkpoint {path}")
+        editor.load_state_dict(blob["state_dict"])
+        dev = next(model.parameters()).device
+        return editor.to(dev).eval()
+
+
+class EditedModel(nn.Module):
+    """A base model seen through weight changes: ``forward`` runs it with ``W + dW`` functionally."""
+
+    def __init__(self, model: nn.Module, deltas: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.model, self.deltas = model, dict(deltas)
+
+    def edited_params(self) -> dict[str, Tensor]:
+        params = dict(self.model.named_parameters())
+        return {k: params[k] + d.to(params[k].dtype) for k, d in self.deltas.items()}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.model, self.edited_params(), args=args, kwargs=kwargs, strict=False)
+
+    def merged(self) -> nn.Module:
+        """A deep copy of the base model with the edit written into its weights."""
+        m = copy.deepcopy(self.model)
+        merge_deltas_(m, self.deltas)
+        return m
+
+
+@torch.no_grad()
+def merge_deltas_(model: nn.Module, deltas: Mapping[str, Tensor]) -> nn.Module:
+    """Write weight changes into ``model`` in place (a permanent edit); returns ``model``."""
+    params = dict(model.named_parameters())
+    for k, d in deltas.items():
+        params[k].add_(d.to(params[k].dtype))
+    return model

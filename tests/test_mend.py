@@ -1,0 +1,110 @@
+"""MEND editor: the gradient decomposition, identity behaviour, functional editing, checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules.encoding import collate, encode
+from editors.layers import gradient_pieces, select_layers, weight_update
+from editors.losses import forward_logits, nll
+from editors.mend import MEND, merge_deltas_
+from lightning_modules.models import decoder_start_id
+
+
+def _batch(tokenizer, family, model):
+    prompts = ["Where was Foo born?", "What is the occupation of Bar?", "Which language does Baz speak?"]
+    targets = ["Arvenna", "painter", "Orvic"] if family != "classifier" else ["SUPPORTS", "REFUTES", "SUPPORTS"]
+    return collate(encode(tokenizer, family, prompts, targets), tokenizer.pad_token_id, family, decoder_start_id(model))
+
+
+@pytest.mark.parametrize("family", ["causal", "seq2seq", "classifier"])
+def test_decomposition_equals_autograd_weight_gradient(tiny_models, tokenizer, family):
+    model = tiny_models[family]
+    batch = _batch(tokenizer, family, model)
+    layers = select_layers(model)
+    assert layers, "default edited layers"
+    pieces = gradient_pieces(model, layers, lambda: nll(forward_logits(model, batch, family), batch["labels"], family))
+    assert all(p.grad is None for p in model.parameters()), "no .grad on base parameters"
+    # reference: autograd's full weight gradient
+    model.zero_grad()
+    nll(forward_logits(model, batch, family), batch["labels"], family).backward()
+    params = dict(model.named_parameters())
+    for l in layers:
+        u, d = pieces[l.name]
+        keep = (u != 0).any(-1) & (d != 0).any(-1)  # padding tokens dropped, as the editor does
+        got = weight_update(l, u[keep], d[keep])
+        torch.testing.assert_close(got, params[l.name].grad, rtol=1e-4, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
+def test_gpt2_uses_conv1d_and_last_three_blocks(tiny_models):
+    layers = select_layers(tiny_models["causal"])
+    assert [l.kind for l in layers] == ["conv1d"] * 6
+    assert {l.name.split(".")[2] for l in layers} == {"0", "1", "2"}  # a 3-block model: all three
+
+
+def test_unknown_architecture_lists_candidates():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="Candidate matrices: 0.weight, 2.weight"):
+        select_layers(net)
+
+
+@pytest.mark.parametrize("family", ["causal", "classifier"])
+def test_identity_editor_with_unit_step_is_a_gradient_step(tiny_models, tokenizer, family):
+    model = tiny_models[family]
+    batch = _batch(tokenizer, family, model)
+    editor = MEND.for_model(model, rank=16, init_edit_lr=1.0).eval()
+    deltas = editor.deltas(model, batch, family)
+    model.zero_grad()
+    nll(forward_logits(model, batch, family), batch["labels"], family).backward()
+    params = dict(model.named_parameters())
+    for name, d in deltas.items():
+        torch.testing.assert_close(d, -params[name].grad, rtol=1e-4, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
+def test_functional_edit_leaves_base_bit_identical_and_merge_matches(tiny_models, tokenizer):
+    model = tiny_models["causal"]
+    batch = _batch(tokenizer, "causal", model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = MEND.for_model(model, rank=16, init_edit_lr=0.5).eval()
+    edited = editor.edit(model, batch, "causal")
+    out_edit = forward_logits(edited, batch, "causal")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not torch.allclose(out_edit, forward_logits(model, batch, "causal"))
+    merged = edited.merged()
+    torch.testing.assert_close(forward_logits(merged, batch, "causal"), out_edit, rtol=1e-5, atol=1e-5)
+    merge_deltas_(model, edited.deltas)
+    torch.testing.assert_close(forward_logits(model, batch, "causal"), out_edit, rtol=1e-5, atol=1e-5)
+
+
+def test_running_norm_matches_batch_statistics_and_ignores_padding():
+    from editors.mend import RunningNorm
+
+    torch.manual_seed(0)
+    norm = RunningNorm(2, 3)
+    x1, x2 = torch.randn(2, 5, 3), torch.randn(2, 7, 3) * 3 + 1
+    m1, m2 = torch.ones(2, 5, dtype=torch.bool), torch.rand(2, 7) > 0.3
+    norm.update(x1, m1)
+    norm.update(x2, m2)
+    for l in range(2):
+        rows = torch.cat([x1[l][m1[l]], x2[l][m2[l]]]).double()
+        torch.testing.assert_close(norm.mean[l], rows.mean(0))
+        torch.testing.assert_close((norm.m2[l] / (norm.count[l] - 1)), rows.var(0))
+
+
+def test_checkpoint_roundtrip_and_refuses_other_base(tiny_models, tokenizer, tmp_path):
+    model = tiny_models["causal"]
+    editor = MEND.for_model(model, rank=8)
+    torch.nn.init.normal_(editor.nets[0].U)
+    path = tmp_path / "editor.ckpt"
+    editor.save(path, model)
+    loaded = MEND.load(path, model)
+    for k, v in editor.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    other = type(model)(model.config)  # same architecture, different weights
+    with pytest.raises(ValueError, match="was trained for base model"):
+        MEND.load(path, other)
+    with pytest.raises(FileNotFoundError):
+        MEND.load(tmp_path / "missing.ckpt", model)
