@@ -57,6 +57,16 @@ class EditDataset(Dataset):
         return {"edit": self.split.edits[r], "rephrase": self.split.rephrases[r][p], "loc": locs, "index": i}
 
 
+def _mentions(text: str, subjects: set[str]) -> bool:
+    """Whether ``text`` contains one of ``subjects`` (space-joined word sequences) as whole words."""
+    if not subjects:
+        return False
+    words = re.findall(r"\w+", text)
+    longest = max(s.count(" ") + 1 for s in subjects)
+    return any(" ".join(words[i:i + n]) in subjects
+               for n in range(1, longest + 1) for i in range(len(words) - n + 1))
+
+
 class EditDataModule(L.LightningDataModule):
     """Shared machinery; subclasses say how to read their files (:meth:`read_split`, :meth:`read_locality`)."""
 
@@ -104,8 +114,10 @@ class EditDataModule(L.LightningDataModule):
         pool = self.read_locality(Path(hp.loc_path)) if hp.loc_path else embedded_loc
         # Locality inputs must be unrelated: drop any that share text or subject with an edit.
         edit_text = {t for s in self.splits.values() for r in s.records for t in [r.prompt, *r.rephrases]}
-        subjects = {r.subject for s in self.splits.values() for r in s.records if r.subject}
-        pool = [p for p in pool if p.prompt not in edit_text and not subjects.intersection(re.findall(r"\w+", p.prompt))]
+        # Subjects are compared as word sequences, so multi-word ones ("Danielle Darrieux") match too.
+        subjects = {" ".join(re.findall(r"\w+", r.subject)) for s in self.splits.values() for r in s.records if r.subject}
+        subjects.discard("")
+        pool = [p for p in pool if p.prompt not in edit_text and not _mentions(p.prompt, subjects)]
         if not pool:
             raise ValueError("no locality inputs left after removing those that overlap the edits; give loc_path")
         self.loc_pairs = pool

@@ -62,8 +62,10 @@ def encode(tokenizer, family: Family, prompts: Sequence[str], targets: Sequence[
         for ids, t in zip(enc, targets):
             out.append({"input_ids": ids, "labels": [float(t == "SUPPORTS") if t is not None else -100.0]})
         return out
-    p_ids = tokenizer(list(prompts), add_special_tokens=(family == "seq2seq"), truncation=True,
-                      max_length=max_length)["input_ids"]
+    # Only the encoder input is cut here (from the right); a causal prompt is cut below, from the left,
+    # so that the words next to the target survive.
+    p_ids = tokenizer(list(prompts), add_special_tokens=(family == "seq2seq"), truncation=(family == "seq2seq"),
+                      max_length=max_length if family == "seq2seq" else None)["input_ids"]
     t_text = [(" " + t) if t is not None else "" for t in targets]
     t_ids = tokenizer(t_text, add_special_tokens=False)["input_ids"]
     for p, t, tgt in zip(p_ids, t_ids, targets):
