@@ -1,8 +1,10 @@
 """Edit-pair DataModules: zsRE-style (question -> answer) and FEVER-style (claim -> verdict).
 
-A batch is a dict of three padded sub-batches (see :mod:`datamodules.encoding`):
+A batch holds ``batch_size`` independent edit *problems* of ``n_edits`` edits each (the edits of
+one problem are applied together), as a dict of three padded sub-batches whose rows are grouped
+by problem (see :mod:`datamodules.encoding`), plus ``n_problems``:
 
-- ``edit_inner``: the ``n_edits`` edit inputs, labelled with their new targets;
+- ``edit_inner``: the edit inputs, labelled with their new targets;
 - ``edit_outer``: one equivalent input (paraphrase) per edit, with the same new target;
 - ``loc``: ``loc_per_edit`` unrelated inputs per edit, labelled with their known answers
   (-100 where unknown), drawn from a pool that shares no text with any edit.
@@ -74,7 +76,8 @@ class EditDataModule(L.LightningDataModule):
 
     def __init__(self, train_path: str | None = None, val_path: str | None = None, test_path: str | None = None,
                  loc_path: str | None = None, tokenizer: str = "runs/base_zsre_gpt2_tiny/model",
-                 family: Family = "causal", n_edits: int = 1, loc_per_edit: int = 1, max_length: int = 64,
+                 family: Family = "causal", n_edits: int = 1, batch_size: int = 1, loc_per_edit: int = 1,
+                 max_length: int = 64,
                  seed: int = 0, shuffle: bool = True, num_workers: int = 0, val_limit: int | None = None,
                  decoder_start_id: int | None = None) -> None:
         super().__init__()
@@ -140,7 +143,9 @@ class EditDataModule(L.LightningDataModule):
     def collate(self, items: list[dict]) -> dict:
         fam, pad = self.hparams.family, self.tokenizer.pad_token_id
         start = self.decoder_start_id
-        return {"edit_inner": collate([it["edit"] for it in items], pad, fam, start),
+        n = self.hparams.n_edits
+        items = items[: max(1, len(items) // n) * n]  # whole problems only (a ragged tail is dropped)
+        return {"n_problems": max(1, len(items) // n),"edit_inner": collate([it["edit"] for it in items], pad, fam, start),
                 "edit_outer": collate([it["rephrase"] for it in items], pad, fam, start),
                 "loc": collate([l for it in items for l in it["loc"]], pad, fam, start),
                 "index": [it["index"] for it in items]}
@@ -157,7 +162,7 @@ class EditDataModule(L.LightningDataModule):
         if world > 1:  # our own sampler: drop the ragged tail instead of padding it with duplicated edits
             sampler = DistributedSampler(ds, num_replicas=world, rank=self.trainer.global_rank,
                                          shuffle=shuffle, seed=hp.seed, drop_last=True)
-        return DataLoader(ds, batch_size=hp.n_edits, shuffle=shuffle and sampler is None, sampler=sampler,
+        return DataLoader(ds, batch_size=hp.n_edits * hp.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                           drop_last=(split == "train"), num_workers=hp.num_workers, collate_fn=self.collate)
 
     def train_dataloader(self) -> DataLoader:

@@ -85,7 +85,7 @@ SPLITS = ("train", "val", "test", "loc")
 class WorldConfig:
     """Size and seed of a synthetic world. The defaults keep `make train` within minutes on 2 cores."""
 
-    n_subjects: int = 300
+    n_subjects: int = 200
     seed: int = 0
     split_fractions: tuple[float, float, float, float] = (0.6, 0.1, 0.1, 0.2)  # train/val/test/loc
     eval_templates: int = 2  # reserved question templates per relation (claims: half of this, >= 1)

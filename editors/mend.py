@@ -125,30 +125,43 @@ class MEND(nn.Module):
         return cls(select_layers(model, edit_params), **kw)
 
     # -- the edit
-    def transform(self, pieces: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-        """Per-layer pseudo-gradients ``sum_t delta~_t u~_t^T`` (stored weight layout, before the step size)."""
+    def transform(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int = 1) -> dict[str, Tensor]:
+        """Per-layer pseudo-gradients ``sum_t delta~_t u~_t^T`` (stored weight layout, before the step
+        size), shape ``[n_problems, *weight.shape]``: the tokens are split into ``n_problems`` equal,
+        consecutive groups, each an independent edit problem (one meta-training example)."""
         out: dict[str, Tensor] = {}
         for ((d_in, d_out), ix), net, norm in zip(self.groups, self.nets, self.norms):
             u = torch.stack([pieces[self.layers[i].name][0] for i in ix])  # [M, N, d_in]
             d = torch.stack([pieces[self.layers[i].name][1] for i in ix])  # [M, N, d_out]
             mask = (u != 0).any(-1) & (d != 0).any(-1)  # padding tokens carry no gradient: leave them out
             x = torch.cat([u, d], dim=-1).to(net.U.dtype)
-            if self.training:
+            if self.training:  # one update from every problem of the step (all processes under DDP)
                 norm.update(x, mask)
             y = net(norm(x)) * mask.unsqueeze(-1).to(x.dtype)
+            y = y.view(len(ix), n_problems, -1, d_in + d_out)
             u_t, d_t = y[..., :d_in], y[..., d_in:]
             for k, i in enumerate(ix):
                 out[self.layers[i].name] = weight_update(self.layers[i], u_t[k], d_t[k])
         return out
 
-    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> dict[str, Tensor]:
-        """The weight changes (to add to the weights) that edit ``model`` towards ``batch``'s labels.
-
-        Several edits in one batch are applied at once (their per-token pieces are summed).
-        """
-        pieces = gradient_pieces(model, self.layers, lambda: nll(forward_logits(model, batch, family), batch["labels"], family))
-        pseudo = self.transform(pieces)
+    def batched_deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                       n_problems: int = 1) -> dict[str, Tensor]:
+        """Weight changes (to add) for ``n_problems`` independent edit problems whose edits are the
+        consecutive, equal-sized row groups of ``batch``; each value is ``[n_problems, *weight.shape]``.
+        The edits within one problem are applied together (their per-token pieces are summed)."""
+        rows = batch["input_ids"].shape[0]
+        if rows % n_problems:
+            raise ValueError(f"{rows} edit rows cannot be split into {n_problems} equal problems")
+        # sum over problems of each problem's mean edit loss: every problem gets its own gradient
+        pieces = gradient_pieces(model, self.layers,
+                                 lambda: nll(forward_logits(model, batch, family), batch["labels"], family) * n_problems)
+        pseudo = self.transform(pieces, n_problems)
         return {l.name: -self.edit_lrs[i] * pseudo[l.name] for i, l in enumerate(self.layers)}
+
+    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> dict[str, Tensor]:
+        """The weight changes (to add to the weights) that edit ``model`` towards ``batch``'s labels,
+        all edits of the batch at once."""
+        return {k: v[0] for k, v in self.batched_deltas(model, batch, family, 1).items()}
 
     def edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> "EditedModel":
         """The edited model, applied functionally (``model``'s tensors are never modified)."""

@@ -1,0 +1,165 @@
+"""Meta-training of a MEND editor around a frozen base model (REFERENCE.md section 2).
+
+One step, per batch from :mod:`datamodules.edit_data`:
+
+1. the unedited model's logits on the locality inputs (no grad; computed once per batch);
+2. the edit: gradient pieces of the edit loss on ``edit_inner``, transformed by the editor;
+3. the edited model (base weights + deltas, functionally) on the paraphrases and locality inputs;
+4. ``loss = c_edit * NLL(paraphrase, new target) + c_loc * KL(pre || post on locality)``;
+5. backprop into the editor only (``u``/``delta`` are constants: no second-order terms).
+
+Validation logs, on the validation edits: ``val/edit_success`` (exact match on the edit input)
+and ``val/edit_success_token_acc``, ``val/generality`` and ``val/generality_token_acc`` (on
+paraphrases), ``val/loc_agreement`` (top-1 agreement with the unedited model), ``val/loc_kl``
+(KL(unedited || edited)), ``val/drawdown`` (exact-match accuracy on labelled locality inputs,
+unedited minus edited) and ``val/loss``. All are torchmetrics means, exact under DDP.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from datamodules.encoding import Family
+from editors.layers import check_fingerprint, fingerprint
+from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement
+from editors.mend import CHECKPOINT_KEY, MEND
+from lightning_modules.models import load_model
+
+VAL_METRICS = ("edit_success", "edit_success_token_acc", "generality", "generality_token_acc",
+               "loc_agreement", "loc_kl", "drawdown", "loss")
+
+
+class MENDModule(L.LightningModule):
+    """Wraps a frozen base model (``self.model``) and a trainable :class:`MEND` (``self.editor``).
+
+    Checkpoints hold the editor only (plus optimizer state for resuming) and a fingerprint of the
+    base model; loading one against another base model fails with both names.
+    """
+
+    def __init__(self, base_model: str = "runs/base_zsre_gpt2_tiny/model", family: Family = "causal",
+                 edit_params: list[str] | None = None, rank: int = 1920, n_hidden: int = 2,
+                 init_edit_lr: float = 1e-4, lr: float = 1e-6, edit_lr_lr: float = 1e-4,
+                 c_edit: float = 0.1, c_loc: float = 1.0, output_dir: str = "runs/default") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = load_model(base_model, family).eval()
+        self.model.requires_grad_(False)
+        self.editor = MEND.for_model(self.model, edit_params, rank=rank, n_hidden=n_hidden, init_edit_lr=init_edit_lr)
+        self.val = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS})
+        self.decoder_start_id = getattr(self.model.config, "decoder_start_token_id", None)
+
+    def train(self, mode: bool = True) -> "MENDModule":
+        super().train(mode)
+        self.model.eval()  # the base model never runs with dropout: edits must be deterministic
+        return self
+
+    # -- the meta-training objective, shared by training and validation
+    def _step(self, batch: dict) -> dict[str, Any]:
+        fam, inner, outer, loc = self.hparams.family, batch["edit_inner"], batch["edit_outer"], batch["loc"]
+        P = batch["n_problems"]
+        with torch.no_grad():  # the unedited model's locality logits, once per batch
+            pre_loc = forward_logits(self.model, loc, fam)
+        deltas = self.editor.batched_deltas(self.model, inner, fam, P)
+        params = dict(self.model.named_parameters())
+        edited, post_outer, post_loc = [], [], []
+        for b in range(P):  # each problem sees only its own edit
+            e = {k: params[k] + d[b].to(params[k].dtype) for k, d in deltas.items()}
+            edited.append(e)
+            post_outer.append(forward_logits(self.model, _rows(outer, b, P), fam, e))
+            post_loc.append(forward_logits(self.model, _rows(loc, b, P), fam, e))
+        post_outer, post_loc = torch.cat(post_outer), torch.cat(post_loc)
+        # per problem: mean NLL over its paraphrases; batch: mean over problems (= mean over rows)
+        l_edit = nll(post_outer, outer["labels"], fam)
+        kl = kl_pre_post(pre_loc, post_loc, loc, fam)
+        loss = self.hparams.c_edit * l_edit + self.hparams.c_loc * kl.mean()
+        return {"loss": loss, "l_edit": l_edit, "kl": kl, "edited": edited, "pre_loc": pre_loc,
+                "post_loc": post_loc, "post_outer": post_outer}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self._step(batch)
+        self.log_dict({"train/loss": out["loss"], "train/edit_nll": out["l_edit"], "train/loc_kl": out["kl"].mean()},
+                      prog_bar=True, batch_size=batch["n_problems"])
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        fam, inner, outer, loc = self.hparams.family, batch["edit_inner"], batch["edit_outer"], batch["loc"]
+        with torch.enable_grad():
+            out = self._step(batch)
+        with torch.no_grad():
+            P = batch["n_problems"]
+            post_inner = torch.cat([forward_logits(self.model, _rows(inner, b, P), fam, e) for b, e in enumerate(out["edited"])])
+            es, es_tok = scores(post_inner, inner["labels"], fam)
+            gs, gs_tok = scores(out["post_outer"], outer["labels"], fam)
+            pre_acc, _ = scores(out["pre_loc"], loc["labels"], fam)
+            post_acc, _ = scores(out["post_loc"], loc["labels"], fam)
+            labelled = _has_label(loc["labels"], fam)
+        m = self.val
+        m["edit_success"].update(es)
+        m["edit_success_token_acc"].update(es_tok)
+        m["generality"].update(gs)
+        m["generality_token_acc"].update(gs_tok)
+        m["loc_agreement"].update(top1_agreement(out["pre_loc"], out["post_loc"], loc, fam))
+        m["loc_kl"].update(out["kl"])
+        m["drawdown"].update((pre_acc - post_acc)[labelled])  # may be empty: unlabelled locality inputs
+        m["loss"].update(out["loss"].detach(), weight=es.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        for k, metric in self.val.items():  # compute() reduces across processes
+            self.log(f"val/{k}", metric.compute(), prog_bar=k in ("edit_success", "generality", "drawdown"))
+            metric.reset()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        nets = [p for n, p in self.editor.named_parameters() if n != "edit_lrs"]
+        # the step sizes get their own learning rate, and it really applies (one optimizer, two groups)
+        return torch.optim.Adam([{"params": nets, "lr": self.hparams.lr},
+                                 {"params": [self.editor.edit_lrs], "lr": self.hparams.edit_lr_lr}])
+
+    # -- checkpoints: editor only, fingerprinted
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
+        checkpoint[CHECKPOINT_KEY] = self.editor.export(self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        blob = checkpoint.get(CHECKPOINT_KEY)
+        if blob is None:
+            raise ValueError("not a hypedit MEND checkpoint: no editor entry")
+        check_fingerprint(blob["fingerprint"], self.model, self.editor.layers, "checkpoint")
+        # the base weights are not stored: take them from the model this module was built with
+        checkpoint["state_dict"].update({f"model.{k}": v for k, v in self.model.state_dict().items()})
+
+    def export(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> dict:
+        """Write the best editor (by the checkpoint callback's monitor) to ``output_dir/editor.ckpt``."""
+        if not trainer.is_global_zero:
+            return {}
+        out = Path(self.hparams.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cb = trainer.checkpoint_callback
+        best = getattr(cb, "best_model_path", "") if cb is not None else ""
+        if best:
+            blob = torch.load(best, map_location="cpu", weights_only=False)[CHECKPOINT_KEY]
+            torch.save({CHECKPOINT_KEY: blob}, out / "editor.ckpt")
+        else:
+            self.editor.save(out / "editor.ckpt", self.model)
+        summary = {"editor": str(out / "editor.ckpt"), "best_checkpoint": best or None,
+                   "best_score": float(cb.best_model_score) if best and cb.best_model_score is not None else None,
+                   "monitor": getattr(cb, "monitor", None),
+                   "base_model": fingerprint(self.model, self.editor.layers)["name"]}
+        return summary
+
+
+def _rows(batch: dict[str, torch.Tensor], b: int, n: int) -> dict[str, torch.Tensor]:
+    """Problem ``b``'s rows of a sub-batch whose rows are ``n`` equal consecutive groups."""
+    if n == 1:
+        return batch
+    k = batch["input_ids"].shape[0] // n
+    return {key: v[b * k:(b + 1) * k] for key, v in batch.items()}
+
+
+def _has_label(labels: torch.Tensor, family: Family) -> torch.Tensor:
+    if family == "classifier":
+        return labels >= 0
+    return (labels != -100).any(1)

@@ -1,0 +1,151 @@
+"""Fast real runs of the train.py entry point: base models, MEND per family, DDP, resume, checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from editors.mend import CHECKPOINT_KEY, MEND
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = {  # family -> (base config, mend config, task, locality file, tiny model size)
+    "causal": ("base_zsre_gpt2_tiny", "mend_zsre_gpt2_tiny", "zsre", "nq-loc.jsonl",
+               '{"n_layer": 2, "n_embd": 32, "n_head": 2}'),
+    "seq2seq": ("base_zsre_bart_tiny", "mend_zsre_bart_tiny", "zsre", "nq-loc.jsonl",
+                '{"encoder_layers": 2, "decoder_layers": 2, "d_model": 32, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,'
+                ' "encoder_attention_heads": 2, "decoder_attention_heads": 2}'),
+    "classifier": ("base_fever_bert_tiny", "mend_fever_bert_tiny", "fever", "fever-loc.jsonl",
+                   '{"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}'),
+}
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+
+
+def base_args(family: str, tmp: Path) -> list[str]:
+    cfg, _, _, _, size = FAMILIES[family]
+    w = str(tmp / "world")
+    return ["--config", str(ROOT / "configs" / f"{cfg}.yaml"), "--world_dir", w, "--world.n_subjects", "30",
+            "--model.init_args.tokenizer", f"{w}/tokenizer", "--model.init_args.tiny_config", size,
+            "--model.init_args.output_dir", str(tmp / f"base_{family}"), "--data.init_args.world_dir", w,
+            "--data.init_args.tokenizer", f"{w}/tokenizer", "--trainer.max_epochs", "1",
+            "--trainer.default_root_dir", str(tmp / f"base_{family}"), *QUIET]
+
+
+def mend_args(family: str, tmp: Path, out: Path, *extra: str) -> list[str]:
+    _, cfg, task, loc, _ = FAMILIES[family]
+    data = tmp / f"base_{family}" / "data"
+    return ["--config", str(ROOT / "configs" / f"{cfg}.yaml"),
+            "--model.init_args.base_model", str(tmp / f"base_{family}" / "model"),
+            "--model.init_args.rank", "16", "--model.init_args.output_dir", str(out),
+            "--data.init_args.train_path", str(data / f"{task}-train.jsonl"),
+            "--data.init_args.val_path", str(data / f"{task}-val.jsonl"),
+            "--data.init_args.test_path", str(data / f"{task}-test.jsonl"),
+            "--data.init_args.loc_path", str(data / loc),
+            "--data.init_args.tokenizer", str(tmp / f"base_{family}" / "model"),
+            "--trainer.default_root_dir", str(out), "--trainer.callbacks", "[]",
+            "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--data.init_args.val_limit", "4",
+            "--trainer.enable_checkpointing", "false", *QUIET, *extra]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> Path:
+    """One tiny base model per family, trained for one epoch on a 30-subject world through train.py."""
+    tmp = tmp_path_factory.mktemp("bases")
+    for fam in FAMILIES:
+        summary = train.main(base_args(fam, tmp))
+        assert (tmp / f"base_{fam}" / "model" / "config.json").exists()
+        assert 0.0 <= summary["exact_match_on_training_questions"] <= 1.0
+    return tmp
+
+
+def test_base_training_writes_model_annotated_data_and_is_cached(bases, capsys):
+    data = bases / "base_causal" / "data"
+    rows = [json.loads(l) for l in open(data / "zsre-train.jsonl")]
+    assert rows and all(r["prediction"] not in r["alternatives"] for r in rows)
+    # the predictions come from the (barely trained) model, not from the world's gold answers
+    world = [json.loads(l) for l in open(bases / "world" / "zsre-train.jsonl")]
+    assert [r["input"] for r in rows] == [r["input"] for r in world]
+    summary = train.main(base_args("causal", bases))  # same settings: reused, not retrained
+    assert "reusing cached result" in capsys.readouterr().out
+    assert "zsre_train_prediction_accuracy" in summary
+    from transformers import AutoModelForCausalLM  # any Hugging Face loader reads what we saved
+
+    AutoModelForCausalLM.from_pretrained(str(bases / "base_causal" / "model"))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_mend_meta_training_runs_for_each_family(bases, tmp_path, family):
+    out = tmp_path / "run"
+    train.main(mend_args(family, bases, out))
+    ckpt = torch.load(out / "editor.ckpt", map_location="cpu", weights_only=False)
+    blob = ckpt[CHECKPOINT_KEY]
+    assert not any(k.startswith("model.") for k in blob["state_dict"]), "editor only, no base weights"
+    assert blob["fingerprint"]["edited_weights_sha256"]
+    # the step sizes moved: they are trained at their own learning rate
+    assert not torch.allclose(blob["state_dict"]["edit_lrs"], torch.full_like(blob["state_dict"]["edit_lrs"], 1e-3))
+    assert blob["state_dict"]["norms.0.count"].min() > 0, "normalisation statistics were updated"
+
+
+def test_print_config(bases, capsys):
+    with pytest.raises(SystemExit):
+        train.main(mend_args("causal", bases, bases / "pc") + ["--print_config"])
+    text = capsys.readouterr().out
+    assert "class_path: lightning_modules.mend_module.MENDModule" in text and "c_loc: 1.0" in text
+
+
+def _editor_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)[CHECKPOINT_KEY]["state_dict"]
+
+
+def test_resume_from_last_checkpoint_equals_uninterrupted_run(bases, tmp_path):
+    """A run killed after its first epoch and resumed with --ckpt_path ends where an unbroken run ends."""
+    common = ["--data.init_args.shuffle", "false", "--trainer.limit_train_batches", "3",
+              "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "true",
+              "--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+              '"init_args": {"save_last": true, "dirpath": "CKPT"}}]']
+    full = tmp_path / "full"
+    args = mend_args("causal", bases, full, *common, "--trainer.max_steps", "6")
+    train.main([a.replace("CKPT", str(full / "ck")) for a in args])
+    part = tmp_path / "part"
+    args = mend_args("causal", bases, part, *common, "--trainer.max_steps", "3")
+    train.main([a.replace("CKPT", str(part / "ck")) for a in args])
+    assert (part / "ck" / "last.ckpt").exists()
+    first = _editor_state(part / "editor.ckpt")
+    args = mend_args("causal", bases, part, *common, "--trainer.max_steps", "6", "--ckpt_path", "last")
+    train.main([a.replace("CKPT", str(part / "ck")) for a in args])
+    resumed, unbroken = _editor_state(part / "editor.ckpt"), _editor_state(full / "editor.ckpt")
+    assert not torch.equal(first["edit_lrs"], resumed["edit_lrs"]), "the resumed run trained further"
+    for k in unbroken:
+        torch.testing.assert_close(resumed[k], unbroken[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_checkpoint_for_another_base_is_refused(bases, tmp_path):
+    out = tmp_path / "run"
+    train.main(mend_args("causal", bases, out))
+    from lightning_modules.models import load_model
+
+    other = load_model(bases / "base_seq2seq" / "model", "seq2seq")
+    with pytest.raises(ValueError, match="was trained for base model"):
+        MEND.load(out / "editor.ckpt", other)
+
+
+def test_ddp_two_processes_equal_one_process_same_global_batch(bases, tmp_path):
+    """2 CPU processes (gloo) x 1 problem per step == 1 process x 2 problems per step."""
+    common = ["--data.init_args.shuffle", "false", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+              "--trainer.accelerator", "cpu", "--seed_everything", "0"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for out, extra in ((single, ["--data.init_args.batch_size", "2", "--trainer.devices", "1"]),
+                       (ddp, ["--data.init_args.batch_size", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp"])):
+        cmd = [sys.executable, str(ROOT / "train.py"), *mend_args("causal", bases, out, *common, *extra)]
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _editor_state(single / "editor.ckpt"), _editor_state(ddp / "editor.ckpt")
+    assert a["norms.0.count"].min() > 0, "normalisation statistics were updated"
+    for k in a:  # editor networks, step sizes and the normalisation statistics alike
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
