@@ -1,0 +1,269 @@
+"""Evaluate model editors on held-out edits: single, batch and sequential protocols, MEND beside the
+fine-tuning baselines, and a report (JSON, Markdown, PNG plots, TensorBoard).
+
+    python eval.py --config configs/mend_zsre_gpt2_tiny.yaml --ckpt_path runs/default/editor.ckpt --mode single
+    python eval.py --config ... --ckpt_path ... --mode batch                 # K = 1, 5, 25, 125 (capped)
+    python eval.py --config ... --ckpt_path ... --mode sequential --folds 2 --edit_only_when_wrong
+    python eval.py --config ... --editor ft_kl --mode single                  # baselines need no checkpoint
+    python eval.py --config ... --ckpt_path ... --mode all --report runs/default/report.json
+    python eval.py --config ... --ckpt_path ... --mode single --devices 2 --strategy ddp --accelerator cpu
+
+The config is a meta-training YAML (configs/mend_*.yaml): its ``data`` section names the DataModule
+(its test split holds the held-out edits) and ``model.init_args`` the base model and family.
+Definitions of every metric: :data:`lightning_modules.evaluation.DEFINITIONS` (also in each report).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+
+from datamodules.edit_data import EditDataModule
+from datamodules.formats import DataFormatError, detect_task
+from editors.ft import FineTune
+from editors.layers import fingerprint, select_layers
+from editors.mend import MEND
+from lightning_modules.evaluation import (DEFINITIONS, EditData, EditEvalModule, LocalitySampler, peak_memory,
+                                          reset_peak_memory, run_batch, run_sequential, subset_split)
+from lightning_modules.models import load_model
+from lightning_modules.report import table, write_report
+
+MODES = ("single", "batch", "sequential")
+EDITORS = ("mend", "ft", "ft_kl")
+BATCH_SIZES = (1, 5, 25, 125)  # the published MEND batch-editing table
+
+
+class EvalError(Exception):
+    """An input evaluation refuses (missing or mismatched file); the CLI prints it without a traceback."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="meta-training YAML: its data and model sections are used")
+    p.add_argument("--ckpt_path", help="trained MEND editor checkpoint (not needed for ft / ft_kl)")
+    p.add_argument("--mode", choices=MODES + ("all",), default="single")
+    p.add_argument("--editor", nargs="+", choices=EDITORS,
+                   help="editors to evaluate (default: mend with a checkpoint, else ft; --mode all: every available one)")
+    p.add_argument("--edits_per_step", type=int, help="batch: only this K (default 1, 5, 25, 125); sequential: edits per step (default 1)")
+    p.add_argument("--n_edits", type=int, help="use this many held-out edits (a seeded sample; default all)")
+    p.add_argument("--report", help="write the JSON report here, with .md, plots and TensorBoard beside it")
+    p.add_argument("--seed", type=int, help="edit sample, locality draws (default: the config's seed_everything or 0)")
+    p.add_argument("--folds", type=int, default=1, help="sequential: split the edits into this many streams")
+    p.add_argument("--edit_only_when_wrong", action="store_true", help="sequential: apply an edit only if the current model gets it wrong")
+    p.add_argument("--loc_per_edit", type=int, default=5, help="locality inputs scored per edit (single, batch)")
+    p.add_argument("--n_test_probe", type=int, default=100, help="sequential: held-out locality inputs for TestR and drift")
+    p.add_argument("--n_train_probe", type=int, default=100, help="sequential: held-in training inputs for TrainR")
+    g = p.add_argument_group("fine-tuning baselines")
+    g.add_argument("--ft_lr", type=float, default=1e-3)
+    g.add_argument("--ft_steps", type=int, default=25, help="most optimiser steps per edit (stops earlier once right)")
+    g.add_argument("--ft_optimizer", choices=("adam", "sgd"), default="adam")
+    g.add_argument("--ft_kl_weight", type=float, default=1.0, help="ft_kl: weight of KL(original || edited)")
+    g.add_argument("--ft_kl_inputs", type=int, default=4, help="ft_kl: locality inputs sampled per edit step")
+    g = p.add_argument_group("devices")
+    g.add_argument("--accelerator", default="auto")
+    g.add_argument("--devices", default=1, type=lambda s: int(s) if s.isdigit() else s, help="single mode runs through Lightning: >1 evaluates data-parallel")
+    g.add_argument("--strategy", default="auto")
+    g.add_argument("--chunk", type=int, default=64, help="rows per forward pass when scoring")
+    g.add_argument("--no_progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def load_config(path: str) -> dict:
+    if not Path(path).exists():
+        raise EvalError(f"config {path} does not exist")
+    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    for section in ("model", "data"):
+        if not isinstance(cfg.get(section), dict):
+            raise EvalError(f"config {path} has no '{section}' section (use a meta-training config, e.g. configs/mend_*.yaml)")
+    return cfg
+
+
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_data_files(cls: type, init_args: dict) -> None:
+    """Refuse missing data files and files of another task than the DataModule reads."""
+    if not init_args.get("test_path"):
+        raise EvalError("the config has no data.init_args.test_path: the test split holds the held-out edits")
+    task = getattr(cls, "task", None)
+    for key in ("train_path", "val_path", "test_path", "loc_path"):
+        path = init_args.get(key)
+        if not path:
+            continue
+        if not Path(path).exists():
+            raise EvalError(f"data file {path} (data.init_args.{key}) does not exist")
+        if task in ("zsre", "fever") and Path(path).suffix == ".jsonl":
+            try:
+                found = detect_task(path)
+            except DataFormatError as e:
+                raise EvalError(str(e)) from None
+            if found != task:
+                raise EvalError(f"data file {path} (data.init_args.{key}) holds {found} data, but the config's "
+                                f"{cls.__name__} reads {task} files")
+
+
+def build_data(cfg: dict, args: argparse.Namespace, family: str) -> EditDataModule:
+    cls = _import(cfg["data"]["class_path"])
+    init = dict(cfg["data"].get("init_args") or {})
+    check_data_files(cls, init)
+    if init.get("family", family) != family:
+        raise EvalError(f"data.init_args.family is {init['family']!r} but the base model's family is {family!r}")
+    # the loader batches edits only for throughput: the evaluation module still edits them one by one
+    init.update(family=family, n_edits=8, loc_per_edit=args.loc_per_edit, shuffle=False, seed=args.seed)
+    dm = cls(**init)
+    try:
+        dm.setup("test")
+    except DataFormatError as e:
+        raise EvalError(str(e)) from None
+    return dm
+
+
+def load_base(cfg: dict) -> tuple[torch.nn.Module, str, str]:
+    init = cfg["model"].get("init_args") or {}
+    path, family = init.get("base_model"), init.get("family", "causal")
+    if not path:
+        raise EvalError("the config has no model.init_args.base_model")
+    try:
+        model = load_model(path, family)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"cannot load base model {path!r} (train it first, e.g. `python train.py --config "
+                        f"configs/base_zsre_gpt2_tiny.yaml`): {e}") from None
+    return model.eval().requires_grad_(False), path, family
+
+
+def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: argparse.Namespace) -> MEND | FineTune:
+    if name == "mend":
+        if not args.ckpt_path:
+            raise EvalError("the mend editor needs --ckpt_path (a trained editor); ft and ft_kl need none")
+        if not Path(args.ckpt_path).exists():
+            raise EvalError(f"editor checkpoint {args.ckpt_path} does not exist (train one with "
+                            f"`python train.py --config {args.config}`)")
+        try:
+            return MEND.load(args.ckpt_path, model)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+    # the baselines tune the matrices MEND edits under this config
+    layers = select_layers(model, (cfg["model"].get("init_args") or {}).get("edit_params"))
+    return FineTune(layers, lr=args.ft_lr, max_steps=args.ft_steps, optimizer=args.ft_optimizer,
+                    c_loc=args.ft_kl_weight if name == "ft_kl" else 0.0, name=name)
+
+
+def batch_sizes(requested: int | None, n: int) -> list[tuple[int, int]]:
+    """(K used, K requested) pairs: each K capped at the ``n`` edits available, duplicates dropped."""
+    out: list[tuple[int, int]] = []
+    for k in ([requested] if requested else BATCH_SIZES):
+        if min(k, n) not in [u for u, _ in out]:
+            out.append((min(k, n), k))
+    return out
+
+
+def _weights_hash(model: torch.nn.Module, editor: MEND | FineTune) -> str:
+    return fingerprint(model, editor.layers)["edited_weights_sha256"]
+
+
+def run_single(editor: MEND | FineTune, model: torch.nn.Module, dm: EditDataModule, family: str,
+               args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    """Single mode through Lightning (data-parallel with --devices N); returns (results, is_global_zero)."""
+    module = EditEvalModule(model, editor, family, args.chunk, args.ft_kl_inputs, args.seed, args.n_train_probe)
+    trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, inference_mode=False,
+                        enable_progress_bar=not args.no_progress)
+    trainer.test(module, datamodule=dm, verbose=False)
+    return module.results, trainer.is_global_zero
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Run the evaluation; return the report (None on non-zero data-parallel ranks)."""
+    args = parse_args(argv)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no device/tip banners
+    cfg = load_config(args.config)
+    if args.seed is None:
+        args.seed = int(cfg.get("seed_everything") or 0)
+    L.seed_everything(args.seed, verbose=False)
+    model, base_path, family = load_base(cfg)
+    dm = build_data(cfg, args, family)
+    modes = list(MODES) if args.mode == "all" else [args.mode]
+    names = args.editor or ((["mend"] if args.ckpt_path else []) + ["ft", "ft_kl"] if args.mode == "all"
+                            else ["mend" if args.ckpt_path else "ft"])
+    editors = {n: build_editor(n, model, cfg, args) for n in names}
+
+    # the held-out edits: a seeded sample, in a seeded order (the order of the sequential stream)
+    split = dm.splits["test"]
+    available = len(split.records)
+    order = list(range(available))
+    random.Random(args.seed).shuffle(order)
+    order = order[: args.n_edits] if args.n_edits else order
+    dm.splits["test"] = subset_split(split, order)
+    ids = list(range(len(order)))
+    device = torch.device("cuda" if args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
+    progress = not args.no_progress
+    run_info = {"base_model": base_path, "family": family, "dataset": getattr(dm, "task", type(dm).__name__),
+                "data_file": dm.hparams.test_path, "split": "test", "seed": args.seed, "n_edits_available": available}
+
+    entries: list[dict[str, Any]] = []
+    for name, editor in editors.items():
+        before = _weights_hash(model, editor)
+        for mode in modes:
+            if mode != "single":  # Lightning's teardown may have moved the models back to the CPU
+                model.to(device)
+                if isinstance(editor, torch.nn.Module):
+                    editor.to(device)
+            reset_peak_memory(device)
+            data = EditData(dm, "test", device, args.seed, args.n_train_probe)
+            sampler = (LocalitySampler(data.kl_pool(), args.ft_kl_inputs, args.seed, data)
+                       if getattr(editor, "uses_locality", False) else None)
+            results: list[dict[str, Any]] = []
+            if mode == "single":
+                res, is_zero = run_single(editor, model, dm, family, args)
+                if not is_zero:
+                    return None  # other data-parallel processes only help with single mode
+                results.append(res)
+            elif mode == "batch":
+                for k, requested in batch_sizes(args.edits_per_step, len(ids)):
+                    res = run_batch(editor, model, data, ids, k, sampler=sampler, chunk=args.chunk, progress=progress)
+                    if k != requested:
+                        res.update(requested_edits_per_step=requested,
+                                   note=f"K={requested} capped to the {len(ids)} edits available")
+                    results.append(res)
+            else:
+                results.append(run_sequential(editor, model, data, ids, edits_per_step=args.edits_per_step or 1,
+                                              folds=args.folds, only_when_wrong=args.edit_only_when_wrong,
+                                              n_test_probe=args.n_test_probe, sampler=sampler, chunk=args.chunk,
+                                              progress=progress))
+            unchanged = _weights_hash(model, editor) == before
+            if not unchanged:
+                raise RuntimeError(f"{name} {mode} modified the base model: evaluation bug, results discarded")
+            for res in results:
+                entries.append({"editor": name, "editor_config": getattr(editor, "config", {}), **run_info,
+                                "mode": mode, **res, **peak_memory(device), "base_model_unchanged": unchanged})
+                e = entries[-1]
+                print(f"[hypedit-eval] {name} {mode} K={e['edits_per_step']}: edit_success {e['edit_success']:.3f} "
+                      f"generality {e['generality']:.3f} drawdown {e['drawdown'] if e['drawdown'] is not None else float('nan'):+.3f}"
+                      f" ({e['n_edits']} edits)", flush=True)
+
+    report = {"command": " ".join(["python eval.py"] + (argv if argv is not None else sys.argv[1:])),
+              "config_path": args.config, "config": cfg, "eval_args": vars(args), **run_info,
+              "definitions": DEFINITIONS, "entries": entries}
+    print("\n" + table(entries))
+    if args.report:
+        written = write_report(report, args.report)
+        print(f"\n[hypedit-eval] report: {written['json']} (summary {written['markdown']}, "
+              f"TensorBoard {written['tensorboard']})")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except EvalError as e:
+        sys.exit(f"eval.py: error: {e}")

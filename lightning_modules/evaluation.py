@@ -1,0 +1,554 @@
+"""Evaluation of editors on held-out edits: metric definitions, the three protocols, and a
+LightningModule that runs the single-edit protocol data-parallel.
+
+Protocols (REFERENCE.md sections 1, 4 and 6):
+
+- ``single``: every held-out edit applied alone, functionally, to the unedited model
+  (:class:`EditEvalModule`, run by ``trainer.test`` over the DataModule's test loader).
+- ``batch``: K edits applied at once, all K scored (:func:`run_batch`).
+- ``sequential``: a stream of edits merged step after step into a working copy, scored right after
+  each edit and re-scored at checkpoints 1, 10, 100, ... and the end (:func:`run_sequential`).
+
+The base model is never modified: single and batch edits are functional, and the stream edits a
+deep copy, so every locality number compares with the untouched original. Every number's
+definition is in :data:`DEFINITIONS`, which every report carries.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import resource
+import statistics
+import time
+import warnings
+from typing import Any, Iterator, Mapping, Protocol, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import CatMetric, MeanMetric, SumMetric
+from tqdm.auto import tqdm
+
+from datamodules.edit_data import EditDataModule, EncodedSplit
+from datamodules.encoding import Family, collate, encode
+from editors.layers import LayerSpec
+from editors.losses import forward_logits, kl_pre_post, scores, top1_agreement
+from editors.mend import EditedModel, merge_deltas_
+
+DEFINITIONS: dict[str, str] = {
+    "edit_success": "exact match on the edit input: every target token (end-of-answer included) is the "
+                    "teacher-forced argmax, i.e. the greedy answer equals the new target; label accuracy "
+                    "for the classifier. Mean over edits.",
+    "edit_success_token_acc": "teacher-forced token accuracy of the new target on the edit input, mean over edits.",
+    "generality": "exact match (as edit_success) on ALL paraphrases of each edit: per edit the mean over its "
+                  "paraphrases, then the mean over edits.",
+    "generality_token_acc": "teacher-forced token accuracy on all paraphrases, averaged like generality.",
+    "locality_agreement": "share of real output positions of unrelated inputs where the edited model's top-1 "
+                          "token equals the original model's (label agreement for the classifier), mean over inputs.",
+    "locality_kl": "KL(original || edited) of the next-token distributions on unrelated inputs, averaged over "
+                   "each input's real positions, then over inputs (nats).",
+    "drawdown": "exact-match accuracy on labelled unrelated inputs, original model minus edited model "
+                "(positive = the edit broke answers).",
+    "flips_right_to_wrong": "count of labelled unrelated inputs the original model answered right (exact "
+                            "match) and the edited model answers wrong; *_share divides by n_locality_labelled.",
+    "flips_wrong_to_right": "count of labelled unrelated inputs that went from wrong to right; share as above.",
+    "seconds_per_edit": "median wall-clock seconds to compute (and, in sequential mode, merge) one edit; "
+                        "a step of K edits counts its time divided by K. Scoring is not timed.",
+    "peak_memory_bytes": "torch.cuda.max_memory_allocated over the run of this entry on GPU; on CPU the "
+                         "process's peak resident set size so far (resource.getrusage ru_maxrss).",
+    "params_changed": "number of base-model parameters the edit changed: nonzero entries of the weight "
+                      "changes of one step (sequential: entries of the working copy that differ from the "
+                      "original at the end of the stream, mean over folds).",
+    "params_changed_fraction": "params_changed divided by the base model's total parameter count.",
+    "sr": "sequential: mean over edits 1..t of 'edit input right (exact match) just after its own step'.",
+    "gr": "sequential: as sr, on all paraphrases of each edit (generality just after its step).",
+    "er": "sequential: share of edits 1..t whose edit input is still right at checkpoint t (edit retention).",
+    "train_r": "sequential: exact-match accuracy on held-in training inputs with their original gold "
+               "answers at checkpoint t, divided by the original model's accuracy on them.",
+    "test_r": "sequential: exact-match accuracy on held-out labelled locality inputs at checkpoint t, "
+              "divided by the original model's accuracy on them.",
+    "checkpoints": "sequential: number of stream edits applied when each curve point was taken "
+                   "(1, 10, 100, ... and the end of the stream); curves are means over folds.",
+}
+
+
+class Editor(Protocol):
+    """What evaluation needs from an editor (MEND, FineTune): its edited layers and weight changes."""
+
+    layers: list[LayerSpec]
+
+    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> dict[str, Tensor]: ...
+
+
+# ---------------------------------------------------------------- metric functions
+def flip_counts(pre_right: Tensor, post_right: Tensor) -> tuple[int, int]:
+    """Instance-wise (right->wrong, wrong->right) counts between two boolean correctness vectors."""
+    pre, post = pre_right.bool(), post_right.bool()
+    return int((pre & ~post).sum()), int((~pre & post).sum())
+
+
+def drawdown(pre_right: Tensor, post_right: Tensor) -> float:
+    """Accuracy before minus accuracy after on the same labelled inputs."""
+    return float(pre_right.float().mean() - post_right.float().mean())
+
+
+def retention(accuracy: float, initial: float) -> float | None:
+    """``accuracy / initial`` (TrainR/TestR); undefined (None) when the initial accuracy is 0."""
+    return accuracy / initial if initial > 0 else None
+
+
+def count_changed(deltas: Mapping[str, Tensor]) -> int:
+    """How many weight entries a set of weight changes touches (its nonzero entries)."""
+    return int(sum(int(torch.count_nonzero(d)) for d in deltas.values()))
+
+
+def stream_checkpoints(n: int) -> list[int]:
+    """Where a stream of ``n`` edits is re-scored: 1, 10, 100, ... below ``n``, and ``n``."""
+    marks, m = [], 1
+    while m < n:
+        marks.append(m)
+        m *= 10
+    return marks + [n] if n > 0 else []
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory since the last :func:`reset_peak_memory`, and what that number measures."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "peak_memory_measure": "torch.cuda.max_memory_allocated"}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            "peak_memory_measure": "process peak RSS (resource.getrusage ru_maxrss)"}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def labelled(labels: Tensor, family: Family) -> Tensor:
+    """Which rows carry a known answer (locality inputs may be unlabelled)."""
+    return labels >= 0 if family == "classifier" else (labels != -100).any(1)
+
+
+# ---------------------------------------------------------------- batches
+def select_rows(batch: Mapping[str, Any], idx: Sequence[int]) -> dict[str, Tensor]:
+    """Rows ``idx`` of a collated batch, without the padding columns none of them uses."""
+    idx = list(idx)
+    out = {k: v[idx] for k, v in batch.items() if isinstance(v, Tensor)}
+    n = int(out["attention_mask"].sum(1).max())
+    causal_labels = out["labels"].dim() == 2 and "decoder_input_ids" not in out
+    for k in ("input_ids", "attention_mask") + (("labels",) if causal_labels else ()):
+        out[k] = out[k][:, :n]
+    if "decoder_attention_mask" in out:
+        t = int(out["decoder_attention_mask"].sum(1).max())
+        for k in ("labels", "decoder_input_ids", "decoder_attention_mask"):
+            out[k] = out[k][:, :t]
+    return out
+
+
+def n_rows(batch: Mapping[str, Tensor]) -> int:
+    return batch["input_ids"].shape[0]
+
+
+def chunks(batch: Mapping[str, Tensor], size: int) -> Iterator[dict[str, Tensor]]:
+    n = n_rows(batch)
+    for i in range(0, n, size):
+        yield select_rows(batch, range(i, min(n, i + size)))
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, Tensor)}
+
+
+def subset_split(split: EncodedSplit, indices: Sequence[int]) -> EncodedSplit:
+    """The records ``indices`` of an evaluation split, in that order (one item per record)."""
+    return EncodedSplit([split.records[i] for i in indices], [(j, 0) for j in range(len(indices))],
+                        [split.edits[i] for i in indices], [split.rephrases[i] for i in indices])
+
+
+class EditData:
+    """A set-up edit DataModule's held-out edits and probe sets as collated batches on ``device``.
+
+    The locality inputs paired with each edit are the DataModule's own (its ``loc_per_edit``
+    inputs per item). Sequential mode adds two fixed probes: ``test_probe`` (a seeded sample of the
+    labelled locality pool) and ``train_probe`` (held-in training edit inputs with their original
+    gold answers). FT+KL samples its locality inputs from the rest of the training split
+    (:meth:`kl_pool`), so it never trains on an input locality is scored on.
+    """
+
+    def __init__(self, dm: EditDataModule, split: str = "test", device: torch.device | str = "cpu",
+                 seed: int = 0, n_train_probe: int = 100) -> None:
+        self.dm, self.split, self.family = dm, dm.splits[split], dm.hparams.family
+        self.dataset = dm.dataset(split)
+        self.device = torch.device(device)
+        self.seed = seed
+        train = dm.splits.get("train")
+        order = list(range(len(train.records))) if train else []
+        random.Random(seed).shuffle(order)
+        self._train_probe_ids, self._kl_ids = order[:n_train_probe], order[n_train_probe:]
+
+    def collate(self, feats: Sequence[dict]) -> dict[str, Tensor]:
+        b = collate(feats, self.dm.tokenizer.pad_token_id, self.family, self.dm.decoder_start_id)
+        return to_device(b, self.device)
+
+    def edits(self, ids: Sequence[int]) -> dict[str, Tensor]:
+        return self.collate([self.split.edits[i] for i in ids])
+
+    def rephrases(self, ids: Sequence[int]) -> tuple[dict[str, Tensor], Tensor]:
+        """All paraphrases of the edits ``ids``, and for each row the position of its edit in ``ids``."""
+        feats, owner = [], []
+        for j, i in enumerate(ids):
+            feats += self.split.rephrases[i]
+            owner += [j] * len(self.split.rephrases[i])
+        return self.collate(feats), torch.tensor(owner, device=self.device)
+
+    def locality(self, ids: Sequence[int]) -> dict[str, Tensor]:
+        return self.collate([l for i in ids for l in self.dataset[i]["loc"]])
+
+    def test_probe(self, n: int) -> dict[str, Tensor]:
+        pool = self.dm.loc_encoded
+        pick = random.Random(self.seed).sample(range(len(pool)), min(n, len(pool)))
+        return self.collate([pool[i] for i in pick])
+
+    def _train_inputs(self, ids: Sequence[int], answer: str) -> list[dict]:
+        recs = [self.dm.splits["train"].records[i] for i in ids]
+        return encode(self.dm.tokenizer, self.family, [r.prompt for r in recs], [getattr(r, answer) for r in recs],
+                      self.dm.hparams.max_length)
+
+    def train_probe(self) -> dict[str, Tensor] | None:
+        return self.collate(self._train_inputs(self._train_probe_ids, "gold")) if self._train_probe_ids else None
+
+    def kl_pool(self) -> list[dict]:
+        """Training inputs (with the model's own original answers) for FT+KL's locality term."""
+        if not self._kl_ids:
+            raise ValueError("FT+KL samples its locality inputs from the training split, and this config has "
+                             "none left: set data.init_args.train_path (or lower --n_train_probe)")
+        return self._train_inputs(self._kl_ids, "prediction")
+
+
+class LocalitySampler:
+    """Deterministic draws of ``n`` inputs per edit from a pool (FT+KL's locality term)."""
+
+    def __init__(self, pool: list[dict], n: int, seed: int, data: EditData) -> None:
+        self.pool, self.n, self.seed, self.data = pool, n, seed, data
+
+    def __call__(self, key: int) -> dict[str, Tensor]:
+        rng = random.Random(self.seed * 1_000_003 + key)  # depends only on the edit: same draw on any process
+        return self.data.collate(rng.sample(self.pool, min(self.n, len(self.pool))))
+
+
+# ---------------------------------------------------------------- scoring
+@torch.no_grad()
+def answer_scores(model: nn.Module, batch: Mapping[str, Tensor], family: Family, chunk: int = 64
+                  ) -> tuple[Tensor, Tensor]:
+    """Per-row (exact match, token accuracy) of ``model`` on ``batch``'s labels."""
+    em, tok = [], []
+    for part in chunks(batch, chunk):
+        e, t = scores(forward_logits(model, part, family), part["labels"], family)
+        em.append(e)
+        tok.append(t)
+    return torch.cat(em), torch.cat(tok)
+
+
+@torch.no_grad()
+def locality_scores(original: nn.Module, edited: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                    chunk: int = 64) -> dict[str, Tensor]:
+    """Per-row agreement, KL(original || edited), correctness before/after and whether labelled."""
+    out: dict[str, list[Tensor]] = {k: [] for k in ("agreement", "kl", "pre_right", "post_right", "labelled")}
+    for part in chunks(batch, chunk):
+        pre, post = forward_logits(original, part, family), forward_logits(edited, part, family)
+        out["agreement"].append(top1_agreement(pre, post, part, family))
+        out["kl"].append(kl_pre_post(pre, post, part, family))
+        out["pre_right"].append(scores(pre, part["labels"], family)[0].bool())
+        out["post_right"].append(scores(post, part["labels"], family)[0].bool())
+        out["labelled"].append(labelled(part["labels"], family))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def owner_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
+    """Mean of ``values`` per owner index (paraphrase scores -> one score per edit)."""
+    total = torch.zeros(n, device=values.device).index_add_(0, owner, values.float())
+    count = torch.zeros(n, device=values.device).index_add_(0, owner, torch.ones_like(values, dtype=torch.float))
+    return total / count.clamp_min(1)
+
+
+def score_step(original: nn.Module, edited: nn.Module, family: Family, edits: Mapping[str, Tensor],
+               reph: Mapping[str, Tensor], owner: Tensor, loc: Mapping[str, Tensor], chunk: int = 64
+               ) -> dict[str, Tensor]:
+    """Everything measured about one edit step: per-edit scores and per-locality-input scores."""
+    n = n_rows(edits)
+    es, es_tok = answer_scores(edited, edits, family, chunk)
+    gs, gs_tok = answer_scores(edited, reph, family, chunk)
+    return {"edit_success": es, "edit_success_token_acc": es_tok, "generality": owner_mean(gs, owner, n),
+            "generality_token_acc": owner_mean(gs_tok, owner, n), **locality_scores(original, edited, loc, family, chunk)}
+
+
+def compute_deltas(editor: Editor, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                   loc_batch: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], float]:
+    """The editor's weight changes for ``batch`` (detached) and the seconds it took."""
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    with torch.no_grad():  # editors enable grad where they need it; nothing here trains them
+        if getattr(editor, "uses_locality", False):
+            d = editor.deltas(model, batch, family, loc_batch=loc_batch)
+        else:
+            d = editor.deltas(model, batch, family)
+        d = {k: v.detach() for k, v in d.items()}
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return d, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- accumulation
+def _value(metric: Any) -> float | None:
+    with warnings.catch_warnings():  # an empty mean (e.g. no labelled locality input) is reported as None
+        warnings.simplefilter("ignore")
+        v = float(metric.compute())
+    return None if math.isnan(v) else v
+
+
+class EditMetrics(nn.Module):
+    """Accumulates step scores into the reported metrics; torchmetrics states, so exact under DDP."""
+
+    MEANS = ("edit_success", "edit_success_token_acc", "generality", "generality_token_acc",
+             "locality_agreement", "locality_kl", "drawdown", "locality_accuracy_before",
+             "locality_accuracy_after", "params_changed")
+    SUMS = ("n_edits", "n_steps", "n_locality_inputs", "n_locality_labelled", "flips_right_to_wrong",
+            "flips_wrong_to_right")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.means = nn.ModuleDict({k: MeanMetric() for k in self.MEANS})
+        self.sums = nn.ModuleDict({k: SumMetric() for k in self.SUMS})
+        self.seconds = CatMetric()
+
+    def update_step(self, s: Mapping[str, Tensor], seconds: float, params_changed: int) -> None:
+        """Fold in one edit step's :func:`score_step` output, its time and its changed-entry count."""
+        m, c = self.means, self.sums
+        n = s["edit_success"].numel()
+        for k in self.MEANS[:4]:
+            m[k].update(s[k])
+        m["locality_agreement"].update(s["agreement"])
+        m["locality_kl"].update(s["kl"])
+        lab = s["labelled"]
+        pre, post = s["pre_right"][lab], s["post_right"][lab]
+        if lab.any():
+            m["drawdown"].update(pre.float() - post.float())
+            m["locality_accuracy_before"].update(pre.float())
+            m["locality_accuracy_after"].update(post.float())
+        r2w, w2r = flip_counts(pre, post)
+        m["params_changed"].update(float(params_changed))
+        for k, v in (("n_edits", n), ("n_steps", 1), ("n_locality_inputs", s["agreement"].numel()),
+                     ("n_locality_labelled", int(lab.sum())), ("flips_right_to_wrong", r2w),
+                     ("flips_wrong_to_right", w2r)):
+            c[k].update(float(v))
+        self.seconds.update(torch.tensor([seconds / max(n, 1)]))
+
+    def reset(self) -> None:
+        for m in [*self.means.values(), *self.sums.values(), self.seconds]:
+            m.reset()
+
+    def compute(self, n_base_params: int) -> dict[str, Any]:
+        out: dict[str, Any] = {k: _value(v) for k, v in self.means.items()}
+        out.update({k: int(_value(v) or 0) for k, v in self.sums.items()})
+        lab = out["n_locality_labelled"]
+        for k in ("flips_right_to_wrong", "flips_wrong_to_right"):
+            out[f"{k}_share"] = out[k] / lab if lab else None
+        secs = self.seconds.compute() if self.sums["n_steps"].compute() > 0 else torch.empty(0)
+        out["seconds_per_edit"] = float(secs.median()) if secs.numel() else None
+        out["params_changed_fraction"] = (out["params_changed"] / n_base_params
+                                          if out["params_changed"] is not None else None)
+        return out
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- protocols
+class EditEvalModule(L.LightningModule):
+    """Single-edit evaluation: ``trainer.test(module, datamodule=dm)`` applies every held-out edit of
+    the test loader alone to the unedited base model and accumulates the metrics with torchmetrics,
+    so a data-parallel run (each process its shard of the edits) reports exact totals.
+
+    The loader's ``edit_inner`` rows are the edits and its ``loc`` rows (``loc_per_edit`` per edit)
+    their locality inputs; generality uses all paraphrases of each record, not only the loader's
+    first. After the run, :attr:`results` holds the metrics.
+    """
+
+    def __init__(self, model: nn.Module, editor: Editor, family: Family, chunk: int = 64,
+                 kl_samples: int = 4, seed: int = 0, n_train_probe: int = 100) -> None:
+        super().__init__()
+        self.model, self.editor, self.family, self.chunk = model, editor, family, chunk
+        self.kl_samples, self.seed, self.n_train_probe = kl_samples, seed, n_train_probe
+        self.metrics = EditMetrics()
+        self.results: dict[str, Any] = {}
+
+    def on_test_start(self) -> None:
+        self.data = EditData(self.trainer.datamodule, "test", self.device, self.seed, self.n_train_probe)
+        self.sampler = (LocalitySampler(self.data.kl_pool(), self.kl_samples, self.seed, self.data)
+                        if getattr(self.editor, "uses_locality", False) else None)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        index = batch["index"]
+        k = n_rows(batch["loc"]) // len(index)
+        for j, i in enumerate(index):
+            edit = select_rows(batch["edit_inner"], [j])
+            loc = select_rows(batch["loc"], range(j * k, (j + 1) * k))
+            reph, owner = self.data.rephrases([i])
+            kl = self.sampler(i) if self.sampler else None
+            deltas, secs = compute_deltas(self.editor, self.model, edit, self.family, kl)
+            s = score_step(self.model, EditedModel(self.model, deltas), self.family, edit, reph, owner, loc, self.chunk)
+            self.metrics.update_step(s, secs, count_changed(deltas))
+
+    def on_test_epoch_end(self) -> None:
+        self.results = {**self.metrics.compute(n_params(self.model)), "edits_per_step": 1}
+        self.metrics.reset()
+
+
+def run_batch(editor: Editor, model: nn.Module, data: EditData, ids: Sequence[int], k: int, *,
+              sampler: LocalitySampler | None = None, chunk: int = 64, progress: bool = True) -> dict[str, Any]:
+    """Apply the edits ``ids`` K at a time (each group to the unedited model) and score all K.
+
+    ``len(ids) // k`` groups; the remainder is left out and reported as ``n_edits_left_out``.
+    """
+    fam = data.family
+    groups = [list(ids[i:i + k]) for i in range(0, len(ids) - k + 1, k)]
+    metrics = EditMetrics()
+    for g in tqdm(groups, desc=f"batch K={k}", disable=not progress, leave=False):
+        edits = data.edits(g)
+        reph, owner = data.rephrases(g)
+        deltas, secs = compute_deltas(editor, model, edits, fam, sampler(g[0]) if sampler else None)
+        s = score_step(model, EditedModel(model, deltas), fam, edits, reph, owner, data.locality(g), chunk)
+        metrics.update_step(s, secs, count_changed(deltas))
+    return {**metrics.compute(n_params(model)), "edits_per_step": k, "n_edits_left_out": len(ids) - len(groups) * k}
+
+
+def _differs(a: nn.Module, b: nn.Module) -> int:
+    """How many parameter entries of two same-shaped models differ."""
+    return int(sum(int((p != q).sum()) for p, q in zip(a.parameters(), b.parameters())))
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, batch: Mapping[str, Tensor] | None, family: Family, chunk: int) -> float | None:
+    if batch is None:
+        return None
+    em, _ = answer_scores(model, batch, family, chunk)
+    return float(em[labelled(batch["labels"], family)].mean())
+
+
+def run_sequential(editor: Editor, original: nn.Module, data: EditData, ids: Sequence[int], *,
+                   edits_per_step: int = 1, folds: int = 1, only_when_wrong: bool = False, n_test_probe: int = 100,
+                   sampler: LocalitySampler | None = None, chunk: int = 64, progress: bool = True) -> dict[str, Any]:
+    """Stream the edits ``ids`` into a working copy of ``original``, ``edits_per_step`` per step.
+
+    The edits are split into ``folds`` equal streams (the remainder is left out), each starting from
+    a fresh copy of the original. Each step's edits (only those the current model gets wrong, with
+    ``only_when_wrong``) are merged, then its edits and their paraphrases are scored (SR, GR). At
+    each checkpoint all earlier edits are re-scored (ER), and held-in training data (TrainR), a
+    held-out locality probe (TestR) and locality against the original are measured.
+    """
+    fam = data.family
+    fold_len = len(ids) // folds
+    if fold_len < 1:
+        raise ValueError(f"{len(ids)} edits cannot fill {folds} folds")
+    train, test = data.train_probe(), data.test_probe(n_test_probe)
+    init_train, init_test = _accuracy(original, train, fam, chunk), _accuracy(original, test, fam, chunk)
+    total = n_params(original)
+    curves: list[dict[str, list]] = []
+    after: dict[str, list[Tensor]] = {"es": [], "es_tok": [], "gs": [], "gs_tok": []}
+    seconds: list[float] = []
+    applied = 0
+    bar = tqdm(total=fold_len * folds, desc="sequential", disable=not progress, leave=False)
+    for f in range(folds):
+        stream = list(ids[f * fold_len:(f + 1) * fold_len])
+        work = copy.deepcopy(original)  # the original stays untouched: every comparison is against it
+        marks = stream_checkpoints(fold_len)
+        curve: dict[str, list] = {k: [] for k in ("checkpoints", "sr", "gr", "er", "train_r", "test_r",
+                                                   "locality_agreement", "locality_kl", "drawdown",
+                                                   "flips_right_to_wrong", "flips_wrong_to_right",
+                                                   "n_locality_labelled", "params_changed")}
+        fold_es: list[Tensor] = []
+        fold_gs: list[Tensor] = []
+        for start in range(0, fold_len, edits_per_step):
+            group = stream[start:start + edits_per_step]
+            edits = data.edits(group)
+            todo = group
+            if only_when_wrong:
+                right, _ = answer_scores(work, edits, fam, chunk)
+                todo = [i for i, r in zip(group, right.tolist()) if not r]
+            if todo:
+                deltas, secs = compute_deltas(editor, work, data.edits(todo), fam, sampler(todo[0]) if sampler else None)
+                t0 = time.perf_counter()
+                merge_deltas_(work, deltas)
+                seconds.append((secs + time.perf_counter() - t0) / len(todo))
+                applied += len(todo)
+            es, es_tok = answer_scores(work, edits, fam, chunk)
+            reph, owner = data.rephrases(group)
+            gs, gs_tok = answer_scores(work, reph, fam, chunk)
+            gs, gs_tok = owner_mean(gs, owner, len(group)), owner_mean(gs_tok, owner, len(group))
+            for key, v in (("es", es), ("es_tok", es_tok), ("gs", gs), ("gs_tok", gs_tok)):
+                after[key].append(v)
+            fold_es.append(es)
+            fold_gs.append(gs)
+            done = start + len(group)
+            bar.update(len(group))
+            if marks and done >= marks[0]:
+                while marks and done >= marks[0]:
+                    marks.pop(0)
+                er, _ = answer_scores(work, data.edits(stream[:done]), fam, chunk)
+                loc = locality_scores(original, work, test, fam, chunk)
+                lab = loc["labelled"]
+                r2w, w2r = flip_counts(loc["pre_right"][lab], loc["post_right"][lab])
+                acc_train = _accuracy(work, train, fam, chunk)
+                point = {"checkpoints": done, "sr": float(torch.cat(fold_es).mean()),
+                         "gr": float(torch.cat(fold_gs).mean()), "er": float(er.mean()),
+                         "train_r": retention(acc_train, init_train) if train is not None else None,
+                         "test_r": retention(float(loc["post_right"][lab].float().mean()), init_test),
+                         "locality_agreement": float(loc["agreement"].mean()), "locality_kl": float(loc["kl"].mean()),
+                         "drawdown": drawdown(loc["pre_right"][lab], loc["post_right"][lab]),
+                         "flips_right_to_wrong": r2w, "flips_wrong_to_right": w2r,
+                         "n_locality_labelled": int(lab.sum()), "params_changed": _differs(work, original)}
+                for key, v in point.items():
+                    curve[key].append(v)
+        curves.append(curve)
+        del work
+    bar.close()
+    return _sequential_summary(curves, after, seconds, applied, total, init_train, init_test,
+                               edits_per_step=edits_per_step, folds=folds, only_when_wrong=only_when_wrong,
+                               n_edits=fold_len * folds, n_edits_left_out=len(ids) - fold_len * folds)
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _sequential_summary(curves: list[dict[str, list]], after: dict[str, list[Tensor]], seconds: list[float],
+                        applied: int, total: int, init_train: float | None, init_test: float | None,
+                        **info: Any) -> dict[str, Any]:
+    """Fold curves averaged point by point; scalars: right-after-edit means and end-of-stream values."""
+    keys = [k for k in curves[0] if k != "checkpoints"]
+    mean_curve = {k: [_mean([c[k][p] for c in curves]) for p in range(len(curves[0][k]))] for k in keys}
+    end = {k: v[-1] for k, v in mean_curve.items()}
+    counts = {k: sum(c[k][-1] for c in curves)
+              for k in ("flips_right_to_wrong", "flips_wrong_to_right", "n_locality_labelled")}
+    lab = counts["n_locality_labelled"]
+    cat = {k: torch.cat(v).float().mean().item() for k, v in after.items()}
+    out = {"edit_success": cat["es"], "edit_success_token_acc": cat["es_tok"], "generality": cat["gs"],
+           "generality_token_acc": cat["gs_tok"], "locality_agreement": end["locality_agreement"],
+           "locality_kl": end["locality_kl"], "drawdown": end["drawdown"], **counts,
+           "flips_right_to_wrong_share": counts["flips_right_to_wrong"] / lab if lab else None,
+           "flips_wrong_to_right_share": counts["flips_wrong_to_right"] / lab if lab else None,
+           "seconds_per_edit": statistics.median(seconds) if seconds else None,
+           "params_changed": end["params_changed"], "params_changed_fraction": end["params_changed"] / total,
+           "edit_retention": end["er"], "train_retention": end["train_r"], "test_retention": end["test_r"],
+           "initial_train_accuracy": init_train, "initial_test_accuracy": init_test,
+           "n_edits_applied": applied, "checkpoints": curves[0]["checkpoints"],
+           **{k: mean_curve[k] for k in ("sr", "gr", "er", "train_r", "test_r")},
+           **{f"{k}_curve": mean_curve[k] for k in ("locality_agreement", "locality_kl", "drawdown", "params_changed")}}
+    out.update(info)
+    return out
