@@ -158,12 +158,11 @@ def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: argparse.Na
                     c_loc=args.ft_kl_weight if name == "ft_kl" else 0.0, name=name)
 
 
-def batch_sizes(requested: int | None, n: int) -> list[tuple[int, int]]:
-    """(K used, K requested) pairs: each K capped at the ``n`` edits available, duplicates dropped."""
-    out: list[tuple[int, int]] = []
+def batch_sizes(requested: int | None, n: int) -> dict[int, list[int]]:
+    """K used -> the Ks requested that it stands for: each K is capped at the ``n`` edits available."""
+    out: dict[int, list[int]] = {}
     for k in ([requested] if requested else BATCH_SIZES):
-        if min(k, n) not in [u for u, _ in out]:
-            out.append((min(k, n), k))
+        out.setdefault(min(k, n), []).append(k)
     return out
 
 
@@ -229,11 +228,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                     return None  # other data-parallel processes only help with single mode
                 results.append(res)
             elif mode == "batch":
-                for k, requested in batch_sizes(args.edits_per_step, len(ids)):
+                for k, requested in batch_sizes(args.edits_per_step, len(ids)).items():
                     res = run_batch(editor, model, data, ids, k, sampler=sampler, chunk=args.chunk, progress=progress)
-                    if k != requested:
-                        res.update(requested_edits_per_step=requested,
-                                   note=f"K={requested} capped to the {len(ids)} edits available")
+                    capped = [r for r in requested if r != k]
+                    if capped:
+                        res.update(requested_edits_per_step=capped,
+                                   note=f"K={', '.join(map(str, capped))} capped to the {len(ids)} edits available")
                     results.append(res)
             else:
                 results.append(run_sequential(editor, model, data, ids, edits_per_step=args.edits_per_step or 1,

@@ -358,7 +358,7 @@ class EditMetrics(nn.Module):
         for k in ("flips_right_to_wrong", "flips_wrong_to_right"):
             out[f"{k}_share"] = out[k] / lab if lab else None
         secs = self.seconds.compute() if self.sums["n_steps"].compute() > 0 else torch.empty(0)
-        out["seconds_per_edit"] = float(secs.median()) if secs.numel() else None
+        out["seconds_per_edit"] = statistics.median(secs.flatten().tolist()) if secs.numel() else None
         out["params_changed_fraction"] = (out["params_changed"] / n_base_params
                                           if out["params_changed"] is not None else None)
         return out
