@@ -143,6 +143,36 @@ def gradient_pieces(model: nn.Module, layers: list[LayerSpec], loss_fn: Callable
     return pieces
 
 
+@contextlib.contextmanager
+def low_rank_edit(model: nn.Module, layers: list[LayerSpec], factors: Mapping[str, tuple[Tensor, Tensor]]
+                  ) -> Iterator[None]:
+    """Run ``model`` as if ``weight_update(layer, u[b], d[b])`` were added to each edited weight, for ``P``
+    problems at once: ``factors[name] = (u [P, n, d_in], d [P, n, d_out])`` and the rows of every
+    batch are ``P`` equal consecutive groups, group ``b`` seeing problem ``b``'s edit only.
+
+    The base weights are neither copied nor changed: each edited layer adds ``(x u^T) d`` to its output
+    (``x (u^T d)`` when the dense product is cheaper), one batched product over all problems.
+    """
+    def hook(spec: LayerSpec):
+        u, d = factors[spec.name]
+
+        def fn(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            x = args[0].reshape(u.shape[0], -1, spec.d_in)
+            uu, dd = u.to(x.dtype).transpose(1, 2), d.to(x.dtype)
+            n, rows = u.shape[1], x.shape[1]
+            if rows * n * (spec.d_in + spec.d_out) <= (rows + n) * spec.d_in * spec.d_out:
+                return out + ((x @ uu) @ dd).view_as(out)
+            return out + (x @ (uu @ dd)).view_as(out)
+        return fn
+
+    handles = [model.get_submodule(l.module_name).register_forward_hook(hook(l)) for l in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def weight_update(spec: LayerSpec, u: Tensor, delta: Tensor) -> Tensor:
     """``sum_t delta_t u_t^T`` in the layer's stored weight layout (one contraction over tokens)."""
     if spec.kind == "conv1d":

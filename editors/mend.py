@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.encoding import Family
@@ -95,9 +96,12 @@ class LowRankResidualNet(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         """``z [M, N, D]`` -> same shape; layer ``m`` uses FiLM parameters ``m``."""
-        for i in range(self.U.shape[0]):
-            h = (z @ self.V[i].T) @ self.U[i].T + self.b[i]
-            z = z + torch.relu(self.scale[:, i].unsqueeze(1) * h + self.shift[:, i].unsqueeze(1))
+        # unbind, not U[i]: indexing would make every backward write a zero-filled copy of the whole
+        # stacked parameter per block
+        for U, V, b, s, o in zip(self.U.unbind(0), self.V.unbind(0), self.b.unbind(0),
+                                 self.scale.unbind(1), self.shift.unbind(1)):
+            h = torch.addmm(b, z.flatten(0, 1) @ V.T, U.T).view_as(z)
+            z = z + torch.relu_(torch.addcmul(o.unsqueeze(1), s.unsqueeze(1), h))
         return z
 
 
@@ -125,38 +129,55 @@ class MEND(nn.Module):
         return cls(select_layers(model, edit_params), **kw)
 
     # -- the edit
+    def _transformed(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer ``(u~ [P, n, d_in], delta~ [P, n, d_out])``: the tokens' pieces through ``g``, split
+        into ``P = n_problems`` consecutive groups; padding tokens come out as zero rows."""
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for ((d_in, d_out), ix), net, norm in zip(self.groups, self.nets, self.norms):
+            per = [torch.cat(pieces[self.layers[i].name], -1).view(n_problems, -1, d_in + d_out) for i in ix]
+            n = max(p.shape[1] for p in per)  # layers of one shape may see different token counts
+            # (encoder vs decoder): pad with zero rows, which the mask leaves out like padding tokens
+            x = torch.stack([p if p.shape[1] == n else F.pad(p, (0, 0, 0, n - p.shape[1])) for p in per])
+            x = x.flatten(1, 2).to(net.U.dtype)  # [M, P * n, D]
+            mask = (x[..., :d_in] != 0).any(-1) & (x[..., d_in:] != 0).any(-1)  # padding carries no gradient
+            if self.training:  # one update from every problem of the step (all processes under DDP)
+                norm.update(x, mask)
+            y = (net(norm(x)) * mask.unsqueeze(-1).to(x.dtype)).view(len(ix), n_problems, n, d_in + d_out)
+            for k, i in enumerate(ix):
+                out[self.layers[i].name] = (y[k, ..., :d_in], y[k, ..., d_in:])
+        return out
+
     def transform(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int = 1) -> dict[str, Tensor]:
         """Per-layer pseudo-gradients ``sum_t delta~_t u~_t^T`` (stored weight layout, before the step
         size), shape ``[n_problems, *weight.shape]``: the tokens are split into ``n_problems`` equal,
         consecutive groups, each an independent edit problem (one meta-training example)."""
-        out: dict[str, Tensor] = {}
-        for ((d_in, d_out), ix), net, norm in zip(self.groups, self.nets, self.norms):
-            u = torch.stack([pieces[self.layers[i].name][0] for i in ix])  # [M, N, d_in]
-            d = torch.stack([pieces[self.layers[i].name][1] for i in ix])  # [M, N, d_out]
-            mask = (u != 0).any(-1) & (d != 0).any(-1)  # padding tokens carry no gradient: leave them out
-            x = torch.cat([u, d], dim=-1).to(net.U.dtype)
-            if self.training:  # one update from every problem of the step (all processes under DDP)
-                norm.update(x, mask)
-            y = net(norm(x)) * mask.unsqueeze(-1).to(x.dtype)
-            y = y.view(len(ix), n_problems, -1, d_in + d_out)
-            u_t, d_t = y[..., :d_in], y[..., d_in:]
-            for k, i in enumerate(ix):
-                out[self.layers[i].name] = weight_update(self.layers[i], u_t[k], d_t[k])
-        return out
+        t = self._transformed(pieces, n_problems)
+        return {l.name: weight_update(l, *t[l.name]) for l in self.layers}
 
-    def batched_deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
-                       n_problems: int = 1) -> dict[str, Tensor]:
-        """Weight changes (to add) for ``n_problems`` independent edit problems whose edits are the
-        consecutive, equal-sized row groups of ``batch``; each value is ``[n_problems, *weight.shape]``.
-        The edits within one problem are applied together (their per-token pieces are summed)."""
+    def batched_factors(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                        n_problems: int = 1) -> dict[str, tuple[Tensor, Tensor]]:
+        """:meth:`batched_deltas` in low-rank form: per layer ``(u [P, n, d_in], d [P, n, d_out])`` (the
+        step size folded into ``d``) with problem ``b``'s weight change ``weight_update(layer, u[b], d[b])``.
+        :func:`editors.layers.low_rank_edit` applies them without materialising ``d_in x d_out`` per problem."""
         rows = batch["input_ids"].shape[0]
         if rows % n_problems:
             raise ValueError(f"{rows} edit rows cannot be split into {n_problems} equal problems")
         # sum over problems of each problem's mean edit loss: every problem gets its own gradient
         pieces = gradient_pieces(model, self.layers,
                                  lambda: nll(forward_logits(model, batch, family), batch["labels"], family) * n_problems)
-        pseudo = self.transform(pieces, n_problems)
-        return {l.name: -self.edit_lrs[i] * pseudo[l.name] for i, l in enumerate(self.layers)}
+        t = self._transformed(pieces, n_problems)
+        return {l.name: (t[l.name][0], -self.edit_lrs[i] * t[l.name][1]) for i, l in enumerate(self.layers)}
+
+    def to_deltas(self, factors: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+        """Dense weight changes ``[P, *weight.shape]`` from :meth:`batched_factors`."""
+        return {l.name: weight_update(l, *factors[l.name]) for l in self.layers}
+
+    def batched_deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                       n_problems: int = 1) -> dict[str, Tensor]:
+        """Weight changes (to add) for ``n_problems`` independent edit problems whose edits are the
+        consecutive, equal-sized row groups of ``batch``; each value is ``[n_problems, *weight.shape]``.
+        The edits within one problem are applied together (their per-token pieces are summed)."""
+        return self.to_deltas(self.batched_factors(model, batch, family, n_problems))
 
     def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> dict[str, Tensor]:
         """The weight changes (to add to the weights) that edit ``model`` towards ``batch``'s labels,

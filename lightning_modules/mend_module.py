@@ -21,11 +21,12 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from datamodules.encoding import Family
-from editors.layers import check_fingerprint, fingerprint
-from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement
+from editors.layers import check_fingerprint, fingerprint, low_rank_edit
+from editors.losses import forward_logits, model_inputs, kl_pre_post, nll, scores, top1_agreement
 from editors.mend import CHECKPOINT_KEY, MEND
 from lightning_modules.models import load_model
 
@@ -63,21 +64,23 @@ class MENDModule(L.LightningModule):
         P = batch["n_problems"]
         with torch.no_grad():  # the unedited model's locality logits, once per batch
             pre_loc = forward_logits(self.model, loc, fam)
-        deltas = self.editor.batched_deltas(self.model, inner, fam, P)
-        params = dict(self.model.named_parameters())
-        edited, post_outer, post_loc = [], [], []
-        for b in range(P):  # each problem sees only its own edit
-            e = {k: params[k] + d[b].to(params[k].dtype) for k, d in deltas.items()}
-            edited.append(e)
-            post_outer.append(forward_logits(self.model, _rows(outer, b, P), fam, e))
-            post_loc.append(forward_logits(self.model, _rows(loc, b, P), fam, e))
-        post_outer, post_loc = torch.cat(post_outer), torch.cat(post_loc)
+        factors = self.editor.batched_factors(self.model, inner, fam, P)
+        # paraphrases and locality inputs of all problems in one forward pass of the edited model, each
+        # problem's rows seeing only its own edit, applied in low-rank form (no d_in x d_out per problem)
+        with low_rank_edit(self.model, self.editor.layers, factors):
+            post_outer, post_loc = _split(forward_logits(self.model, _join([outer, loc], P), fam), [outer, loc], P, fam)
         # per problem: mean NLL over its paraphrases; batch: mean over problems (= mean over rows)
         l_edit = nll(post_outer, outer["labels"], fam)
         kl = kl_pre_post(pre_loc, post_loc, loc, fam)
         loss = self.hparams.c_edit * l_edit + self.hparams.c_loc * kl.mean()
-        return {"loss": loss, "l_edit": l_edit, "kl": kl, "edited": edited, "pre_loc": pre_loc,
-                "post_loc": post_loc, "post_outer": post_outer}
+        out = {"loss": loss, "l_edit": l_edit, "kl": kl, "pre_loc": pre_loc, "post_loc": post_loc,
+               "post_outer": post_outer}
+        if not self.training:  # validation also scores the edit inputs, under each problem's edited weights
+            with torch.no_grad():
+                params = dict(self.model.named_parameters())
+                deltas = self.editor.to_deltas(factors)
+                out["edited"] = [{k: params[k] + d[b].to(params[k].dtype) for k, d in deltas.items()} for b in range(P)]
+        return out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self._step(batch)
@@ -149,6 +152,29 @@ class MENDModule(L.LightningModule):
                    "monitor": getattr(cb, "monitor", None),
                    "base_model": fingerprint(self.model, self.editor.layers)["name"]}
         return summary
+
+
+def _join(parts: list[dict[str, torch.Tensor]], n: int) -> dict[str, torch.Tensor]:
+    """The model inputs of several sub-batches (rows in ``n`` equal consecutive problem groups) as one
+    batch whose problem ``b`` rows are those of every part, right-padded to common lengths: the
+    padding is masked and follows every real token, so no real position's output changes."""
+    out = {}
+    for k in model_inputs(parts[0]):
+        L = max(p[k].shape[1] for p in parts)
+        out[k] = torch.cat([F.pad(p[k], (0, L - p[k].shape[1])).view(n, -1, L) for p in parts], 1).flatten(0, 1)
+    return out
+
+
+def _split(logits: torch.Tensor, parts: list[dict[str, torch.Tensor]], n: int, family: Family) -> list[torch.Tensor]:
+    """Undo :func:`_join` on its logits: each part's rows in their own order and length."""
+    sizes = [p["input_ids"].shape[0] // n for p in parts]
+    out = []
+    for g, p in zip(logits.view(n, -1, *logits.shape[1:]).split(sizes, 1), parts):
+        g = g.flatten(0, 1)
+        if family != "classifier":  # cut the padding positions off again
+            g = g[:, :p["decoder_input_ids" if family == "seq2seq" else "input_ids"].shape[1]]
+        out.append(g)
+    return out
 
 
 def _rows(batch: dict[str, torch.Tensor], b: int, n: int) -> dict[str, torch.Tensor]:
