@@ -19,6 +19,7 @@ import importlib
 import logging
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,53 @@ def run_single(editor: MEND | FineTune, model: torch.nn.Module, dm: EditDataModu
     return module.results, trainer.is_global_zero
 
 
+def evaluate_editor(editor: MEND | FineTune, model: torch.nn.Module, dm: EditDataModule, family: str,
+                    modes: list[str], args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]] | None:
+    """One result dict per (mode, K) for one editor; None on non-zero data-parallel processes."""
+    ids = list(range(len(dm.splits["test"].records)))
+    progress = not args.no_progress
+    results: list[dict[str, Any]] = []
+    single: dict[str, Any] | None = None
+    for mode in modes:
+        if mode != "single":  # Lightning's teardown may have moved the models back to the CPU
+            model.to(device)
+            if isinstance(editor, torch.nn.Module):
+                editor.to(device)
+        reset_peak_memory(device)
+        data = EditData(dm, "test", device, args.seed, args.n_train_probe)
+        sampler = (LocalitySampler(data.kl_pool(), args.ft_kl_inputs, args.seed, data)
+                   if getattr(editor, "uses_locality", False) else None)
+        runs: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        if mode == "single":
+            single, is_zero = run_single(editor, model, dm, family, args)
+            if not is_zero:
+                return None
+            runs.append(single)
+        elif mode == "batch":
+            for k, requested in batch_sizes(args.edits_per_step, len(ids)).items():
+                if k == 1 and single is not None:  # the same protocol: do not spend the time twice
+                    res = {**single, "note": "K=1 is the single protocol: figures of the single-mode run"}
+                else:
+                    t0 = time.perf_counter()
+                    res = run_batch(editor, model, data, ids, k, sampler=sampler, chunk=args.chunk, progress=progress)
+                    res["wall_seconds"] = time.perf_counter() - t0
+                capped = [r for r in requested if r != k]
+                if capped:
+                    cap = f"K={', '.join(map(str, capped))} capped to the {len(ids)} edits available"
+                    res.update(requested_edits_per_step=capped, note="; ".join(filter(None, [res.get("note"), cap])))
+                runs.append(res)
+        else:
+            runs.append(run_sequential(editor, model, data, ids, edits_per_step=args.edits_per_step or 1,
+                                       folds=args.folds, only_when_wrong=args.edit_only_when_wrong,
+                                       n_test_probe=args.n_test_probe, sampler=sampler, chunk=args.chunk,
+                                       progress=progress))
+        if mode != "batch":
+            runs[-1]["wall_seconds"] = time.perf_counter() - t0
+        results += [{"mode": mode, **r, **peak_memory(device)} for r in runs]
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     """Run the evaluation; return the report (None on non-zero data-parallel ranks)."""
     args = parse_args(argv)
@@ -203,53 +251,25 @@ def main(argv: list[str] | None = None) -> dict | None:
     random.Random(args.seed).shuffle(order)
     order = order[: args.n_edits] if args.n_edits else order
     dm.splits["test"] = subset_split(split, order)
-    ids = list(range(len(order)))
     device = torch.device("cuda" if args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
-    progress = not args.no_progress
     run_info = {"base_model": base_path, "family": family, "dataset": getattr(dm, "task", type(dm).__name__),
                 "data_file": dm.hparams.test_path, "split": "test", "seed": args.seed, "n_edits_available": available}
 
     entries: list[dict[str, Any]] = []
     for name, editor in editors.items():
         before = _weights_hash(model, editor)
-        for mode in modes:
-            if mode != "single":  # Lightning's teardown may have moved the models back to the CPU
-                model.to(device)
-                if isinstance(editor, torch.nn.Module):
-                    editor.to(device)
-            reset_peak_memory(device)
-            data = EditData(dm, "test", device, args.seed, args.n_train_probe)
-            sampler = (LocalitySampler(data.kl_pool(), args.ft_kl_inputs, args.seed, data)
-                       if getattr(editor, "uses_locality", False) else None)
-            results: list[dict[str, Any]] = []
-            if mode == "single":
-                res, is_zero = run_single(editor, model, dm, family, args)
-                if not is_zero:
-                    return None  # other data-parallel processes only help with single mode
-                results.append(res)
-            elif mode == "batch":
-                for k, requested in batch_sizes(args.edits_per_step, len(ids)).items():
-                    res = run_batch(editor, model, data, ids, k, sampler=sampler, chunk=args.chunk, progress=progress)
-                    capped = [r for r in requested if r != k]
-                    if capped:
-                        res.update(requested_edits_per_step=capped,
-                                   note=f"K={', '.join(map(str, capped))} capped to the {len(ids)} edits available")
-                    results.append(res)
-            else:
-                results.append(run_sequential(editor, model, data, ids, edits_per_step=args.edits_per_step or 1,
-                                              folds=args.folds, only_when_wrong=args.edit_only_when_wrong,
-                                              n_test_probe=args.n_test_probe, sampler=sampler, chunk=args.chunk,
-                                              progress=progress))
-            unchanged = _weights_hash(model, editor) == before
-            if not unchanged:
-                raise RuntimeError(f"{name} {mode} modified the base model: evaluation bug, results discarded")
-            for res in results:
-                entries.append({"editor": name, "editor_config": getattr(editor, "config", {}), **run_info,
-                                "mode": mode, **res, **peak_memory(device), "base_model_unchanged": unchanged})
-                e = entries[-1]
-                print(f"[hypedit-eval] {name} {mode} K={e['edits_per_step']}: edit_success {e['edit_success']:.3f} "
-                      f"generality {e['generality']:.3f} drawdown {e['drawdown'] if e['drawdown'] is not None else float('nan'):+.3f}"
-                      f" ({e['n_edits']} edits)", flush=True)
+        results = evaluate_editor(editor, model, dm, family, modes, args, device)
+        if results is None:
+            return None  # a non-zero data-parallel process: only single mode is shared
+        if _weights_hash(model, editor) != before:
+            raise RuntimeError(f"evaluating {name} modified the base model: evaluation bug, results discarded")
+        for res in results:
+            e = {"editor": name, "editor_config": getattr(editor, "config", {}), **run_info, **res,
+                 "base_model_unchanged": True}
+            entries.append(e)
+            dd = e["drawdown"] if e["drawdown"] is not None else float("nan")
+            print(f"[hypedit-eval] {name} {e['mode']} K={e['edits_per_step']}: edit_success {e['edit_success']:.3f} "
+                  f"generality {e['generality']:.3f} drawdown {dd:+.3f} ({e['n_edits']} edits)", flush=True)
 
     report = {"command": " ".join(["python eval.py"] + (argv if argv is not None else sys.argv[1:])),
               "config_path": args.config, "config": cfg, "eval_args": vars(args), **run_info,

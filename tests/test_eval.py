@@ -189,19 +189,22 @@ def test_single_mode_mend_report_schema(setup_eval, tmp_path):
     assert path.with_suffix(".md").exists() and (tmp_path / "tensorboard" / "single").is_dir()
 
 
-def test_batch_mode_caps_k_and_k1_equals_single(all_modes_ft):
+def test_batch_mode_caps_k_and_k1_equals_single(setup_eval, all_modes_ft):
     rep, _ = all_modes_ft
-    single = [e for e in rep["entries"] if e["mode"] == "single"]
+    (single,) = [e for e in rep["entries"] if e["mode"] == "single"]
     batch = {e["edits_per_step"]: e for e in rep["entries"] if e["mode"] == "batch"}
     assert sorted(batch) == [1, 5, 12]
     assert batch[12]["requested_edits_per_step"] == [25, 125] and "capped" in batch[12]["note"]
     assert (batch[5]["n_edits"], batch[5]["n_edits_left_out"]) == (10, 2)
     assert batch[12]["n_steps"] == 1
+    assert "single" in batch[1]["note"]  # --mode all reuses the single run for K = 1
+    assert single["edit_success"] > 0.9  # FT steps until the edit is right
     # K = 1 is the single protocol: the plain loop and the LightningModule must agree
+    (k1,) = _run("--config", setup_eval["zsre_config"], "--editor", "ft", "--mode", "batch", "--edits_per_step", 1,
+                 "--n_edits", 12)["entries"]
     for key in ("edit_success", "edit_success_token_acc", "generality", "locality_agreement", "locality_kl",
                 "drawdown", "flips_right_to_wrong", "params_changed_fraction"):
-        assert batch[1][key] == pytest.approx(single[0][key], abs=1e-6), key
-    assert single[0]["edit_success"] > 0.9  # FT steps until the edit is right
+        assert k1[key] == pytest.approx(single[key], abs=1e-6), key
 
 
 def test_sequential_mode_curves_and_report_files(all_modes_ft):
