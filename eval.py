@@ -243,6 +243,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     names = args.editor or ((["mend"] if args.ckpt_path else []) + ["ft", "ft_kl"] if args.mode == "all"
                             else ["mend" if args.ckpt_path else "ft"])
     editors = {n: build_editor(n, model, cfg, args) for n in names}
+    n_train = len(dm.splits["train"].records) if "train" in dm.splits else 0
+    if "ft_kl" in names and n_train <= args.n_train_probe:
+        raise EvalError("ft_kl samples its locality inputs from the training split beyond the first --n_train_probe "
+                        "records (kept for TrainR): set data.init_args.train_path or lower --n_train_probe")
 
     # the held-out edits: a seeded sample, in a seeded order (the order of the sequential stream)
     split = dm.splits["test"]

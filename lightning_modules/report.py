@@ -171,11 +171,15 @@ def markdown(report: dict, plots: Sequence[Path]) -> str:
            f"Seed {report['seed']}; {report['n_edits_available']} held-out edits available. "
            "Every number compares the edited model with an untouched copy of the original; "
            "definitions are at the end.", "", "## Summary", "", table(entries), ""]
-    for e in entries:
-        if e.get("n_edits_left_out") or e.get("note"):
-            out.append(f"- {e['editor']} {e['mode']} K={e['edits_per_step']}: {e['n_edits']} edits used"
-                       + (f", {e['n_edits_left_out']} left out (not a whole step/fold)" if e.get("n_edits_left_out") else "")
-                       + (f"; {e['note']}" if e.get("note") else ""))
+    configs = {e["editor"]: e.get("editor_config") or {} for e in entries}
+    out += ["## Editors", ""] + [f"- **{name}**: " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "layers")
+                                 + f" ({len(cfg.get('layers', []))} edited matrices)" for name, cfg in configs.items()]
+    notes = [f"- {e['editor']} {e['mode']} K={e['edits_per_step']}: {e['n_edits']} edits used"
+             + (f", {e['n_edits_left_out']} left out (not a whole step/fold)" if e.get("n_edits_left_out") else "")
+             + (f"; {e['note']}" if e.get("note") else "")
+             for e in entries if e.get("n_edits_left_out") or e.get("note")]
+    if notes:
+        out += ["", "## Notes", ""] + notes
     for e in _by_mode(entries, "sequential"):
         out += ["", f"## Sequential stream: {e['editor']} ({e['folds']} fold(s), {e['edits_per_step']} edit(s) per step, "
                 f"{e['n_edits_applied']} applied)", "",
