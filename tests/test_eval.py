@@ -32,6 +32,16 @@ TINY = {"tiny-gpt2": dict(n_layer=2, n_embd=32, n_head=2),
         "tiny-bert": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine extra threads
+    only wait on each other: one thread keeps these tests fast whatever else runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- metric functions
 def test_flips_drawdown_retention_and_checkpoints_hand_made():
     pre = torch.tensor([1, 1, 1, 0, 0, 1], dtype=torch.bool)
