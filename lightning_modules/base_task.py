@@ -37,10 +37,12 @@ class BaseTaskModule(L.LightningModule):
             self.model = load_model(model_name_or_path, family)
         self.decoder_start_id = decoder_start_id(self.model)
         self.val_em, self.val_tok = MeanMetric(), MeanMetric()
+        self.cache_key: dict | None = None  # set by the CLI: the resolved config that made this model
 
     # -- cache: a finished base model is reused by later jobs with the same settings
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(dict(self.hparams), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = self.cache_key if self.cache_key is not None else dict(self.hparams)
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def is_cached(self) -> bool:
         stamp = Path(self.hparams.output_dir) / "model" / "hypedit_base.json"

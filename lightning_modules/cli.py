@@ -47,6 +47,11 @@ class HypeditCLI(LightningCLI):
     def run_job(self) -> dict:
         """Fit (unless a cached result with the same settings exists), then export the result."""
         model, dm, trainer = self.model, self.datamodule, self.trainer
+        if hasattr(model, "cache_key"):  # everything that shapes the result, not how it is displayed
+            keep = {k: v for k, v in self.config.as_dict().items() if k not in ("ckpt_path", "trainer")}
+            keep["trainer"] = {k: v for k, v in self.config.as_dict()["trainer"].items()
+                               if k in ("max_epochs", "max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")}
+            model.cache_key = keep
         if getattr(model, "is_cached", lambda: False)():
             print(f"[hypedit] reusing cached result in {model.hparams.output_dir}")
         else:
