@@ -74,7 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--strategy", default="auto")
     g.add_argument("--chunk", type=int, default=64, help="rows per forward pass when scoring")
     g.add_argument("--no_progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("edits_per_step", "n_edits", "folds", "loc_per_edit", "n_test_probe", "chunk"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    return args
 
 
 def load_config(path: str) -> dict:
