@@ -146,6 +146,8 @@ def write_tensorboard(entries: Sequence[dict], log_dir: Path, summary: str) -> N
     """The plotted series as scalars (step = edits applied, or K for batch) plus the table as text."""
     from torch.utils.tensorboard import SummaryWriter
 
+    for old in log_dir.glob("events.out.tfevents.*"):  # a rerun replaces this report's series, not adds to them
+        old.unlink()
     with SummaryWriter(str(log_dir)) as w:
         for e in entries:
             tag = f"{e['editor']}/{e['mode']}"
