@@ -96,13 +96,56 @@ class LowRankResidualNet(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         """``z [M, N, D]`` -> same shape; layer ``m`` uses FiLM parameters ``m``."""
-        # unbind, not U[i]: indexing would make every backward write a zero-filled copy of the whole
-        # stacked parameter per block
-        for U, V, b, s, o in zip(self.U.unbind(0), self.V.unbind(0), self.b.unbind(0),
-                                 self.scale.unbind(1), self.shift.unbind(1)):
-            h = torch.addmm(b, z.flatten(0, 1) @ V.T, U.T).view_as(z)
-            z = z + torch.relu_(torch.addcmul(o.unsqueeze(1), s.unsqueeze(1), h))
+        return _ResidualBlocks.apply(z, self.U, self.V, self.b, self.scale, self.shift)
+
+
+class _ResidualBlocks(torch.autograd.Function):
+    """:class:`LowRankResidualNet`'s blocks ``z + relu(s * (z V^T U^T + b) + o)`` with a hand-written
+    backward. Autograd would give each block its own gradient of ``U[i]``/``V[i]`` and then copy them
+    into a stacked one (or zero-fill the whole stack per block when indexing): on CPU that traffic cost
+    as much as the products. Here every product writes straight into its slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, U: Tensor, V: Tensor, b: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        saved = []
+        for i in range(U.shape[0]):
+            a = z.flatten(0, 1) @ V[i].T
+            h = torch.addmm(b[i], a, U[i].T).view_as(z)
+            g = torch.addcmul(shift[:, i].unsqueeze(1), scale[:, i].unsqueeze(1), h)
+            saved += [z, a, h, g > 0]
+            z = z + g.relu_()
+        ctx.save_for_backward(U, V, scale, *saved)
         return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, gz: Tensor) -> tuple[Tensor | None, ...]:
+        U, V, scale, *saved = ctx.saved_tensors
+        gU, gV, gscale, gshift = torch.empty_like(U), torch.empty_like(V), torch.empty_like(scale), torch.empty_like(scale)
+        gb = U.new_empty(U.shape[:2])
+        with torch.autocast(gz.device.type, enabled=False):  # products in the dtype the forward used
+            for i in reversed(range(U.shape[0])):
+                z, a, h, pos = saved[4 * i:4 * i + 4]
+                gg = gz * pos  # through the ReLU
+                gscale[:, i] = (gg * h).sum(1)
+                gshift[:, i] = gg.sum(1)
+                gh = (gg * scale[:, i].unsqueeze(1)).flatten(0, 1)
+                gb[i] = gh.sum(0)
+                gh = gh.to(a.dtype)
+                _mm_into(gU[i], gh.T, a)
+                ga = gh @ U[i].to(a.dtype)
+                _mm_into(gV[i], ga.T, z.flatten(0, 1).to(a.dtype))
+                if i or ctx.needs_input_grad[0]:  # the input's gradient is rarely wanted: u, delta are constants
+                    gz = gz + (ga @ V[i].to(a.dtype)).view_as(gz)
+        return gz if ctx.needs_input_grad[0] else None, gU, gV, gb, gscale, gshift
+
+
+def _mm_into(out: Tensor, x: Tensor, y: Tensor) -> None:
+    """``out[...] = x @ y`` without a temporary where the dtypes allow (not under mixed precision)."""
+    if x.dtype == out.dtype:
+        torch.mm(x, y, out=out)
+    else:
+        out.copy_(x @ y)
 
 
 class MEND(nn.Module):

@@ -1,0 +1,346 @@
+"""`make bench`: MEND edit latency, meta-training step time, memory and evaluation throughput.
+
+Every figure that matters is a ratio to one plain forward+backward of the same base model on the
+same input, measured in the same run with the two timed alternately (round-robin, after warm-up,
+medians), so a noisy shared machine moves numerator and denominator together.
+
+Models are GPT-2 shaped with random weights (no downloads): ``tiny`` (4 layers, width 256, 4 heads,
+vocabulary 5000) and ``gpt2s`` (GPT-2 small: 12 layers, width 768, vocabulary 50257); 32-token
+inputs whose last 8 tokens are the target; rank-1920 editor networks (capped at their input width).
+
+Writes ``benchmarks/results.json`` and ``benchmarks/RESULTS.md`` (figures, machine, versions, a
+profile of where the time goes, then ``benchmarks/NOTES.md``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+# OpenMP threads that spin at barriers make 2-thread timings ~20x slower and erratic as soon as another
+# process wants the CPU (measured here: 1.2 s instead of 0.05 s per tiny forward+backward); sleeping
+# threads keep the figures stable on a shared machine. Must be set before torch loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement  # noqa: E402
+from editors.mend import MEND  # noqa: E402
+
+SHAPES = {"tiny": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=5000),
+          "gpt2s": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)}
+SEQ, TARGET = 32, 8
+FAM = "causal"
+TARGETS = {"edit_ratio_tiny_1": 2.2, "edit_ratio_gpt2s_1": 1.15, "edit_ratio_gpt2s_10": 1.25,
+           "step_ratio_tiny_1": 5.0, "step_ratio_gpt2s_1": 2.8, "memory_ratio_gpt2s": 1.5, "memory_ratio_tiny": 1.5}
+REFERENCE = {"edit_ratio_tiny_1": 3.3, "edit_ratio_gpt2s_1": 1.42, "edit_ratio_gpt2s_10": 1.59,
+             "step_ratio_tiny_1": 10.0, "step_ratio_gpt2s_1": 3.9}
+
+
+def build_model(shape: str) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_positions=128, bos_token_id=0, eos_token_id=0, pad_token_id=0, **SHAPES[shape])
+    return GPT2LMHeadModel(cfg).eval()  # eval: no dropout, as MENDModule runs its base model
+
+
+def make_batch(vocab: int, rows: int, seed: int) -> dict[str, torch.Tensor]:
+    """``rows`` causal examples of SEQ random tokens; the loss is on the last TARGET tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (rows, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, :SEQ - TARGET] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def step_batch(vocab: int, problems: int, seed: int) -> dict:
+    """A meta-training batch as :mod:`datamodules.edit_data` builds it: 1 edit, 1 paraphrase and
+    1 locality input per problem."""
+    return {"n_problems": problems, "edit_inner": make_batch(vocab, problems, seed),
+            "edit_outer": make_batch(vocab, problems, seed + 1), "loc": make_batch(vocab, problems, seed + 2)}
+
+
+def round_robin(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed alternately so load changes hit all alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            dt = time.perf_counter() - t
+            if i >= warmup:
+                times[k].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# -- the measured operations
+def fwd_bwd(model: torch.nn.Module, batch: dict) -> None:
+    """The denominator: a plain training forward+backward of the base model (all parameters trainable)."""
+    model.zero_grad(set_to_none=True)
+    nll(forward_logits(model, batch, FAM), batch["labels"], FAM).backward()
+
+
+def edit(editor: MEND, model: torch.nn.Module, batch: dict) -> None:
+    """One edit request: compute the deltas and apply them (the edited weights, functionally)."""
+    with torch.no_grad():
+        editor.edit(model, batch, FAM).edited_params()
+
+
+class MetaTrainer:
+    """The real meta-training step: ``MENDModule._step``, backward, grad-norm clip 100 (as the
+    configs' ``gradient_clip_val``), and the module's own optimizer."""
+
+    def __init__(self, model: torch.nn.Module, tmp: Path) -> None:
+        from lightning_modules.mend_module import MENDModule
+
+        model.save_pretrained(tmp)
+        self.module = MENDModule(base_model=str(tmp), family=FAM, rank=1920).train()
+        trained_looking(self.module.editor)
+        self.opt = self.module.configure_optimizers()
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+
+    def __call__(self, batch: dict) -> None:
+        self.grads(batch)
+        self.update(self.opt)
+        self.opt.zero_grad(set_to_none=True)
+
+    def grads(self, batch: dict) -> None:
+        self.module._step(batch)["loss"].backward()
+
+    def update(self, opt: torch.optim.Optimizer) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, 100.0)
+        opt.step()
+
+    def fused_adam(self) -> torch.optim.Optimizer:
+        """The same parameter groups under fused Adam: a diagnostic of the optimizer's share."""
+        return torch.optim.Adam([{"params": g["params"], "lr": g["lr"]} for g in self.opt.param_groups], fused=True)
+
+    def resident_bytes(self) -> int:
+        """Tensors alive between steps: base model, editor, optimizer state."""
+        state = [t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        return tensor_bytes(list(self.module.parameters()) + list(self.module.buffers()) + state)
+
+
+def trained_looking(editor: MEND) -> MEND:
+    """Nonzero ``U``: at the identity init every ReLU sits at 0 and the networks get no gradient,
+    which is not what training costs (the timings do not depend on the values otherwise)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for net in editor.nets:
+            net.U.normal_(std=1e-3)
+    return editor
+
+
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
+
+
+def peak_alloc(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by the CPU allocator during ``fn`` above what was live when it started,
+    from the torch profiler's allocation/free events (tracemalloc does not see torch's allocator)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+# -- evaluation throughput
+def eval_single(editor: MEND, model: torch.nn.Module, data: dict) -> None:
+    """Every held-out edit alone: edit, then score edit input, paraphrase and locality input."""
+    for i in range(data["edit"]["input_ids"].shape[0]):
+        row = {k: {kk: v[i:i + 1] for kk, v in b.items()} for k, b in data.items()}
+        score_edit(editor, model, row)
+
+
+def eval_batch(editor: MEND, model: torch.nn.Module, data: dict) -> None:
+    """All held-out edits applied at once, all scored."""
+    score_edit(editor, model, data)
+
+
+def score_edit(editor: MEND, model: torch.nn.Module, data: dict) -> None:
+    edited = editor.edit(model, data["edit"], FAM)
+    with torch.no_grad():
+        pre_loc = forward_logits(model, data["loc"], FAM)
+        params = edited.edited_params()
+        for k in ("edit", "rephrase"):
+            scores(forward_logits(model, data[k], FAM, params), data[k]["labels"], FAM)
+        post_loc = forward_logits(model, data["loc"], FAM, params)
+        kl_pre_post(pre_loc, post_loc, data["loc"], FAM), top1_agreement(pre_loc, post_loc, data["loc"], FAM)
+
+
+# -- where the time goes
+def profile_table(fn: Callable[[], object], reps: int = 3, rows: int = 12) -> str:
+    """Self-CPU time of the top ops over ``reps`` calls (after one warm-up)."""
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48)
+
+
+def editor_net_times(editor: MEND, n_tokens: int, reps: int, warmup: int) -> dict[str, float]:
+    """The editor networks alone (all groups, ``n_tokens`` tokens per layer): forward, and
+    forward+backward; part of every edit's and step's floor."""
+    xs = [torch.randn(len(ix), n_tokens, di + do) for (di, do), ix in editor.groups]
+
+    def fwd() -> None:
+        with torch.no_grad():
+            for net, x in zip(editor.nets, xs):
+                net(x)
+
+    def fwd_bwd_nets() -> None:
+        editor.zero_grad(set_to_none=True)
+        sum(net(x).sum() for net, x in zip(editor.nets, xs)).backward()
+
+    return round_robin({"nets_fwd": fwd, "nets_fwd_bwd": fwd_bwd_nets}, reps, warmup)
+
+
+def bench_model(shape: str, quick: bool, tmp: Path, res: dict, prof: dict) -> None:
+    model = build_model(shape)
+    vocab, big, raw = model.config.vocab_size, shape == "gpt2s", res["raw"][shape]
+    reps, warm = (3, 1) if quick else ((7, 2) if big else (25, 5))
+    few = (2, 1) if quick or big else (7, 2)  # for the slow figures: 10-edit steps and evaluation
+    editor = trained_looking(MEND.for_model(model, rank=1920).eval())
+    one, ten = make_batch(vocab, 1, 0), make_batch(vocab, 10, 10)
+
+    # edit latency, 1 and 10 edits at once
+    t = round_robin({"fwd_bwd_1": lambda: fwd_bwd(model, one), "edit_1": lambda: edit(editor, model, one)}, reps, warm)
+    t.update(round_robin({"fwd_bwd_10": lambda: fwd_bwd(model, ten), "edit_10": lambda: edit(editor, model, ten)}, *few))
+    t.update(editor_net_times(editor, SEQ, reps, warm))
+    raw.update(t)
+    res[f"edit_ratio_{shape}_1"] = t["edit_1"] / t["fwd_bwd_1"]
+    res[f"edit_ratio_{shape}_10"] = t["edit_10"] / t["fwd_bwd_10"]
+    model.zero_grad(set_to_none=True)
+
+    # meta-training step: 1 problem (1 edit + 1 paraphrase + 1 locality input), and 10 problems
+    trainer = MetaTrainer(model, tmp / shape)
+    batch, batch10 = step_batch(vocab, 1, 20), step_batch(vocab, 10, 40)
+    t = round_robin({"step_fwd_bwd_1": lambda: fwd_bwd(model, one), "step_1": lambda: trainer(batch)}, reps, warm)
+    t.update(round_robin({"step_fwd_bwd_10": lambda: fwd_bwd(model, ten), "step_10": lambda: trainer(batch10)}, *few))
+    trainer.grads(batch)  # the optimizer's share: clip + step on the gradients of one step
+    fused = trainer.fused_adam()
+    t.update(round_robin({"step_clip_and_optimizer": lambda: trainer.update(trainer.opt),
+                          "step_clip_and_fused_adam": lambda: trainer.update(fused)}, reps, warm))
+    trainer.opt.zero_grad(set_to_none=True)
+    raw.update(t)
+    res[f"step_ratio_{shape}_1"] = t["step_1"] / t["step_fwd_bwd_1"]
+    res[f"step_ratio_{shape}_10"] = t["step_10"] / t["step_fwd_bwd_10"]
+    res[f"step_edits_per_s_{shape}_1"] = 1 / t["step_1"]
+    res[f"step_edits_per_s_{shape}_10"] = 10 / t["step_10"]
+    # what the step would cost with fused Adam (same step, optimizer time swapped; diagnostic)
+    res[f"step_ratio_{shape}_1_if_fused_adam"] = ((t["step_1"] - t["step_clip_and_optimizer"] + t["step_clip_and_fused_adam"])
+                                                  / t["step_fwd_bwd_1"])
+
+    # memory: resident tensors + the peak the call allocates on top of them (profiler events)
+    model.zero_grad(set_to_none=True)
+    base_res = tensor_bytes(list(model.parameters()) + list(model.buffers()))
+    base_peak = peak_alloc(lambda: fwd_bwd(model, one))
+    model.zero_grad(set_to_none=True)
+    step_res = trainer.resident_bytes()
+    step_peak = peak_alloc(lambda: trainer(batch))
+    raw["memory_bytes"] = {"fwd_bwd": {"resident": base_res, "transient_peak": base_peak},
+                           "step": {"resident": step_res, "transient_peak": step_peak}}
+    res[f"memory_ratio_{shape}"] = (step_res + step_peak) / (base_res + base_peak)
+    res[f"memory_ratio_{shape}_transient"] = step_peak / base_peak
+
+    # evaluation throughput: held-out edits scored per second
+    k = 4 if big or quick else 16
+    data = {"edit": make_batch(vocab, k, 30), "rephrase": make_batch(vocab, k, 31), "loc": make_batch(vocab, k, 32)}
+    t = round_robin({"eval_single": lambda: eval_single(editor, model, data),
+                     "eval_batch": lambda: eval_batch(editor, model, data)}, *few)
+    raw.update({f"{k_}_{k}_edits": v for k_, v in t.items()})
+    res[f"eval_edits_per_s_{shape}_single"] = k / t["eval_single"]
+    res[f"eval_edits_per_s_{shape}_batch"] = k / t["eval_batch"]
+
+    prof[f"{shape}: one edit (editor.edit)"] = profile_table(lambda: edit(editor, model, one))
+    prof[f"{shape}: one meta-training step"] = profile_table(lambda: trainer(batch))
+    model.zero_grad(set_to_none=True)
+
+
+def machine() -> dict[str, str]:
+    import lightning
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
+            "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "gpu": gpu,
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "lightning": lightning.__version__, "os": platform.platform()}
+
+
+def write_markdown(path: Path, res: dict, prof: dict) -> None:
+    m = res["machine"]
+    lines = [f"# Benchmarks ({res['date']})", "",
+             f"Command: `{res['command']}` ({res['seconds']:.0f} s). Machine: {m['cpu']}, {m['cores']} cores "
+             f"({m['torch_threads']} torch threads, OMP_WAIT_POLICY={m['omp_wait_policy']}), GPU: {m['gpu']}. Python {m['python']}, torch {m['torch']}, "
+             f"transformers {m['transformers']}, lightning {m['lightning']}; {m['os']}.", "",
+             "Ratios are to one plain forward+backward of the base model on the same input, measured "
+             "alternately in the same run (medians after warm-up).", "",
+             "| figure | measured | target | reference impl. | met |", "|---|---|---|---|---|"]
+    for k, target in TARGETS.items():
+        v = res.get(k)
+        if v is not None:
+            lines.append(f"| {k} | {v:.2f} | <= {target} | {REFERENCE.get(k, '')} | {'yes' if v <= target else 'NO'} |")
+    lines += ["", "| other figure | value |", "|---|---|"]
+    for k, v in res.items():
+        if k not in TARGETS and isinstance(v, float):
+            lines.append(f"| {k} | {v:.3g} |")
+    lines += ["", "Raw medians (seconds unless named):", "", "```", json.dumps(res["raw"], indent=1), "```", ""]
+    for title, table in prof.items():
+        lines += [f"### Profile: {title}", "", "```", table.rstrip(), "```", ""]
+    notes = HERE / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text()]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few repetitions (a smoke test, not figures)")
+    ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--out", default=str(HERE), help="where results.json and RESULTS.md go")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    start = time.time()
+    res: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "command": "make bench" if len(sys.argv) == 1 else " ".join(["python", *sys.argv]),
+                 "machine": machine(), "raw": {s: {} for s in args.models}}
+    prof: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.models:
+            bench_model(shape, args.quick, Path(tmp), res, prof)
+            print({k: round(v, 3) for k, v in res.items() if isinstance(v, float)}, flush=True)
+    res["seconds"] = time.time() - start
+    out = Path(args.out)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    write_markdown(out / "RESULTS.md", res, prof)
+    for k, target in TARGETS.items():
+        if k in res:
+            print(f"{k:24s} {res[k]:6.2f}  (target <= {target})")
+    print(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'} in {res['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
