@@ -205,9 +205,10 @@ class MEND(nn.Module):
         rows = batch["input_ids"].shape[0]
         if rows % n_problems:
             raise ValueError(f"{rows} edit rows cannot be split into {n_problems} equal problems")
-        # sum over problems of each problem's mean edit loss: every problem gets its own gradient
+        # the sum over edits of each edit's mean token NLL: every edit's pieces have the scale they
+        # have alone, however many edits share a problem or a batch (a mean would shrink them by 1/K)
         pieces = gradient_pieces(model, self.layers,
-                                 lambda: nll(forward_logits(model, batch, family), batch["labels"], family) * n_problems)
+                                 lambda: nll(forward_logits(model, batch, family), batch["labels"], family) * rows)
         t = self._transformed(pieces, n_problems)
         return {l.name: (t[l.name][0], -self.edit_lrs[i] * t[l.name][1]) for i, l in enumerate(self.layers)}
 
