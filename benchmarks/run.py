@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement  # noqa: E402
@@ -221,8 +222,10 @@ def bench_model(shape: str, quick: bool, tmp: Path, res: dict, prof: dict) -> No
     one, ten = make_batch(vocab, 1, 0), make_batch(vocab, 10, 10)
 
     # edit latency, 1 and 10 edits at once
-    t = round_robin({"fwd_bwd_1": lambda: fwd_bwd(model, one), "edit_1": lambda: edit(editor, model, one)}, reps, warm)
-    t.update(round_robin({"fwd_bwd_10": lambda: fwd_bwd(model, ten), "edit_10": lambda: edit(editor, model, ten)}, *few))
+    t = round_robin({"fwd_bwd_1": lambda: fwd_bwd(model, one), "edit_1": lambda: edit(editor, model, one),
+                     "fwd_1": torch.no_grad()(lambda: forward_logits(model, one, FAM))}, reps, warm)
+    t.update(round_robin({"fwd_bwd_10": lambda: fwd_bwd(model, ten),
+                          "edit_10": lambda: edit(editor, model, ten)}, *few))
     t.update(editor_net_times(editor, SEQ, reps, warm))
     raw.update(t)
     res[f"edit_ratio_{shape}_1"] = t["edit_1"] / t["fwd_bwd_1"]
@@ -245,8 +248,8 @@ def bench_model(shape: str, quick: bool, tmp: Path, res: dict, prof: dict) -> No
     res[f"step_edits_per_s_{shape}_1"] = 1 / t["step_1"]
     res[f"step_edits_per_s_{shape}_10"] = 10 / t["step_10"]
     # what the step would cost with fused Adam (same step, optimizer time swapped; diagnostic)
-    res[f"step_ratio_{shape}_1_if_fused_adam"] = ((t["step_1"] - t["step_clip_and_optimizer"] + t["step_clip_and_fused_adam"])
-                                                  / t["step_fwd_bwd_1"])
+    fused_step = t["step_1"] - t["step_clip_and_optimizer"] + t["step_clip_and_fused_adam"]
+    res[f"step_ratio_{shape}_1_if_fused_adam"] = fused_step / t["step_fwd_bwd_1"]
 
     # memory: resident tensors + the peak the call allocates on top of them (profiler events)
     model.zero_grad(set_to_none=True)
@@ -255,8 +258,11 @@ def bench_model(shape: str, quick: bool, tmp: Path, res: dict, prof: dict) -> No
     model.zero_grad(set_to_none=True)
     step_res = trainer.resident_bytes()
     step_peak = peak_alloc(lambda: trainer(batch))
+    grads_peak = peak_alloc(lambda: trainer.grads(batch))  # the same without clip + optimizer
+    trainer.opt.zero_grad(set_to_none=True)
     raw["memory_bytes"] = {"fwd_bwd": {"resident": base_res, "transient_peak": base_peak},
-                           "step": {"resident": step_res, "transient_peak": step_peak}}
+                           "step": {"resident": step_res, "transient_peak": step_peak,
+                                    "transient_peak_before_optimizer": grads_peak}}
     res[f"memory_ratio_{shape}"] = (step_res + step_peak) / (base_res + base_peak)
     res[f"memory_ratio_{shape}_transient"] = step_peak / base_peak
 
@@ -276,7 +282,6 @@ def bench_model(shape: str, quick: bool, tmp: Path, res: dict, prof: dict) -> No
 
 def machine() -> dict[str, str]:
     import lightning
-    import transformers
 
     cpu = platform.processor()
     try:
@@ -290,11 +295,16 @@ def machine() -> dict[str, str]:
             "lightning": lightning.__version__, "os": platform.platform()}
 
 
+def ms(seconds: float, unit: float) -> str:
+    return f"{seconds * 1e3:.0f} ms ({seconds / unit:.2f}x)"
+
+
 def write_markdown(path: Path, res: dict, prof: dict) -> None:
     m = res["machine"]
     lines = [f"# Benchmarks ({res['date']})", "",
              f"Command: `{res['command']}` ({res['seconds']:.0f} s). Machine: {m['cpu']}, {m['cores']} cores "
-             f"({m['torch_threads']} torch threads, OMP_WAIT_POLICY={m['omp_wait_policy']}), GPU: {m['gpu']}. Python {m['python']}, torch {m['torch']}, "
+             f"({m['torch_threads']} torch threads, OMP_WAIT_POLICY={m['omp_wait_policy']}), GPU: {m['gpu']} "
+             f"(every figure here is on CPU). Python {m['python']}, torch {m['torch']}, "
              f"transformers {m['transformers']}, lightning {m['lightning']}; {m['os']}.", "",
              "Ratios are to one plain forward+backward of the base model on the same input, measured "
              "alternately in the same run (medians after warm-up).", "",
@@ -305,8 +315,18 @@ def write_markdown(path: Path, res: dict, prof: dict) -> None:
             lines.append(f"| {k} | {v:.2f} | <= {target} | {REFERENCE.get(k, '')} | {'yes' if v <= target else 'NO'} |")
     lines += ["", "| other figure | value |", "|---|---|"]
     for k, v in res.items():
-        if k not in TARGETS and isinstance(v, float):
+        if k not in TARGETS and k != "seconds" and isinstance(v, float):
             lines.append(f"| {k} | {v:.3g} |")
+    lines += ["", "Where one meta-training step's time goes (1 edit; the networks and the optimizer timed alone on "
+              "the same shapes, the rest is the difference):", "",
+              "| model | step | editor networks fwd+bwd | clip + optimizer (fused Adam) | rest | one fwd+bwd |",
+              "|---|---|---|---|---|---|"]
+    for shape, r in res["raw"].items():
+        x = r["step_fwd_bwd_1"]
+        rest = r["step_1"] - r["nets_fwd_bwd"] - r["step_clip_and_optimizer"]
+        lines.append(f"| {shape} | {ms(r['step_1'], x)} | {ms(r['nets_fwd_bwd'], x)} "
+                     f"| {ms(r['step_clip_and_optimizer'], x)} ({ms(r['step_clip_and_fused_adam'], x)}) "
+                     f"| {ms(rest, x)} | {ms(x, x)} |")
     lines += ["", "Raw medians (seconds unless named):", "", "```", json.dumps(res["raw"], indent=1), "```", ""]
     for title, table in prof.items():
         lines += [f"### Profile: {title}", "", "```", table.rstrip(), "```", ""]
@@ -323,6 +343,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE), help="where results.json and RESULTS.md go")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    transformers.logging.disable_progress_bar()
     start = time.time()
     res: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "command": "make bench" if len(sys.argv) == 1 else " ".join(["python", *sys.argv]),

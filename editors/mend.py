@@ -121,8 +121,8 @@ class _ResidualBlocks(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, gz: Tensor) -> tuple[Tensor | None, ...]:
         U, V, scale, *saved = ctx.saved_tensors
-        gU, gV, gscale, gshift = torch.empty_like(U), torch.empty_like(V), torch.empty_like(scale), torch.empty_like(scale)
-        gb = U.new_empty(U.shape[:2])
+        gU, gV, gb = torch.empty_like(U), torch.empty_like(V), U.new_empty(U.shape[:2])
+        gscale, gshift = torch.empty_like(scale), torch.empty_like(scale)
         with torch.autocast(gz.device.type, enabled=False):  # products in the dtype the forward used
             for i in reversed(range(U.shape[0])):
                 z, a, h, pos = saved[4 * i:4 * i + 4]
@@ -172,7 +172,8 @@ class MEND(nn.Module):
         return cls(select_layers(model, edit_params), **kw)
 
     # -- the edit
-    def _transformed(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int) -> dict[str, tuple[Tensor, Tensor]]:
+    def _transformed(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int
+                     ) -> dict[str, tuple[Tensor, Tensor]]:
         """Per layer ``(u~ [P, n, d_in], delta~ [P, n, d_out])``: the tokens' pieces through ``g``, split
         into ``P = n_problems`` consecutive groups; padding tokens come out as zero rows."""
         out: dict[str, tuple[Tensor, Tensor]] = {}
