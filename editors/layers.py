@@ -189,7 +189,8 @@ def fingerprint(model: nn.Module, layers: list[LayerSpec]) -> dict[str, str]:
     params = dict(model.named_parameters())
     for l in layers:
         h.update(l.name.encode())
-        h.update(params[l.name].detach().float().cpu().contiguous().numpy().tobytes())
+        w = params.get(l.name)  # a model without this layer gets a hash that matches nothing
+        h.update(w.detach().float().cpu().contiguous().numpy().tobytes() if w is not None else b"missing")
     return {"name": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
             "config_sha256": hashlib.sha256(json.dumps(cfg_d, sort_keys=True, default=str).encode()).hexdigest()[:16],
             "edited_weights_sha256": h.hexdigest()[:16],

@@ -117,9 +117,14 @@ class MENDModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         nets = [p for n, p in self.editor.named_parameters() if n != "edit_lrs"]
+        # fused Adam: the default per-tensor loop costs up to ~3 base forward+backward passes per step
+        # on CPU (benchmarks/NOTES.md); Lightning refuses clipping with a fused optimizer under fp16
+        # loss scaling, where the multi-tensor (foreach) kernel is used instead
+        fused = self.trainer is None or self.trainer.precision not in ("16-mixed", "16")
         # the step sizes get their own learning rate, and it really applies (one optimizer, two groups)
         return torch.optim.Adam([{"params": nets, "lr": self.hparams.lr},
-                                 {"params": [self.editor.edit_lrs], "lr": self.hparams.edit_lr_lr}])
+                                 {"params": [self.editor.edit_lrs], "lr": self.hparams.edit_lr_lr}],
+                                fused=fused or None, foreach=None if fused else True)
 
     # -- checkpoints: editor only, fingerprinted
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
