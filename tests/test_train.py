@@ -152,3 +152,27 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(bases, tmp_path):
     assert a["norms.0.count"].min() > 0, "normalisation statistics were updated"
     for k in a:  # editor networks, step sizes and the normalisation statistics alike
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_early_stopping_fires_and_the_kept_editor_is_the_best_not_the_latest(bases, tmp_path):
+    """Validate every step and stop after 2 validations without a new best: the run must stop before
+    max_steps, and editor.ckpt must hold the best validation's editor, not the latest one (a second
+    checkpoint callback keeps the latest state to compare with)."""
+    out = tmp_path / "es"
+    cbs = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "%s", '
+           '"monitor": "val/loss", "mode": "max"}}, '
+           '{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "%s", '
+           '"every_n_train_steps": 1, "filename": "latest"}}, '
+           '{"class_path": "lightning.pytorch.callbacks.EarlyStopping", '
+           '"init_args": {"monitor": "val/loss", "mode": "max", "patience": 2}}]') % (out / "best", out / "latest")
+    summary = train.main(mend_args("causal", bases, out, "--trainer.enable_checkpointing", "true",
+                                   "--trainer.callbacks", cbs, "--trainer.max_steps", "40",
+                                   "--trainer.val_check_interval", "1", "--model.init_args.lr", "1e-3"))
+    latest = torch.load(out / "latest" / "latest.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=False)
+    assert latest["global_step"] < 40, "early stopping fired before max_steps"
+    assert best["global_step"] < latest["global_step"], "the best validation was not the last one"
+    kept = _editor_state(out / "editor.ckpt")
+    for k, v in best[CHECKPOINT_KEY]["state_dict"].items():
+        assert torch.equal(kept[k], v), k
+    assert not torch.equal(kept["edit_lrs"], latest[CHECKPOINT_KEY]["state_dict"]["edit_lrs"])
