@@ -79,12 +79,10 @@ def _log_skipped(path: Path, kept: int, skipped: dict[str, int]) -> None:
         log.info("%s: kept %d records, skipped %s", path, kept, why)
 
 
-def read_zsre_jsonl(path: str | Path) -> list[EditRecord]:
-    """zsRE as released with KnowledgeEditor/MEND (``structured_zeroshot-*.jsonl``).
-
-    The edit target is the first alternative (the base model's runner-up answer), the
-    equivalent inputs are the filtered rephrases.
-    """
+def _read_released_jsonl(path: str | Path, labels: tuple[str, ...] | None = None) -> list[EditRecord]:
+    """The KnowledgeEditor/MEND JSON-lines schema that zsRE and FEVER share: ``input``,
+    ``prediction``, ``alternatives``, ``filtered_rephrases``, ``output``. The edit target is the first
+    alternative that differs from the prediction; ``labels``, when given, are the only valid answers."""
     path = Path(path)
     recs, skipped = [], {"without alternatives": 0, "without rephrases": 0}
     for ln, obj in _iter_json_lines(path):
@@ -93,7 +91,11 @@ def read_zsre_jsonl(path: str | Path) -> list[EditRecord]:
         alts = _need(obj, "alternatives", list, path, ln)
         reph = _need(obj, "filtered_rephrases", list, path, ln)
         gold = _gold(obj, path, ln)
-        alts = [a for a in alts if isinstance(a, str) and a and a != pred]
+        if labels is not None:
+            for key, val in (("prediction", pred), ("output", gold)):
+                if val not in labels:
+                    raise DataFormatError(f"{path}:{ln}: field '{key}' should be one of {labels}, got {val!r}")
+        alts = [a for a in alts if isinstance(a, str) and a and a != pred and (labels is None or a in labels)]
         if not alts:
             skipped["without alternatives"] += 1
             continue
@@ -104,6 +106,12 @@ def read_zsre_jsonl(path: str | Path) -> list[EditRecord]:
                                {"alternatives": alts}))
     _log_skipped(path, len(recs), skipped)
     return recs
+
+
+def read_zsre_jsonl(path: str | Path) -> list[EditRecord]:
+    """zsRE as released with KnowledgeEditor/MEND (``structured_zeroshot-*.jsonl``): the target is the
+    base model's runner-up answer, the equivalent inputs are the filtered rephrases."""
+    return _read_released_jsonl(path)
 
 
 def read_zsre_toolkit(path: str | Path) -> tuple[list[EditRecord], list[LocalityPair]]:
@@ -143,27 +151,7 @@ def read_zsre_toolkit(path: str | Path) -> tuple[list[EditRecord], list[Locality
 
 def read_fever_jsonl(path: str | Path) -> list[EditRecord]:
     """FEVER as released with KnowledgeEditor/MEND (``fever-*-kilt.jsonl``): the target is the flipped label."""
-    path = Path(path)
-    recs, skipped = [], {"without alternatives": 0, "without rephrases": 0}
-    for ln, obj in _iter_json_lines(path):
-        prompt = _need(obj, "input", str, path, ln)
-        pred = _need(obj, "prediction", str, path, ln)
-        alts = _need(obj, "alternatives", list, path, ln)
-        reph = _need(obj, "filtered_rephrases", list, path, ln)
-        gold = _gold(obj, path, ln)
-        for key, val in (("prediction", pred), ("output", gold)):
-            if val not in FEVER_LABELS:
-                raise DataFormatError(f"{path}:{ln}: field '{key}' should be one of {FEVER_LABELS}, got {val!r}")
-        alts = [a for a in alts if a in FEVER_LABELS and a != pred]
-        if not alts:
-            skipped["without alternatives"] += 1
-            continue
-        if not reph:
-            skipped["without rephrases"] += 1
-            continue
-        recs.append(EditRecord(prompt, alts[0], [str(r) for r in reph], gold, pred, obj.get("subject")))
-    _log_skipped(path, len(recs), skipped)
-    return recs
+    return _read_released_jsonl(path, FEVER_LABELS)
 
 
 def read_nq(path: str | Path) -> list[LocalityPair]:
