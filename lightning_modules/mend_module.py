@@ -120,7 +120,7 @@ class MENDModule(L.LightningModule):
         # fused Adam: the default per-tensor loop costs up to ~3 base forward+backward passes per step
         # on CPU (benchmarks/NOTES.md); Lightning refuses clipping with a fused optimizer under fp16
         # loss scaling, where the multi-tensor (foreach) kernel is used instead
-        fused = self.trainer is None or self.trainer.precision not in ("16-mixed", "16")
+        fused = self._trainer is None or self._trainer.precision not in ("16-mixed", "16")
         # the step sizes get their own learning rate, and it really applies (one optimizer, two groups)
         return torch.optim.Adam([{"params": nets, "lr": self.hparams.lr},
                                  {"params": [self.editor.edit_lrs], "lr": self.hparams.edit_lr_lr}],
