@@ -45,17 +45,22 @@ class EncodedSplit:
 class EditDataset(Dataset):
     """Index -> (edit, paraphrase, locality inputs), deterministic for a given seed."""
 
-    def __init__(self, split: EncodedSplit, loc: list[dict], loc_per_edit: int, seed: int) -> None:
+    def __init__(self, split: EncodedSplit, loc: list[dict], loc_per_edit: int, seed: int,
+                 neighbours: list[list[int]] | None = None, n_hard: int = 0) -> None:
         self.split, self.loc, self.k = split, loc, loc_per_edit
         self.loc_order = list(range(len(loc)))
         random.Random(seed).shuffle(self.loc_order)
+        self.neighbours, self.n_hard = neighbours, min(n_hard, loc_per_edit) if neighbours else 0
 
     def __len__(self) -> int:
         return len(self.split.items)
 
     def __getitem__(self, i: int) -> dict:
         r, p = self.split.items[i]
-        locs = [self.loc[self.loc_order[(i * self.k + j) % len(self.loc)]] for j in range(self.k)]
+        locs = [self.loc[self.loc_order[(i * self.k + j) % len(self.loc)]] for j in range(self.k - self.n_hard)]
+        if self.n_hard:  # hard negatives: unrelated inputs worded like this edit
+            nb = self.neighbours[r]
+            locs += [self.loc[nb[(i * self.n_hard + j) % len(nb)]] for j in range(self.n_hard)]
         return {"edit": self.split.edits[r], "rephrase": self.split.rephrases[r][p], "loc": locs, "index": i}
 
 
@@ -79,7 +84,7 @@ class EditDataModule(L.LightningDataModule):
                  family: Family = "causal", n_edits: int = 1, batch_size: int = 1, loc_per_edit: int = 1,
                  max_length: int = 64,
                  seed: int = 0, shuffle: bool = True, num_workers: int = 0, val_limit: int | None = None,
-                 decoder_start_id: int | None = None) -> None:
+                 decoder_start_id: int | None = None, hard_loc: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.splits: dict[str, EncodedSplit] = {}
@@ -151,9 +156,26 @@ class EditDataModule(L.LightningDataModule):
                 "index": [it["index"] for it in items]}
 
     def dataset(self, split: str) -> EditDataset:
+        """A split's items. ``hard_loc`` of each meta-training edit's locality inputs are unrelated
+        inputs worded most like the edit (other subjects asked the same way): the KL term then
+        teaches the editor to be specific to the subject, not the wording. Validation and test keep
+        randomly drawn locality inputs, so their figures stay comparable."""
         if split not in self.splits:
             raise ValueError(f"no {split} data: set {split}_path")
-        return EditDataset(self.splits[split], self.loc_encoded, self.hparams.loc_per_edit, self.hparams.seed)
+        hp = self.hparams
+        nb = self._neighbours(self.splits[split]) if split == "train" and hp.hard_loc else None
+        return EditDataset(self.splits[split], self.loc_encoded, hp.loc_per_edit, hp.seed, nb, hp.hard_loc)
+
+    def _neighbours(self, split: EncodedSplit, k: int = 8) -> list[list[int]]:
+        """Per record, the ``k`` locality inputs sharing the most words with its prompt."""
+        if not hasattr(self, "_nb_cache"):
+            words = [set(re.findall(r"\w+", p.prompt.lower())) for p in self.loc_pairs]
+            self._nb_cache = []
+            for r in split.records:
+                w = set(re.findall(r"\w+", r.prompt.lower()))
+                score = [len(w & lw) / max(1, len(w | lw)) for lw in words]
+                self._nb_cache.append(sorted(range(len(words)), key=lambda j: -score[j])[:k])
+        return self._nb_cache
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds, hp = self.dataset(split), self.hparams

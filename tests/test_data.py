@@ -326,6 +326,28 @@ def test_locality_pool_disjoint_from_world_edits(small_world):
     assert len(dm.loc_pairs) == len(nq)
 
 
+def test_hard_locality_inputs_are_worded_like_the_edit_and_only_in_training(small_world):
+    """hard_loc: the last inputs of each training edit's locality set share the most words with the
+    edit prompt (same wording, another subject); validation keeps random draws."""
+    dm = ZsreDataModule(**_world_paths(small_world, "zsre"), loc_per_edit=3, hard_loc=2)
+    dm.setup("fit")
+    train, tok = dm.dataset("train"), dm.tokenizer
+    pool_words = [set(re.findall(r"\w+", p.prompt.lower())) for p in dm.loc_pairs]
+
+    def overlap(a: set, b: set) -> float:
+        return len(a & b) / len(a | b)
+
+    for i in range(0, len(train), 7):
+        r, _ = train.split.items[i]
+        w = set(re.findall(r"\w+", train.split.records[r].prompt.lower()))
+        best = sorted((overlap(w, pw) for pw in pool_words), reverse=True)[7]  # the 8th best
+        for loc in train[i]["loc"][1:]:
+            text = tok.decode([t for t, l in zip(loc["input_ids"], loc["labels"]) if l == -100])
+            assert overlap(w, set(re.findall(r"\w+", text.lower()))) >= best - 1e-9, text
+    val = dm.dataset("val")
+    assert val.n_hard == 0
+
+
 def test_locality_filter_drops_overlapping_inputs(small_world, tmp_path):
     """Locality inputs that repeat an edit text or name an edited subject (one or several words) are dropped."""
     path = tmp_path / "toolkit.json"
