@@ -176,3 +176,18 @@ def test_early_stopping_fires_and_the_kept_editor_is_the_best_not_the_latest(bas
     for k, v in best[CHECKPOINT_KEY]["state_dict"].items():
         assert torch.equal(kept[k], v), k
     assert not torch.equal(kept["edit_lrs"], latest[CHECKPOINT_KEY]["state_dict"]["edit_lrs"])
+
+
+def test_locality_drift_callback_logs_kl_and_flips(bases, tmp_path):
+    out = tmp_path / "drift"
+    logger = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "%s", "name": "csv"}}' % out
+    cb = '[{"class_path": "lightning_modules.callbacks.LocalityDrift", "init_args": {"n_edits": 2, "n_probes": 8}}]'
+    train.main(mend_args("causal", bases, out, "--trainer.callbacks", cb, "--trainer.logger", logger))
+    import csv
+
+    rows = list(csv.DictReader(open(next(out.glob("csv/*/metrics.csv")))))
+    kl = [float(r["drift/kl"]) for r in rows if r.get("drift/kl")]
+    flips = [float(r["drift/top1_flip_rate"]) for r in rows if r.get("drift/top1_flip_rate")]
+    assert len(kl) == 2 and len(flips) == 2, "logged at each of the two validations"
+    assert all(k >= 0 for k in kl) and all(0 <= f <= 1 for f in flips)
+    assert max(kl) > 0, "the edits moved the probe distributions"
