@@ -65,21 +65,20 @@ class MENDModule(L.LightningModule):
         with torch.no_grad():  # the unedited model's locality logits, once per batch
             pre_loc = forward_logits(self.model, loc, fam)
         factors = self.editor.batched_factors(self.model, inner, fam, P)
-        # paraphrases and locality inputs of all problems in one forward pass of the edited model, each
-        # problem's rows seeing only its own edit, applied in low-rank form (no d_in x d_out per problem)
+        # paraphrases and locality inputs (and, in validation, the edit inputs) of all problems in one
+        # forward pass of the edited model, each problem's rows seeing only its own edit, applied in
+        # low-rank form (no d_in x d_out per problem)
+        parts = [outer, loc] if self.training else [outer, loc, inner]
         with low_rank_edit(self.model, self.editor.layers, factors):
-            post_outer, post_loc = _split(forward_logits(self.model, _join([outer, loc], P), fam), [outer, loc], P, fam)
+            post = _split(forward_logits(self.model, _join(parts, P), fam), parts, P, fam)
         # per problem: mean NLL over its paraphrases; batch: mean over problems (= mean over rows)
-        l_edit = nll(post_outer, outer["labels"], fam)
-        kl = kl_pre_post(pre_loc, post_loc, loc, fam)
+        l_edit = nll(post[0], outer["labels"], fam)
+        kl = kl_pre_post(pre_loc, post[1], loc, fam)
         loss = self.hparams.c_edit * l_edit + self.hparams.c_loc * kl.mean()
-        out = {"loss": loss, "l_edit": l_edit, "kl": kl, "pre_loc": pre_loc, "post_loc": post_loc,
-               "post_outer": post_outer}
-        if not self.training:  # validation also scores the edit inputs, under each problem's edited weights
-            with torch.no_grad():
-                params = dict(self.model.named_parameters())
-                deltas = self.editor.to_deltas(factors)
-                out["edited"] = [{k: params[k] + d[b].to(params[k].dtype) for k, d in deltas.items()} for b in range(P)]
+        out = {"loss": loss, "l_edit": l_edit, "kl": kl, "pre_loc": pre_loc, "post_loc": post[1],
+               "post_outer": post[0]}
+        if not self.training:
+            out["post_inner"] = post[2]
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -89,13 +88,15 @@ class MENDModule(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        fam, inner, outer, loc = self.hparams.family, batch["edit_inner"], batch["edit_outer"], batch["loc"]
-        with torch.enable_grad():
+        fam = self.hparams.family
+        # an edit needs autograd (its gradient pieces), and `trainer.validate` runs this under
+        # inference_mode: step out of it, with ordinary copies of the batch's inference tensors
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = {k: {n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v for k, v in batch.items()}
+            inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
             out = self._step(batch)
         with torch.no_grad():
-            P = batch["n_problems"]
-            post_inner = torch.cat([forward_logits(self.model, _rows(inner, b, P), fam, e) for b, e in enumerate(out["edited"])])
-            es, es_tok = scores(post_inner, inner["labels"], fam)
+            es, es_tok = scores(out["post_inner"], inner["labels"], fam)
             gs, gs_tok = scores(out["post_outer"], outer["labels"], fam)
             pre_acc, _ = scores(out["pre_loc"], loc["labels"], fam)
             post_acc, _ = scores(out["post_loc"], loc["labels"], fam)
@@ -180,14 +181,6 @@ def _split(logits: torch.Tensor, parts: list[dict[str, torch.Tensor]], n: int, f
             g = g[:, :p["decoder_input_ids" if family == "seq2seq" else "input_ids"].shape[1]]
         out.append(g)
     return out
-
-
-def _rows(batch: dict[str, torch.Tensor], b: int, n: int) -> dict[str, torch.Tensor]:
-    """Problem ``b``'s rows of a sub-batch whose rows are ``n`` equal consecutive groups."""
-    if n == 1:
-        return batch
-    k = batch["input_ids"].shape[0] // n
-    return {key: v[b * k:(b + 1) * k] for key, v in batch.items()}
 
 
 def _has_label(labels: torch.Tensor, family: Family) -> torch.Tensor:

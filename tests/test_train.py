@@ -191,3 +191,21 @@ def test_locality_drift_callback_logs_kl_and_flips(bases, tmp_path):
     assert len(kl) == 2 and len(flips) == 2, "logged at each of the two validations"
     assert all(k >= 0 for k in kl) and all(0 <= f <= 1 for f in flips)
     assert max(kl) > 0, "the edits moved the probe distributions"
+
+
+def test_standalone_validate_runs_under_inference_mode(bases):
+    """`trainer.validate` runs under torch.inference_mode; the edit's autograd must still work there."""
+    import lightning as L
+
+    from datamodules.edit_data import ZsreDataModule
+    from lightning_modules.mend_module import MENDModule
+
+    data = bases / "base_causal" / "data"
+    module = MENDModule(base_model=str(bases / "base_causal" / "model"), rank=16)
+    dm = ZsreDataModule(train_path=str(data / "zsre-train.jsonl"), val_path=str(data / "zsre-val.jsonl"),
+                        loc_path=str(data / "nq-loc.jsonl"), tokenizer=str(bases / "base_causal" / "model"),
+                        val_limit=4, batch_size=2)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        inference_mode=True)
+    metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    assert 0.0 <= metrics["val/edit_success"] <= 1.0 and metrics["val/loc_kl"] > -1e-6  # KL up to rounding
