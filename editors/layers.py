@@ -17,14 +17,13 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+_LLAMA_MLP = r"(?:.*\.)?layers\.(\d+)\.mlp\.(?:gate_proj|up_proj|down_proj)\.weight"
 # model_type -> [(regex with the block index as group 1, how many of the last blocks)]
 DEFAULT_RULES: dict[str, list[tuple[str, int]]] = {
     "gpt2": [(r"(?:.*\.)?h\.(\d+)\.mlp\.(?:c_fc|c_proj)\.weight", 3)],
     "gptj": [(r"(?:.*\.)?h\.(\d+)\.mlp\.(?:fc_in|fc_out)\.weight", 3)],
     "gpt_neox": [(r"(?:.*\.)?layers\.(\d+)\.mlp\.(?:dense_h_to_4h|dense_4h_to_h)\.weight", 3)],
-    "llama": [(r"(?:.*\.)?layers\.(\d+)\.mlp\.(?:gate_proj|up_proj|down_proj)\.weight", 3)],
-    "mistral": [(r"(?:.*\.)?layers\.(\d+)\.mlp\.(?:gate_proj|up_proj|down_proj)\.weight", 3)],
-    "qwen2": [(r"(?:.*\.)?layers\.(\d+)\.mlp\.(?:gate_proj|up_proj|down_proj)\.weight", 3)],
+    **{t: [(_LLAMA_MLP, 3)] for t in ("llama", "mistral", "qwen2")},
     "bert": [(r"(?:.*\.)?encoder\.layer\.(\d+)\.(?:intermediate|output)\.dense\.weight", 3)],
     "roberta": [(r"(?:.*\.)?encoder\.layer\.(\d+)\.(?:intermediate|output)\.dense\.weight", 3)],
     "bart": [(r"(?:.*\.)?encoder\.layers\.(\d+)\.fc[12]\.weight", 2), (r"(?:.*\.)?decoder\.layers\.(\d+)\.fc[12]\.weight", 2)],
