@@ -112,7 +112,9 @@ class _ResidualBlocks(torch.autograd.Function):
             a = z.flatten(0, 1) @ V[i].T
             h = torch.addmm(b[i], a, U[i].T).view_as(z)
             g = torch.addcmul(shift[:, i].unsqueeze(1), scale[:, i].unsqueeze(1), h)
-            saved += [z, a, h, g > 0]
+            # the ReLU's gradient passes at exactly 0 (as clamp(min=0)'s does): at the identity init
+            # every pre-activation is 0, and relu's convention (none at 0) would leave g stuck there
+            saved += [z, a, h, g >= 0]
             z = z + g.relu_()
         ctx.save_for_backward(U, V, scale, *saved)
         return z
@@ -126,7 +128,7 @@ class _ResidualBlocks(torch.autograd.Function):
         with torch.autocast(gz.device.type, enabled=False):  # products in the dtype the forward used
             for i in reversed(range(U.shape[0])):
                 z, a, h, pos = saved[4 * i:4 * i + 4]
-                gg = gz * pos  # through the ReLU
+                gg = gz * pos  # through the ReLU (open at 0, see forward)
                 gscale[:, i] = (gg * h).sum(1)
                 gshift[:, i] = gg.sum(1)
                 gh = (gg * scale[:, i].unsqueeze(1)).flatten(0, 1)

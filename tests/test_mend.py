@@ -7,7 +7,7 @@ import torch
 from datamodules.encoding import collate, encode
 from editors.layers import gradient_pieces, select_layers, weight_update
 from editors.losses import forward_logits, nll
-from editors.mend import MEND, merge_deltas_
+from editors.mend import MEND, LowRankResidualNet, merge_deltas_
 from lightning_modules.models import decoder_start_id
 
 
@@ -110,3 +110,38 @@ def test_checkpoint_roundtrip_and_refuses_other_base(tiny_models, tokenizer, tmp
         MEND.load(path, other)
     with pytest.raises(FileNotFoundError):
         MEND.load(tmp_path / "missing.ckpt", model)
+
+
+def _reference_blocks(net: LowRankResidualNet, z: torch.Tensor) -> torch.Tensor:
+    """The published blocks in plain autograd: ``z + clamp(s * (U V z + b) + o, min=0)`` per layer."""
+    for i in range(net.U.shape[0]):
+        pre = z @ net.V[i].T @ net.U[i].T + net.b[i]
+        z = z + (net.scale[:, i].unsqueeze(1) * pre + net.shift[:, i].unsqueeze(1)).clamp(min=0)
+    return z
+
+
+@pytest.mark.parametrize("at_init", [True, False])
+def test_residual_net_backward_matches_autograd_and_leaves_the_identity(at_init):
+    torch.manual_seed(0)
+    net = LowRankResidualNet(n_layers=2, dim=6, rank=4)
+    if not at_init:
+        with torch.no_grad():
+            for p in (net.U, net.b, net.scale, net.shift):
+                p.add_(0.3 * torch.randn_like(p))
+    z = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    net = net.double()
+    w = torch.randn(2, 5, 6, dtype=torch.float64)
+    grads = []
+    for f in (lambda x: net(x), lambda x: _reference_blocks(net, x)):
+        net.zero_grad()
+        out = f(z)
+        (out * w).sum().backward()
+        grads.append([p.grad.clone() for p in net.parameters()] + [z.grad.clone()])
+        z.grad = None
+        if at_init:
+            assert torch.equal(out, z)  # the identity
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    # at the identity init every pre-activation is exactly 0: the gradient must still reach U,
+    # or meta-training can only ever learn the step sizes
+    assert grads[0][0].abs().sum() > 0
