@@ -21,6 +21,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -43,25 +44,53 @@ class EncodedSplit:
 
 
 class EditDataset(Dataset):
-    """Index -> (edit, paraphrase, locality inputs), deterministic for a given seed."""
+    """Index -> (edit, paraphrase, locality inputs), deterministic for a given seed.
+
+    With ``redraw`` (an encoding function), an index ``(i, epoch)`` from :class:`EpochSampler` draws
+    item ``i`` afresh for every epoch: the edit's target among the record's alternatives, which of
+    its wordings is the edit input and which the paraphrase, and its random locality inputs. A few
+    hundred fixed edits are otherwise memorised by the editor within a few epochs (its validation
+    locality gets worse while training improves)."""
 
     def __init__(self, split: EncodedSplit, loc: list[dict], loc_per_edit: int, seed: int,
-                 neighbours: list[list[int]] | None = None, n_hard: int = 0) -> None:
-        self.split, self.loc, self.k = split, loc, loc_per_edit
+                 neighbours: list[list[int]] | None = None, n_hard: int = 0,
+                 redraw: Callable[[list[str], list[str]], list[dict]] | None = None) -> None:
+        self.split, self.loc, self.k, self.seed = split, loc, loc_per_edit, seed
         self.loc_order = list(range(len(loc)))
         random.Random(seed).shuffle(self.loc_order)
         self.neighbours, self.n_hard = neighbours, min(n_hard, loc_per_edit) if neighbours else 0
+        self.redraw = redraw
 
     def __len__(self) -> int:
         return len(self.split.items)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, epoch = key if isinstance(key, tuple) else (key, None)
         r, p = self.split.items[i]
-        locs = [self.loc[self.loc_order[(i * self.k + j) % len(self.loc)]] for j in range(self.k - self.n_hard)]
+        n_rand = self.k - self.n_hard
+        if self.redraw is not None and epoch is not None:
+            rng = random.Random(f"{self.seed}:{epoch}:{i}")  # string seeds hash the same in every process
+            rec = self.split.records[r]
+            wording, reph = rng.sample([rec.prompt, *rec.rephrases], 2)
+            target = rng.choice(rec.extra.get("alternatives") or [rec.target])
+            edit, rephrase = self.redraw([wording, reph], [target, target])
+            locs = [self.loc[j] for j in rng.sample(range(len(self.loc)), min(n_rand, len(self.loc)))]
+        else:
+            edit, rephrase = self.split.edits[r], self.split.rephrases[r][p]
+            locs = [self.loc[self.loc_order[(i * self.k + j) % len(self.loc)]] for j in range(n_rand)]
         if self.n_hard:  # hard negatives: unrelated inputs worded like this edit
             nb = self.neighbours[r]
-            locs += [self.loc[nb[(i * self.n_hard + j) % len(nb)]] for j in range(self.n_hard)]
-        return {"edit": self.split.edits[r], "rephrase": self.split.rephrases[r][p], "loc": locs, "index": i}
+            off = i * self.n_hard + (epoch or 0)
+            locs += [self.loc[nb[(off + j) % len(nb)]] for j in range(self.n_hard)]
+        return {"edit": edit, "rephrase": rephrase, "loc": locs, "index": i}
+
+
+class EpochSampler(DistributedSampler):
+    """A :class:`DistributedSampler` (one process or many) that yields ``(index, epoch)``, so the
+    dataset can redraw items per epoch; Lightning calls ``set_epoch`` on it every epoch."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((i, self.epoch) for i in super().__iter__())
 
 
 def _mentions(text: str, subjects: set[str]) -> bool:
@@ -84,7 +113,7 @@ class EditDataModule(L.LightningDataModule):
                  family: Family = "causal", n_edits: int = 1, batch_size: int = 1, loc_per_edit: int = 1,
                  max_length: int = 64,
                  seed: int = 0, shuffle: bool = True, num_workers: int = 0, val_limit: int | None = None,
-                 decoder_start_id: int | None = None, hard_loc: int = 0) -> None:
+                 decoder_start_id: int | None = None, hard_loc: int = 0, redraw: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.splits: dict[str, EncodedSplit] = {}
@@ -164,7 +193,11 @@ class EditDataModule(L.LightningDataModule):
             raise ValueError(f"no {split} data: set {split}_path")
         hp = self.hparams
         nb = self._neighbours(self.splits[split]) if split == "train" and hp.hard_loc else None
-        return EditDataset(self.splits[split], self.loc_encoded, hp.loc_per_edit, hp.seed, nb, hp.hard_loc)
+        redraw = None
+        if split == "train" and hp.redraw:
+            def redraw(prompts: list[str], targets: list[str]) -> list[dict]:
+                return encode(self.tokenizer, hp.family, prompts, targets, hp.max_length)
+        return EditDataset(self.splits[split], self.loc_encoded, hp.loc_per_edit, hp.seed, nb, hp.hard_loc, redraw)
 
     def _neighbours(self, split: EncodedSplit, k: int = 8) -> list[list[int]]:
         """Per record, the ``k`` locality inputs sharing the most words with its prompt."""
@@ -179,12 +212,11 @@ class EditDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds, hp = self.dataset(split), self.hparams
-        sampler = None
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if world > 1:  # our own sampler: drop the ragged tail instead of padding it with duplicated edits
-            sampler = DistributedSampler(ds, num_replicas=world, rank=self.trainer.global_rank,
-                                         shuffle=shuffle, seed=hp.seed, drop_last=True)
-        return DataLoader(ds, batch_size=hp.n_edits * hp.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        # our own sampler, also for one process: the same seeded order whatever the number of processes,
+        # and the ragged tail dropped instead of padded with duplicated edits
+        sampler = EpochSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=hp.seed, drop_last=True)
+        return DataLoader(ds, batch_size=hp.n_edits * hp.batch_size, sampler=sampler,
                           drop_last=(split == "train"), num_workers=hp.num_workers, collate_fn=self.collate)
 
     def train_dataloader(self) -> DataLoader:

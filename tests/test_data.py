@@ -348,6 +348,54 @@ def test_hard_locality_inputs_are_worded_like_the_edit_and_only_in_training(smal
     assert val.n_hard == 0
 
 
+def test_redraw_gives_each_training_edit_a_fresh_target_wording_and_locality_set_per_epoch(small_world):
+    """redraw: item ``(i, epoch)`` is a deterministic draw (any process, any number of processes) of
+    one of the record's alternatives as target, two distinct wordings of the record as edit input and
+    paraphrase, and random locality inputs; other epochs draw differently; validation is fixed."""
+    dm = ZsreDataModule(**_world_paths(small_world, "zsre"), loc_per_edit=2, redraw=True, seed=3)
+    dm.setup("fit")
+    train, tok = dm.dataset("train"), dm.tokenizer
+
+    def text(ex: dict, labelled: bool) -> str:
+        return tok.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if (l != -100) == labelled]).strip()
+
+    seen: dict[int, set] = {}
+    for epoch in range(4):
+        for i in range(0, len(train), 5):
+            item = train[(i, epoch)]
+            assert item == train[(i, epoch)]  # deterministic
+            rec = train.split.records[train.split.items[i][0]]
+            wordings = {" ".join(re.findall(r"\w+|\S", w)) for w in [rec.prompt, *rec.rephrases]}
+            e, p = (" ".join(re.findall(r"\w+|\S", text(x, False))) for x in (item["edit"], item["rephrase"]))
+            assert e in wordings and p in wordings and e != p
+            target = text(item["edit"], True)
+            assert target == text(item["rephrase"], True)
+            assert target.replace(tok.eos_token, "").strip() in rec.extra["alternatives"]
+            seen.setdefault(i, set()).add((e, p, target, tuple(tuple(l["input_ids"]) for l in item["loc"])))
+    assert sum(len(v) > 1 for v in seen.values()) > 0.9 * len(seen)  # epochs redraw
+    val = dm.dataset("val")
+    assert val[(0, 0)] == val[(0, 5)] == val[0]  # evaluation items never change
+
+
+def test_epoch_sampler_orders_the_same_for_one_process_and_two(small_world):
+    """A step of one process with batch 4 holds the same edits as the same step of two processes with
+    batch 2 each (DDP equals one process on the same global batch); the epoch reaches the dataset."""
+    def steps(world: int, rank: int, batch: int) -> list[list[int]]:
+        dm = ZsreDataModule(**_world_paths(small_world, "zsre"), batch_size=batch, redraw=True, seed=1)
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(2)
+        assert all(e == 2 for _, e in loader.sampler)
+        return [b["index"] for b in loader]
+
+    one, r0, r1 = steps(1, 0, 4), steps(2, 0, 2), steps(2, 1, 2)
+    assert len(r0) == len(r1) and len(r0) >= len(one) - 1
+    for s in range(len(r0)):
+        assert sorted(one[s]) == sorted(r0[s] + r1[s])
+    assert [i for b in one for i in b] != sorted(i for b in one for i in b)  # shuffled
+
+
 def test_locality_filter_drops_overlapping_inputs(small_world, tmp_path):
     """Locality inputs that repeat an edit text or name an edited subject (one or several words) are dropped."""
     path = tmp_path / "toolkit.json"
