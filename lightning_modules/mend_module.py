@@ -8,6 +8,9 @@ One step, per batch from :mod:`datamodules.edit_data`:
 4. ``loss = c_edit * NLL(paraphrase, new target) + c_loc * KL(pre || post on locality)``;
 5. backprop into the editor only (``u``/``delta`` are constants: no second-order terms).
 
+Adam with two parameter groups (the networks at ``lr``, the step sizes at ``edit_lr_lr``), both
+optionally decayed to zero along a half cosine over ``trainer.max_steps`` (``cosine_decay``).
+
 Validation logs, on the validation edits: ``val/edit_success`` (exact match on the edit input)
 and ``val/edit_success_token_acc``, ``val/generality`` and ``val/generality_token_acc`` (on
 paraphrases), ``val/loc_agreement`` (top-1 agreement with the unedited model), ``val/loc_kl``
@@ -16,6 +19,7 @@ unedited minus edited) and ``val/loss``. All are torchmetrics means, exact under
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,8 @@ class MENDModule(L.LightningModule):
     def __init__(self, base_model: str = "runs/base_zsre_gpt2_tiny/model", family: Family = "causal",
                  edit_params: list[str] | None = None, rank: int = 1920, n_hidden: int = 2,
                  init_edit_lr: float = 1e-4, lr: float = 1e-6, edit_lr_lr: float = 1e-4,
-                 c_edit: float = 0.1, c_loc: float = 1.0, output_dir: str = "runs/default") -> None:
+                 c_edit: float = 0.1, c_loc: float = 1.0, cosine_decay: bool = False,
+                 output_dir: str = "runs/default") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = load_model(base_model, family).eval()
@@ -116,16 +121,23 @@ class MENDModule(L.LightningModule):
             self.log(f"val/{k}", metric.compute(), prog_bar=k in ("edit_success", "generality", "drawdown"))
             metric.reset()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         nets = [p for n, p in self.editor.named_parameters() if n != "edit_lrs"]
         # fused Adam: the default per-tensor loop costs up to ~3 base forward+backward passes per step
         # on CPU (benchmarks/NOTES.md); Lightning refuses clipping with a fused optimizer under fp16
         # loss scaling, where the multi-tensor (foreach) kernel is used instead
         fused = self._trainer is None or self._trainer.precision not in ("16-mixed", "16")
         # the step sizes get their own learning rate, and it really applies (one optimizer, two groups)
-        return torch.optim.Adam([{"params": nets, "lr": self.hparams.lr},
-                                 {"params": [self.editor.edit_lrs], "lr": self.hparams.edit_lr_lr}],
-                                fused=fused or None, foreach=None if fused else True)
+        opt = torch.optim.Adam([{"params": nets, "lr": self.hparams.lr},
+                                {"params": [self.editor.edit_lrs], "lr": self.hparams.edit_lr_lr}],
+                               fused=fused or None, foreach=None if fused else True)
+        total = self._trainer.max_steps if self._trainer is not None else -1
+        if not self.hparams.cosine_decay or total <= 0:
+            return opt
+        # both rates to 0 along a half cosine over max_steps: at a constant rate the step sizes keep
+        # swinging and a validation catches the editor anywhere between eager and timid
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- checkpoints: editor only, fingerprinted
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

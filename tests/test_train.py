@@ -89,6 +89,8 @@ def test_mend_meta_training_runs_for_each_family(bases, tmp_path, family):
     # the step sizes moved: they are trained at their own learning rate
     assert not torch.allclose(blob["state_dict"]["edit_lrs"], torch.full_like(blob["state_dict"]["edit_lrs"], 1e-3))
     assert blob["state_dict"]["norms.0.count"].min() > 0, "normalisation statistics were updated"
+    # and so did the networks: U starts at zero (g = identity) and must leave it
+    assert all(blob["state_dict"][f"nets.{i}.U"].abs().max() > 0 for i in range(2)), "the editor networks never trained"
 
 
 def test_print_config(bases, capsys):
@@ -106,7 +108,7 @@ def test_resume_from_last_checkpoint_equals_uninterrupted_run(bases, tmp_path):
     """A run stopped after 2 steps and resumed with --ckpt_path last ends where an unbroken run ends.
 
     One batch per epoch, so the data of every step is the same whatever the loop's restart point:
-    what is compared is the restored editor, optimizer and normalisation state."""
+    what is compared is the restored editor, optimizer, learning-rate schedule and normalisation state."""
     common = ["--data.init_args.shuffle", "false", "--trainer.limit_train_batches", "1",
               "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "true",
               "--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
@@ -114,8 +116,8 @@ def test_resume_from_last_checkpoint_equals_uninterrupted_run(bases, tmp_path):
     full = tmp_path / "full"
     args = mend_args("causal", bases, full, *common, "--trainer.max_steps", "4")
     train.main([a.replace("CKPT", str(full / "ck")) for a in args])
-    part = tmp_path / "part"
-    args = mend_args("causal", bases, part, *common, "--trainer.max_steps", "2")
+    part = tmp_path / "part"  # killed after 2 of its 4 steps: same max_steps (the LR schedule's horizon)
+    args = mend_args("causal", bases, part, *common, "--trainer.max_steps", "4", "--trainer.max_epochs", "2")
     train.main([a.replace("CKPT", str(part / "ck")) for a in args])
     assert (part / "ck" / "last.ckpt").exists()
     first = _editor_state(part / "editor.ckpt")
@@ -150,6 +152,7 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(bases, tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
     a, b = _editor_state(single / "editor.ckpt"), _editor_state(ddp / "editor.ckpt")
     assert a["norms.0.count"].min() > 0, "normalisation statistics were updated"
+    assert a["nets.0.U"].abs().max() > 0, "the networks trained (the comparison is not of untouched zeros)"
     for k in a:  # editor networks, step sizes and the normalisation statistics alike
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
 
