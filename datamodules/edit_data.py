@@ -10,7 +10,8 @@ by problem (see :mod:`datamodules.encoding`), plus ``n_problems``:
   (-100 where unknown), drawn from a pool that shares no text with any edit.
 
 Meta-training items are (edit, paraphrase) pairs, every paraphrase of every record once per
-epoch; validation and test items are one per record with its first paraphrase (evaluation
+epoch (with ``redraw``, each item is drawn afresh every epoch: target, wording roles, locality
+inputs); validation and test items are one per record with its first paraphrase (evaluation
 scores all of them itself). Under DDP each process reads its own shard, and the last
 incomplete step is dropped so no edit is duplicated within a step.
 """

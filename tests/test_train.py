@@ -124,6 +124,8 @@ def test_resume_from_last_checkpoint_equals_uninterrupted_run(bases, tmp_path):
     args = mend_args("causal", bases, part, *common, "--trainer.max_steps", "4", "--ckpt_path", "last")
     train.main([a.replace("CKPT", str(part / "ck")) for a in args])
     resumed, unbroken = _editor_state(part / "editor.ckpt"), _editor_state(full / "editor.ckpt")
+    groups = torch.load(full / "ck" / "last.ckpt", weights_only=False)["optimizer_states"][0]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([0.0, 0.0], abs=1e-12), "cosine decay ends at 0 at max_steps"
     assert not torch.equal(first["edit_lrs"], resumed["edit_lrs"]), "the resumed run trained further"
     for k in unbroken:
         torch.testing.assert_close(resumed[k], unbroken[k], rtol=1e-5, atol=1e-7, msg=k)
