@@ -7,7 +7,8 @@ by problem (see :mod:`datamodules.encoding`), plus ``n_problems``:
 - ``edit_inner``: the edit inputs, labelled with their new targets;
 - ``edit_outer``: one equivalent input (paraphrase) per edit, with the same new target;
 - ``loc``: ``loc_per_edit`` unrelated inputs per edit, labelled with their known answers
-  (-100 where unknown), drawn from a pool that shares no text with any edit.
+  (-100 where unknown), drawn from a pool that shares no text with any edit; meta-training and
+  evaluation draw from disjoint parts of it (``loc_holdout``).
 
 Meta-training items are (edit, paraphrase) pairs, every paraphrase of every record once per
 epoch (with ``redraw``, each item is drawn afresh every epoch: target, wording roles, locality
@@ -115,12 +116,15 @@ class EditDataModule(L.LightningDataModule):
                  family: Family = "causal", n_edits: int = 1, batch_size: int = 1, loc_per_edit: int = 1,
                  max_length: int = 64,
                  seed: int = 0, shuffle: bool = True, num_workers: int = 0, val_limit: int | None = None,
-                 decoder_start_id: int | None = None, hard_loc: int = 0, redraw: bool = False) -> None:
+                 decoder_start_id: int | None = None, hard_loc: int = 0, redraw: bool = False,
+                 loc_holdout: float = 0.5) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.splits: dict[str, EncodedSplit] = {}
-        self.loc_encoded: list[dict] = []
-        self.loc_pairs: list[LocalityPair] = []
+        self.loc_pairs: list[LocalityPair] = []  # the whole filtered pool
+        self.loc_train_pairs: list[LocalityPair] = []
+        self.loc_train_encoded: list[dict] = []  # meta-training's KL inputs
+        self.loc_encoded: list[dict] = []  # the held-out part: validation, test, evaluation, drift probes
 
     # -- format hooks
     def read_split(self, path: Path) -> tuple[list[EditRecord], list[LocalityPair]]:
@@ -160,9 +164,16 @@ class EditDataModule(L.LightningDataModule):
         if not pool:
             raise ValueError("no locality inputs left after removing those that overlap the edits; give loc_path")
         self.loc_pairs = pool
-        self.loc_encoded = encode(self.tokenizer, hp.family, [p.prompt for p in pool], [p.answer for p in pool], hp.max_length)
-        log.info("%s data: %s edits, %d locality inputs", self.task,
-                 {k: len(v.records) for k, v in self.splits.items()}, len(pool))
+        encoded = encode(self.tokenizer, hp.family, [p.prompt for p in pool], [p.answer for p in pool], hp.max_length)
+        # Meta-training's KL inputs and the inputs locality is scored on are disjoint: the pool's
+        # first part (file order) trains, the last `loc_holdout` share evaluates. A contiguous cut
+        # keeps related inputs listed together (the built-in world lists each subject's questions
+        # together) on one side. A pool of one input cannot be split and serves both.
+        cut = min(max(1, round(len(pool) * (1 - hp.loc_holdout))), len(pool) - 1) if len(pool) > 1 else 1
+        self.loc_train_pairs, self.loc_train_encoded = pool[:cut], encoded[:cut]
+        self.loc_encoded = encoded[cut:] or encoded
+        log.info("%s data: %s edits, %d locality inputs (%d for meta-training, %d for evaluation)", self.task,
+                 {k: len(v.records) for k, v in self.splits.items()}, len(pool), cut, len(self.loc_encoded))
 
     def _encode_split(self, recs: list[EditRecord], expand: bool) -> EncodedSplit:
         hp = self.hparams
@@ -198,12 +209,13 @@ class EditDataModule(L.LightningDataModule):
         redraw = None
         if split == "train" and hp.redraw:
             redraw = partial(encode, self.tokenizer, hp.family, max_length=hp.max_length)
-        return EditDataset(self.splits[split], self.loc_encoded, hp.loc_per_edit, hp.seed, nb, hp.hard_loc, redraw)
+        loc = self.loc_train_encoded if split == "train" else self.loc_encoded
+        return EditDataset(self.splits[split], loc, hp.loc_per_edit, hp.seed, nb, hp.hard_loc, redraw)
 
     def _neighbours(self, split: EncodedSplit, k: int = 8) -> list[list[int]]:
-        """Per record, the ``k`` locality inputs sharing the most words with its prompt."""
+        """Per record, the ``k`` meta-training locality inputs sharing the most words with its prompt."""
         if not hasattr(self, "_nb_cache"):
-            words = [set(re.findall(r"\w+", p.prompt.lower())) for p in self.loc_pairs]
+            words = [set(re.findall(r"\w+", p.prompt.lower())) for p in self.loc_train_pairs]
             self._nb_cache = []
             for r in split.records:
                 w = set(re.findall(r"\w+", r.prompt.lower()))

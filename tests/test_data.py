@@ -332,7 +332,7 @@ def test_hard_locality_inputs_are_worded_like_the_edit_and_only_in_training(smal
     dm = ZsreDataModule(**_world_paths(small_world, "zsre"), loc_per_edit=3, hard_loc=2)
     dm.setup("fit")
     train, tok = dm.dataset("train"), dm.tokenizer
-    pool_words = [set(re.findall(r"\w+", p.prompt.lower())) for p in dm.loc_pairs]
+    pool_words = [set(re.findall(r"\w+", p.prompt.lower())) for p in dm.loc_train_pairs]
 
     def overlap(a: set, b: set) -> float:
         return len(a & b) / len(a | b)
@@ -394,6 +394,24 @@ def test_epoch_sampler_orders_the_same_for_one_process_and_two(small_world):
     for s in range(len(r0)):
         assert sorted(one[s]) == sorted(r0[s] + r1[s])
     assert [i for b in one for i in b] != sorted(i for b in one for i in b)  # shuffled
+
+
+def test_meta_training_and_evaluation_locality_inputs_are_disjoint(small_world):
+    """Meta-training's KL inputs never include an input that validation or test scores locality on,
+    nor another wording of the same fact (the world lists a subject's questions together)."""
+    dm = ZsreDataModule(**_world_paths(small_world, "zsre"), loc_per_edit=3, redraw=True, hard_loc=1)
+    dm.setup("fit")
+    ids = lambda ex: tuple(ex["input_ids"])
+    train = {ids(l) for e in range(3) for i in range(len(dm.dataset("train")))
+             for l in dm.dataset("train")[(i, e)]["loc"]}
+    held = {ids(l) for split in ("val", "test") for i in range(len(dm.dataset(split))) for l in dm.dataset(split)[i]["loc"]}
+    assert train and held and not train & held
+    assert len(dm.loc_train_encoded) + len(dm.loc_encoded) == len(dm.loc_pairs)
+    train_subjects = {w for p in dm.loc_train_pairs for w in re.findall(r"[A-Z]\w+", p.prompt)}
+    held_pairs = dm.loc_pairs[len(dm.loc_train_pairs):]
+    held_subjects = {w for p in held_pairs for w in re.findall(r"[A-Z]\w+", p.prompt)}
+    # at most the one subject cut in two by the split point
+    assert len((train_subjects & held_subjects) - {"What", "Where", "Which", "Who", "In"}) <= 1
 
 
 def test_locality_filter_drops_overlapping_inputs(small_world, tmp_path):
