@@ -169,7 +169,7 @@ class EditDataModule(L.LightningDataModule):
         # first part (file order) trains, the last `loc_holdout` share evaluates. A contiguous cut
         # keeps related inputs listed together (the built-in world lists each subject's questions
         # together) on one side. A pool of one input cannot be split and serves both.
-        cut = min(max(1, round(len(pool) * (1 - hp.loc_holdout))), len(pool) - 1) if len(pool) > 1 else 1
+        cut = max(1, min(len(pool) - 1, round(len(pool) * (1 - hp.loc_holdout))))
         self.loc_train_pairs, self.loc_train_encoded = pool[:cut], encoded[:cut]
         self.loc_encoded = encoded[cut:] or encoded
         log.info("%s data: %s edits, %d locality inputs (%d for meta-training, %d for evaluation)", self.task,

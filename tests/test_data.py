@@ -48,6 +48,11 @@ def _ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def _text(tok, ex: dict, labelled: bool) -> str:
+    """The decoded prompt (``labelled=False``) or target (``True``) tokens of an encoded causal example."""
+    return tok.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if (l != -100) == labelled]).strip()
+
+
 def _world_paths(world: Path, task: str) -> dict:
     loc = "nq-loc.jsonl" if task == "zsre" else "fever-loc.jsonl"
     return {"train_path": str(world / f"{task}-train.jsonl"), "val_path": str(world / f"{task}-val.jsonl"),
@@ -342,7 +347,7 @@ def test_hard_locality_inputs_are_worded_like_the_edit_and_only_in_training(smal
         w = set(re.findall(r"\w+", train.split.records[r].prompt.lower()))
         best = sorted((overlap(w, pw) for pw in pool_words), reverse=True)[7]  # the 8th best
         for loc in train[i]["loc"][1:]:
-            text = tok.decode([t for t, l in zip(loc["input_ids"], loc["labels"]) if l == -100])
+            text = _text(tok, loc, labelled=False)
             assert overlap(w, set(re.findall(r"\w+", text.lower()))) >= best - 1e-9, text
     val = dm.dataset("val")
     assert val.n_hard == 0
@@ -356,9 +361,6 @@ def test_redraw_gives_each_training_edit_a_fresh_target_wording_and_locality_set
     dm.setup("fit")
     train, tok = dm.dataset("train"), dm.tokenizer
 
-    def text(ex: dict, labelled: bool) -> str:
-        return tok.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if (l != -100) == labelled]).strip()
-
     seen: dict[int, set] = {}
     for epoch in range(4):
         for i in range(0, len(train), 5):
@@ -366,10 +368,10 @@ def test_redraw_gives_each_training_edit_a_fresh_target_wording_and_locality_set
             assert item == train[(i, epoch)]  # deterministic
             rec = train.split.records[train.split.items[i][0]]
             wordings = {" ".join(re.findall(r"\w+|\S", w)) for w in [rec.prompt, *rec.rephrases]}
-            e, p = (" ".join(re.findall(r"\w+|\S", text(x, False))) for x in (item["edit"], item["rephrase"]))
+            e, p = (" ".join(re.findall(r"\w+|\S", _text(tok, x, False))) for x in (item["edit"], item["rephrase"]))
             assert e in wordings and p in wordings and e != p
-            target = text(item["edit"], True)
-            assert target == text(item["rephrase"], True)
+            target = _text(tok, item["edit"], True)
+            assert target == _text(tok, item["rephrase"], True)
             assert target.replace(tok.eos_token, "").strip() in rec.extra["alternatives"]
             seen.setdefault(i, set()).add((e, p, target, tuple(tuple(l["input_ids"]) for l in item["loc"])))
     assert sum(len(v) > 1 for v in seen.values()) > 0.9 * len(seen)  # epochs redraw
