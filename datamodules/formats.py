@@ -177,7 +177,13 @@ def read_nq(path: str | Path) -> list[LocalityPair]:
 def read_fever_locality(path: str | Path) -> list[LocalityPair]:
     """Claims used as unrelated inputs for a FEVER editor, labelled with their gold verdict."""
     path = Path(path)
-    return [LocalityPair(_need(o, "input", str, path, ln), _gold(o, path, ln)) for ln, o in _iter_json_lines(path)]
+    pairs = []
+    for ln, obj in _iter_json_lines(path):
+        gold = _gold(obj, path, ln)
+        if gold not in FEVER_LABELS:
+            raise DataFormatError(f"{path}:{ln}: field 'output' should be one of {FEVER_LABELS}, got {gold!r}")
+        pairs.append(LocalityPair(_need(obj, "input", str, path, ln), gold))
+    return pairs
 
 
 def detect_task(path: str | Path) -> str:

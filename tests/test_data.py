@@ -636,6 +636,13 @@ def test_fever_bad_label_is_refused(tmp_path, field, value):
         read_fever_jsonl(path)
 
 
+def test_fever_locality_bad_label_is_refused(tmp_path):
+    rows = [{"input": "c1.", "output": [{"answer": "SUPPORTS"}]}, {"input": "c2.", "output": [{"answer": "true"}]}]
+    path = _write_jsonl(tmp_path / "fever-loc.jsonl", rows)
+    with pytest.raises(DataFormatError, match=r"fever-loc\.jsonl:2: field 'output' should be one of"):
+        read_fever_locality(path)
+
+
 # --------------------------------------------------------------------------- 6. DDP sharding
 
 
