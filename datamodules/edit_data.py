@@ -13,8 +13,9 @@ by problem (see :mod:`datamodules.encoding`), plus ``n_problems``:
 Meta-training items are (edit, paraphrase) pairs, every paraphrase of every record once per
 epoch (with ``redraw``, each item is drawn afresh every epoch: target, wording roles, locality
 inputs); validation and test items are one per record with its first paraphrase (evaluation
-scores all of them itself). Under DDP each process reads its own shard, and the last
-incomplete step is dropped so no edit is duplicated within a step.
+scores all of them itself). Under DDP each process reads its own shard: in training the last
+incomplete step is dropped so no edit is duplicated within a step; validation and test score
+every edit exactly once, as one process does.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -90,10 +91,25 @@ class EditDataset(Dataset):
 
 class EpochSampler(DistributedSampler):
     """A :class:`DistributedSampler` (one process or many) that yields ``(index, epoch)``, so the
-    dataset can redraw items per epoch; Lightning calls ``set_epoch`` on it every epoch."""
+    dataset can redraw items per epoch; Lightning calls ``set_epoch`` on it every epoch.
+
+    ``even=False`` (evaluation) shards ``rank, rank + world, ...`` without padding or dropping:
+    shards may differ by one item, and every item is scored exactly once, so metrics under DDP equal
+    one process's. Training keeps even shards, as DDP's gradient all-reduce needs equal step counts."""
+
+    def __init__(self, *args: Any, even: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not even and self.shuffle:
+            raise ValueError("uneven (evaluation) shards are taken in order: shuffle must be False")
+        self.even = even
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((i, self.epoch) for i in super().__iter__())
+        if self.even:
+            return ((i, self.epoch) for i in super().__iter__())
+        return ((i, self.epoch) for i in range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return super().__len__() if self.even else len(range(self.rank, len(self.dataset), self.num_replicas))
 
 
 def _mentions(text: str, subjects: set[str]) -> bool:
@@ -226,11 +242,14 @@ class EditDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds, hp = self.dataset(split), self.hparams
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        # our own sampler, also for one process: the same seeded order whatever the number of processes,
-        # and the ragged tail dropped instead of padded with duplicated edits
-        sampler = EpochSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=hp.seed, drop_last=True)
+        # our own sampler, also for one process: the same seeded order whatever the number of processes;
+        # training drops the ragged tail instead of padding it with duplicated edits, evaluation
+        # scores every edit once on whichever process holds it
+        train = split == "train"
+        sampler = EpochSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=hp.seed, drop_last=True,
+                               even=train)
         return DataLoader(ds, batch_size=hp.n_edits * hp.batch_size, sampler=sampler,
-                          drop_last=(split == "train"), num_workers=hp.num_workers, collate_fn=self.collate)
+                          drop_last=train, num_workers=hp.num_workers, collate_fn=self.collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.hparams.shuffle)

@@ -670,3 +670,20 @@ def test_ddp_ranks_get_disjoint_shards(small_world, shuffle):
     dm.trainer = None
     single = [i for b in dm.train_dataloader() for i in b["index"]]
     assert len(single) == n // n_edits * n_edits and len(set(single)) == len(single)
+
+
+def test_ddp_evaluation_shards_score_every_edit_once(small_world):
+    """Validation and test under 2 processes: shards disjoint, together every edit exactly once (no
+    padding duplicates, no dropped tail), so DDP metrics equal one process's."""
+    dm = ZsreDataModule(**_world_paths(small_world, "zsre"), batch_size=2, val_limit=7)  # odd: padding or dropping shows
+    dm.setup("fit")
+    assert len(dm.dataset("val")) == 7
+    for split, loader in (("val", dm.val_dataloader), ("test", dm.test_dataloader)):
+        n = len(dm.dataset(split))
+        shards = []
+        for rank in (0, 1):
+            dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+            shards.append([i for b in loader() for i in b["index"]])
+        dm.trainer = None
+        assert sorted(shards[0] + shards[1]) == list(range(n)), split
+        assert [i for b in loader() for i in b["index"]] == list(range(n))

@@ -1,6 +1,7 @@
 """Fast real runs of the train.py entry point: base models, MEND per family, DDP, resume, checkpoints."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -142,14 +143,18 @@ def test_checkpoint_for_another_base_is_refused(bases, tmp_path):
 
 
 def test_ddp_two_processes_equal_one_process_same_global_batch(bases, tmp_path):
-    """2 CPU processes (gloo) x 1 problem per step == 1 process x 2 problems per step."""
-    common = ["--data.init_args.shuffle", "false", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+    """2 CPU processes (gloo) x 1 problem per step == 1 process x 2 problems per step: the same
+    editor after 3 steps, and the same validation metrics at step 2 over an odd number of
+    validation edits (each scored once, on whichever process holds it)."""
+    common = ["--data.init_args.shuffle", "false", "--trainer.max_steps", "3", "--data.init_args.val_limit", "5",
               "--trainer.accelerator", "cpu", "--seed_everything", "0"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for out, extra in ((single, ["--data.init_args.batch_size", "2", "--trainer.devices", "1"]),
                        (ddp, ["--data.init_args.batch_size", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp"])):
-        cmd = [sys.executable, str(ROOT / "train.py"), *mend_args("causal", bases, out, *common, *extra)]
+        logger = json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out)}})
+        cmd = [sys.executable, str(ROOT / "train.py"), *mend_args("causal", bases, out, *common, *extra),
+               "--trainer.logger", logger]
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
     a, b = _editor_state(single / "editor.ckpt"), _editor_state(ddp / "editor.ckpt")
@@ -157,6 +162,17 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(bases, tmp_path):
     assert a["nets.0.U"].abs().max() > 0, "the networks trained (the comparison is not of untouched zeros)"
     for k in a:  # editor networks, step sizes and the normalisation statistics alike
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    va, vb = _val_metrics(single), _val_metrics(ddp)
+    assert va and set(va) == set(vb) and "val/edit_success" in va
+    for k in va:
+        assert va[k] == pytest.approx(vb[k], rel=1e-3, abs=1e-5), k
+
+
+def _val_metrics(out: Path) -> dict[str, float]:
+    """The validation metrics a CSVLogger wrote under ``out`` (one validation in these runs)."""
+    (path,) = out.glob("lightning_logs/version_*/metrics.csv")
+    rows = list(csv.DictReader(path.open()))
+    return {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/") and v != ""}
 
 
 def test_early_stopping_fires_and_the_kept_editor_is_the_best_not_the_latest(bases, tmp_path):
