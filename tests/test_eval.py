@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,24 @@ def test_single_mode_mend_report_schema(setup_eval, tmp_path):
                                                    "edits_per_step")]
     assert all(k in rep["definitions"] for k in metrics)
     assert path.with_suffix(".md").exists() and (tmp_path / "tensorboard" / "single").is_dir()
+
+
+def test_single_mode_data_parallel_equals_one_process(setup_eval, tmp_path):
+    """--devices 2 (DDP, gloo) scores every held-out edit once, as one process does: the same report
+    figures over an odd number of edits (timings aside)."""
+    args = ["--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.ckpt",
+            "--mode", "single", "--n_edits", 19, "--accelerator", "cpu"]
+    _run(*args, "--report", tmp_path / "one.json")
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args), "--devices", "2", "--strategy",
+                           "ddp", "--report", str(tmp_path / "two.json"), "--no_progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one["n_edits"] == two["n_edits"] == 19 and one["n_locality_inputs"] == two["n_locality_inputs"] == 95
+    for k in ("edit_success", "edit_success_token_acc", "generality", "generality_token_acc", "locality_agreement",
+              "locality_kl", "drawdown", "flips_right_to_wrong", "flips_wrong_to_right", "params_changed"):
+        assert one[k] == pytest.approx(two[k], rel=1e-4, abs=1e-6), k
 
 
 def test_batch_mode_caps_k_and_k1_equals_single(setup_eval, all_modes_ft):
