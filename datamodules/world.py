@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,12 @@ class WorldConfig:
     n_alternatives: int = 3
 
 
+# Every word the world's objects and templates use: a subject name must be none of them, or the
+# locality filter (which drops inputs naming an edited subject) and scoring could confuse the two.
+_RESERVED = {w.lower() for objs, qts, cts in RELATIONS.values() for text in [*objs, *qts, *cts]
+             for w in re.findall(r"\w+", text)}
+
+
 def _subject_names(n: int, rng: random.Random) -> list[str]:
     names: set[str] = set()
     out: list[str] = []
@@ -99,7 +106,7 @@ def _subject_names(n: int, rng: random.Random) -> list[str]:
         syll = rng.choice([2, 2, 3])
         name = "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS) for _ in range(syll))
         name = name.capitalize()
-        if name not in names:
+        if name not in names and name.lower() not in _RESERVED:
             names.add(name)
             out.append(name)
     return out

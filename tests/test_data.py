@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -473,6 +474,18 @@ def test_world_is_deterministic(tmp_path):
     c = _world_files(generate_world(tmp_path / "c", WorldConfig(n_subjects=30, seed=4)))
     for name in ("zsre-train.jsonl", "fever-train.jsonl", "base-qa.jsonl"):
         assert a[name] != c[name]
+
+
+def test_subject_names_are_never_a_word_of_the_world(monkeypatch):
+    """A generated name that spells an object or template word ("Lirren" is a birthplace) is skipped."""
+    import datamodules.world as world
+
+    monkeypatch.setattr(world, "_ONSETS", ["l", "r"])
+    monkeypatch.setattr(world, "_NUCLEI", ["i", "e"])
+    monkeypatch.setattr(world, "_CODAS", ["r", "n"])
+    names = world._subject_names(300, random.Random(0))
+    assert len(set(names)) == 300 and "Lirren" not in names
+    assert not {n.lower() for n in names} & world._RESERVED
 
 
 def test_world_splits_are_subject_disjoint(small_world):
