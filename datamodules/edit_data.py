@@ -104,12 +104,14 @@ class EpochSampler(DistributedSampler):
         self.even = even
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.even:
-            return ((i, self.epoch) for i in super().__iter__())
-        return ((i, self.epoch) for i in range(self.rank, len(self.dataset), self.num_replicas))
+        own = super().__iter__() if self.even else self._uneven_shard()
+        return ((i, self.epoch) for i in own)
 
     def __len__(self) -> int:
-        return super().__len__() if self.even else len(range(self.rank, len(self.dataset), self.num_replicas))
+        return super().__len__() if self.even else len(self._uneven_shard())
+
+    def _uneven_shard(self) -> range:
+        return range(self.rank, len(self.dataset), self.num_replicas)
 
 
 def _mentions(text: str, subjects: set[str]) -> bool:

@@ -66,6 +66,12 @@ def _need(obj: dict, key: str, typ: type | tuple, path: Path, where: int | str) 
     return val
 
 
+def _one_of(val: str, key: str, labels: tuple[str, ...], path: Path, where: int) -> str:
+    if val not in labels:
+        raise DataFormatError(f"{path}:{where}: field '{key}' should be one of {labels}, got {val!r}")
+    return val
+
+
 def _gold(obj: dict, path: Path, where: int) -> str:
     out = _need(obj, "output", list, path, where)
     if not out or not isinstance(out[0], dict) or not isinstance(out[0].get("answer"), str):
@@ -92,9 +98,8 @@ def _read_released_jsonl(path: str | Path, labels: tuple[str, ...] | None = None
         reph = _need(obj, "filtered_rephrases", list, path, ln)
         gold = _gold(obj, path, ln)
         if labels is not None:
-            for key, val in (("prediction", pred), ("output", gold)):
-                if val not in labels:
-                    raise DataFormatError(f"{path}:{ln}: field '{key}' should be one of {labels}, got {val!r}")
+            _one_of(pred, "prediction", labels, path, ln)
+            _one_of(gold, "output", labels, path, ln)
         alts = [a for a in alts if isinstance(a, str) and a and a != pred and (labels is None or a in labels)]
         if not alts:
             skipped["without alternatives"] += 1
@@ -177,13 +182,8 @@ def read_nq(path: str | Path) -> list[LocalityPair]:
 def read_fever_locality(path: str | Path) -> list[LocalityPair]:
     """Claims used as unrelated inputs for a FEVER editor, labelled with their gold verdict."""
     path = Path(path)
-    pairs = []
-    for ln, obj in _iter_json_lines(path):
-        gold = _gold(obj, path, ln)
-        if gold not in FEVER_LABELS:
-            raise DataFormatError(f"{path}:{ln}: field 'output' should be one of {FEVER_LABELS}, got {gold!r}")
-        pairs.append(LocalityPair(_need(obj, "input", str, path, ln), gold))
-    return pairs
+    return [LocalityPair(_need(o, "input", str, path, ln), _one_of(_gold(o, path, ln), "output", FEVER_LABELS, path, ln))
+            for ln, o in _iter_json_lines(path)]
 
 
 def detect_task(path: str | Path) -> str:
