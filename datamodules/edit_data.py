@@ -24,6 +24,7 @@ import random
 import re
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -102,16 +103,54 @@ class EpochSampler(DistributedSampler):
         if not even and self.shuffle:
             raise ValueError("uneven (evaluation) shards are taken in order: shuffle must be False")
         self.even = even
+        self.skip = 0  # leading items of this epoch's shard already consumed (set by ResumableLoader)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        own = super().__iter__() if self.even else self._uneven_shard()
-        return ((i, self.epoch) for i in own)
+        own = super().__iter__() if self.even else iter(self._uneven_shard())
+        return ((i, self.epoch) for i in islice(own, self.skip, None))
 
     def __len__(self) -> int:
         return super().__len__() if self.even else len(self._uneven_shard())
 
     def _uneven_shard(self) -> range:
         return range(self.rank, len(self.dataset), self.num_replicas)
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, resumable mid-epoch: Lightning saves its ``state_dict`` (the epoch and
+    the batches of it already handed out) in every checkpoint and restores it on ``--ckpt_path``,
+    and the restored epoch skips those batches. A killed run then sees, step for step, the data
+    an unbroken run sees, instead of restarting the epoch's order (repeating its first batches
+    and never reaching its last ones). The length stays the whole epoch, as Lightning counts the
+    restored batches as done."""
+
+    sampler: EpochSampler
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0  # batches of the current epoch handed out
+        self._restored: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._epoch()
+
+    def _epoch(self) -> Iterator[Any]:
+        # a generator: this body runs at the first batch, after Lightning has set the sampler's epoch
+        restored, self._restored = self._restored, None
+        skip = restored["batches"] if restored and restored["epoch"] == self.sampler.epoch else 0
+        self.sampler.skip, self._served = skip * self.batch_size, skip
+        try:
+            for batch in super().__iter__():
+                self._served += 1
+                yield batch
+        finally:
+            self.sampler.skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._restored = dict(state)
 
 
 def _mentions(text: str, subjects: set[str]) -> bool:
@@ -250,8 +289,9 @@ class EditDataModule(L.LightningDataModule):
         train = split == "train"
         sampler = EpochSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=hp.seed, drop_last=True,
                                even=train)
-        return DataLoader(ds, batch_size=hp.n_edits * hp.batch_size, sampler=sampler,
-                          drop_last=train, num_workers=hp.num_workers, collate_fn=self.collate)
+        return (ResumableLoader if train else DataLoader)(
+            ds, batch_size=hp.n_edits * hp.batch_size, sampler=sampler, drop_last=train,
+            num_workers=hp.num_workers, collate_fn=self.collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.hparams.shuffle)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 import train
 from editors.mend import CHECKPOINT_KEY, MEND
@@ -105,29 +106,46 @@ def _editor_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)[CHECKPOINT_KEY]["state_dict"]
 
 
-def test_resume_from_last_checkpoint_equals_uninterrupted_run(bases, tmp_path):
-    """A run stopped after 2 steps and resumed with --ckpt_path last ends where an unbroken run ends.
+class KillAfter(Callback):
+    """Dies with an error at the end of training step ``step``, like a killed job (the checkpoint of
+    that step is not written: Lightning runs checkpoint callbacks after the others)."""
 
-    One batch per epoch, so the data of every step is the same whatever the loop's restart point:
-    what is compared is the restored editor, optimizer, learning-rate schedule and normalisation state."""
-    common = ["--data.init_args.shuffle", "false", "--trainer.limit_train_batches", "1",
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError("killed")
+
+
+def test_resume_mid_epoch_equals_uninterrupted_run(bases, tmp_path):
+    """A run killed in the middle of its second epoch and resumed with --ckpt_path last ends where an
+    unbroken run ends: the restored editor, optimizer, learning-rate schedule and normalisation
+    state, and the data (shuffled, 3 steps per epoch), which carries on from the restored step
+    instead of restarting the epoch's order."""
+    ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 0, "dirpath": "CKPT"}}
+    common = ["--data.init_args.shuffle", "true", "--trainer.limit_train_batches", "3",
               "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "true",
-              "--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
-              '"init_args": {"save_last": true, "dirpath": "CKPT"}}]']
-    full = tmp_path / "full"
-    args = mend_args("causal", bases, full, *common, "--trainer.max_steps", "4")
-    train.main([a.replace("CKPT", str(full / "ck")) for a in args])
-    part = tmp_path / "part"  # killed after 2 of its 4 steps: same max_steps (the LR schedule's horizon)
-    args = mend_args("causal", bases, part, *common, "--trainer.max_steps", "4", "--trainer.max_epochs", "2")
-    train.main([a.replace("CKPT", str(part / "ck")) for a in args])
-    assert (part / "ck" / "last.ckpt").exists()
-    first = _editor_state(part / "editor.ckpt")
-    args = mend_args("causal", bases, part, *common, "--trainer.max_steps", "4", "--ckpt_path", "last")
-    train.main([a.replace("CKPT", str(part / "ck")) for a in args])
+              "--trainer.max_steps", "7"]  # the same max_steps: the LR schedule's horizon
+
+    def run(out: Path, *extra: str) -> None:
+        args = mend_args("causal", bases, out, *common, "--trainer.callbacks", json.dumps([ckpt, *extra]))
+        train.main([a.replace("CKPT", str(out / "ck")) for a in args])
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(full)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(part, {"class_path": "test_train.KillAfter", "init_args": {"step": 5}})
+    last = torch.load(part / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4 and last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    args = mend_args("causal", bases, part, *common, "--ckpt_path", str(part / "ck" / "last.ckpt"),
+                     "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false")
+    train.main(args)
     resumed, unbroken = _editor_state(part / "editor.ckpt"), _editor_state(full / "editor.ckpt")
     groups = torch.load(full / "ck" / "last.ckpt", weights_only=False)["optimizer_states"][0]["param_groups"]
     assert [g["lr"] for g in groups] == pytest.approx([0.0, 0.0], abs=1e-12), "cosine decay ends at 0 at max_steps"
-    assert not torch.equal(first["edit_lrs"], resumed["edit_lrs"]), "the resumed run trained further"
+    assert not torch.equal(last["state_dict"]["editor.edit_lrs"], resumed["edit_lrs"]), "the resumed run trained"
     for k in unbroken:
         torch.testing.assert_close(resumed[k], unbroken[k], rtol=1e-5, atol=1e-7, msg=k)
 
