@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ class BaseTaskModule(L.LightningModule):
     def __init__(self, model_name_or_path: str = "tiny-gpt2", family: Family = "causal",
                  tokenizer: str = "runs/world/tokenizer", tiny_config: dict[str, Any] | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 100,
-                 output_dir: str = "runs/base") -> None:
+                 cosine_decay: bool = False, output_dir: str = "runs/base") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
@@ -62,8 +63,19 @@ class BaseTaskModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warm = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        warm, cosine = max(1, self.hparams.warmup_steps), self.hparams.cosine_decay
+        total = self.trainer.estimated_stepping_batches if cosine else 0
+
+        # linear warm-up, then constant or (cosine_decay) down to 0 along a half cosine at the last step:
+        # at a constant rate the last epoch's weights land anywhere in the rate's noise band, and how
+        # close to converged they are depends on the machine's float rounding (tiny GPT-2 at 3e-3 for
+        # 30 epochs: exact match 0.999 on an Intel CPU, 0.90 on an AMD one)
+        def factor(s: int) -> float:
+            if s < warm or not cosine:
+                return min(1.0, (s + 1) / warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @torch.no_grad()

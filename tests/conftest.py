@@ -9,6 +9,14 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def child_env() -> dict[str, str]:
+    """The environment of entry points run as child processes (the DDP tests): this checkout
+    importable, one intra-op thread per process (two processes share the 2 CPU cores)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -200,7 +199,7 @@ def test_single_mode_mend_report_schema(setup_eval, tmp_path):
     assert path.with_suffix(".md").exists() and (tmp_path / "tensorboard" / "single").is_dir()
 
 
-def test_single_mode_data_parallel_equals_one_process(setup_eval, tmp_path):
+def test_single_mode_data_parallel_equals_one_process(setup_eval, tmp_path, child_env):
     """--devices 2 (DDP, gloo) scores every held-out edit once, as one process does: the same report
     figures over an odd number of edits (timings aside)."""
     args = ["--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.ckpt",
@@ -209,7 +208,7 @@ def test_single_mode_data_parallel_equals_one_process(setup_eval, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args), "--devices", "2", "--strategy",
                            "ddp", "--report", str(tmp_path / "two.json"), "--no_progress"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                          env=child_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert one["n_edits"] == two["n_edits"] == 19 and one["n_locality_inputs"] == two["n_locality_inputs"] == 95

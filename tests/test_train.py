@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +77,21 @@ def test_base_training_writes_model_annotated_data_and_is_cached(bases, capsys):
     from transformers import AutoModelForCausalLM  # any Hugging Face loader reads what we saved
 
     AutoModelForCausalLM.from_pretrained(str(bases / "base_causal" / "model"))
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_base_learning_rate_warms_up_then_holds_or_decays_to_zero(small_world, cosine):
+    from types import SimpleNamespace
+
+    from lightning_modules.base_task import BaseTaskModule
+
+    module = BaseTaskModule(tokenizer=str(small_world / "tokenizer"), warmup_steps=10, cosine_decay=cosine,
+                            tiny_config={"n_layer": 1, "n_embd": 8, "n_head": 1})
+    module._trainer = SimpleNamespace(estimated_stepping_batches=110)
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    factors = [f(s) for f in sched.lr_lambdas for s in (0, 9, 10, 60, 110)]
+    expected = [0.1, 1.0, 1.0, 0.5, 0.0] if cosine else [0.1, 1.0, 1.0, 1.0, 1.0]
+    assert factors == pytest.approx(expected, abs=1e-9)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -160,20 +174,19 @@ def test_checkpoint_for_another_base_is_refused(bases, tmp_path):
         MEND.load(out / "editor.ckpt", other)
 
 
-def test_ddp_two_processes_equal_one_process_same_global_batch(bases, tmp_path):
+def test_ddp_two_processes_equal_one_process_same_global_batch(bases, tmp_path, child_env):
     """2 CPU processes (gloo) x 1 problem per step == 1 process x 2 problems per step: the same
     editor after 3 steps, and the same validation metrics at step 2 over an odd number of
     validation edits (each scored once, on whichever process holds it)."""
     common = ["--data.init_args.shuffle", "false", "--trainer.max_steps", "3", "--data.init_args.val_limit", "5",
               "--trainer.accelerator", "cpu", "--seed_everything", "0"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for out, extra in ((single, ["--data.init_args.batch_size", "2", "--trainer.devices", "1"]),
                        (ddp, ["--data.init_args.batch_size", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp"])):
         logger = json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out)}})
         cmd = [sys.executable, str(ROOT / "train.py"), *mend_args("causal", bases, out, *common, *extra),
                "--trainer.logger", logger]
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        res = subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
     a, b = _editor_state(single / "editor.ckpt"), _editor_state(ddp / "editor.ckpt")
     assert a["norms.0.count"].min() > 0, "normalisation statistics were updated"
