@@ -43,7 +43,9 @@ DEFINITIONS: dict[str, str] = {
     "edit_success_token_acc": "teacher-forced token accuracy of the new target on the edit input, mean over edits.",
     "generality": "exact match (as edit_success) on ALL paraphrases of each edit: per edit the mean over its "
                   "paraphrases, then the mean over edits.",
-    "generality_token_acc": "teacher-forced token accuracy on all paraphrases, averaged like generality.",
+    "generality_token_acc": "teacher-forced token accuracy on all paraphrases, averaged like generality. This is "
+                            "what the published MEND tables call edit success: the reference code scores its "
+                            "edit/acc as token accuracy on the edit's paraphrase (edit_outer), not on the edit input.",
     "locality_agreement": "share of real output positions of unrelated inputs where the edited model's top-1 "
                           "token equals the original model's (label agreement for the classifier), mean over inputs.",
     "locality_kl": "KL(original || edited) of the next-token distributions on unrelated inputs, averaged over "
