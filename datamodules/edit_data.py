@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -173,7 +173,8 @@ class EditDataModule(L.LightningDataModule):
                  family: Family = "causal", n_edits: int = 1, batch_size: int = 1, loc_per_edit: int = 1,
                  max_length: int = 64,
                  seed: int = 0, shuffle: bool = True, num_workers: int = 0, val_limit: int | None = None,
-                 decoder_start_id: int | None = None, hard_loc: int = 0, redraw: bool = False,
+                 decoder_start_id: int | None = None, hard_loc: int = 0,
+                 hard_loc_by: Literal["wording", "answer"] = "wording", redraw: bool = False,
                  loc_holdout: float = 0.5) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -255,10 +256,13 @@ class EditDataModule(L.LightningDataModule):
                 "index": [it["index"] for it in items]}
 
     def dataset(self, split: str) -> EditDataset:
-        """A split's items. ``hard_loc`` of each meta-training edit's locality inputs are unrelated
-        inputs worded most like the edit (other subjects asked the same way): the KL term then
-        teaches the editor to be specific to the subject, not the wording. Validation and test keep
-        randomly drawn locality inputs, so their figures stay comparable."""
+        """A split's items. ``hard_loc`` of each meta-training edit's locality inputs are hard
+        negatives, so the KL term teaches the editor to be specific to the subject: with
+        ``hard_loc_by="wording"`` unrelated inputs worded most like the edit (other subjects asked
+        the same way); with ``"answer"`` unrelated inputs whose answer is the edit's *current* one
+        (other subjects with the same fact: "what does B do?" -> dancer, when the edit turns A from
+        dancer into surgeon), the inputs a QA edit that learned "dancer -> surgeon" breaks.
+        Validation and test keep randomly drawn locality inputs, so their figures stay comparable."""
         if split not in self.splits:
             raise ValueError(f"no {split} data: set {split}_path")
         hp = self.hparams
@@ -270,11 +274,20 @@ class EditDataModule(L.LightningDataModule):
         return EditDataset(self.splits[split], loc, hp.loc_per_edit, hp.seed, nb, hp.hard_loc, redraw)
 
     def _neighbours(self, split: EncodedSplit, k: int = 8) -> list[list[int]]:
-        """Per record, the ``k`` meta-training locality inputs sharing the most words with its prompt."""
+        """Per record, its hard-negative meta-training locality inputs (``hard_loc_by``): the ``k``
+        sharing the most words with its prompt, or all whose answer is its current prediction
+        (the wording ones where there are none)."""
         if not hasattr(self, "_nb_cache"):
-            words = [set(re.findall(r"\w+", p.prompt.lower())) for p in self.loc_train_pairs]
+            pool = self.loc_train_pairs
+            words = [set(re.findall(r"\w+", p.prompt.lower())) for p in pool]
+            same_answer: dict[str | None, list[int]] = {}
+            for j, p in enumerate(pool):
+                same_answer.setdefault(p.answer, []).append(j)
             self._nb_cache = []
             for r in split.records:
+                if self.hparams.hard_loc_by == "answer" and r.prediction in same_answer:
+                    self._nb_cache.append(same_answer[r.prediction])
+                    continue
                 w = set(re.findall(r"\w+", r.prompt.lower()))
                 score = [len(w & lw) / max(1, len(w | lw)) for lw in words]
                 self._nb_cache.append(sorted(range(len(words)), key=lambda j: -score[j])[:k])

@@ -354,6 +354,30 @@ def test_hard_locality_inputs_are_worded_like_the_edit_and_only_in_training(smal
     assert val.n_hard == 0
 
 
+@pytest.mark.parametrize("redraw", [False, True])
+def test_hard_locality_inputs_by_answer_share_the_edits_current_answer(small_world, redraw):
+    """hard_loc_by="answer": the hard locality inputs of a training edit are other subjects' questions
+    whose answer is the edit's current prediction (the facts an "old answer -> new answer" edit
+    breaks), in every epoch; records without such an input fall back to the wording neighbours."""
+    dm = ZsreDataModule(**_world_paths(small_world, "zsre"), loc_per_edit=3, hard_loc=2, hard_loc_by="answer",
+                        redraw=redraw)
+    dm.setup("fit")
+    train = dm.dataset("train")
+    pool = {id(f): p for f, p in zip(dm.loc_train_encoded, dm.loc_train_pairs)}
+    answers = {p.answer for p in dm.loc_train_pairs}
+    checked = 0
+    for i in range(0, len(train), 5):
+        rec = train.split.records[train.split.items[i][0]]
+        if rec.prediction not in answers:
+            continue
+        for epoch in (0, 1):
+            hard = train[(i, epoch) if redraw else i]["loc"][1:]
+            assert [pool[id(f)].answer for f in hard] == [rec.prediction] * 2
+            assert all(rec.subject not in pool[id(f)].prompt for f in hard)
+        checked += 1
+    assert checked > 10
+
+
 def test_redraw_gives_each_training_edit_a_fresh_target_wording_and_locality_set_per_epoch(small_world):
     """redraw: item ``(i, epoch)`` is a deterministic draw (any process, any number of processes) of
     one of the record's alternatives as target, two distinct wordings of the record as edit input and
