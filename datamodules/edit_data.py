@@ -106,7 +106,7 @@ class EpochSampler(DistributedSampler):
         self.skip = 0  # leading items of this epoch's shard already consumed (set by ResumableLoader)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        own = super().__iter__() if self.even else iter(self._uneven_shard())
+        own = super().__iter__() if self.even else self._uneven_shard()
         return ((i, self.epoch) for i in islice(own, self.skip, None))
 
     def __len__(self) -> int:
@@ -139,12 +139,9 @@ class ResumableLoader(DataLoader):
         restored, self._restored = self._restored, None
         skip = restored["batches"] if restored and restored["epoch"] == self.sampler.epoch else 0
         self.sampler.skip, self._served = skip * self.batch_size, skip
-        try:
-            for batch in super().__iter__():
-                self._served += 1
-                yield batch
-        finally:
-            self.sampler.skip = 0
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.sampler.epoch, "batches": self._served}

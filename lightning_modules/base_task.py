@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from datamodules.encoding import Family, collate, encode, load_tokenizer
 from datamodules.world import RELATIONS, read_jsonl_plain, write_jsonl
 from editors.losses import forward_logits, nll, scores
 from lightning_modules.models import build_tiny, decoder_start_id, load_model
+from lightning_modules.schedules import warmup_cosine
 
 
 class BaseTaskModule(L.LightningModule):
@@ -63,18 +64,12 @@ class BaseTaskModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warm, cosine = max(1, self.hparams.warmup_steps), self.hparams.cosine_decay
-        total = self.trainer.estimated_stepping_batches if cosine else 0
-
         # linear warm-up, then constant or (cosine_decay) down to 0 along a half cosine at the last step:
         # at a constant rate the last epoch's weights land anywhere in the rate's noise band, and how
         # close to converged they are depends on the machine's float rounding (tiny GPT-2 at 3e-3 for
         # 30 epochs: exact match 0.999 on an Intel CPU, 0.90 on an AMD one)
-        def factor(s: int) -> float:
-            if s < warm or not cosine:
-                return min(1.0, (s + 1) / warm)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
-
+        total = self.trainer.estimated_stepping_batches if self.hparams.cosine_decay else None
+        factor = partial(warmup_cosine, warmup=max(1, self.hparams.warmup_steps), total=total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

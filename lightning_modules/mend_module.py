@@ -19,7 +19,7 @@ unedited minus edited) and ``val/loss``. All are torchmetrics means, exact under
 """
 from __future__ import annotations
 
-import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from editors.layers import check_fingerprint, fingerprint, low_rank_edit
 from editors.losses import forward_logits, model_inputs, kl_pre_post, nll, scores, top1_agreement
 from editors.mend import CHECKPOINT_KEY, MEND
 from lightning_modules.models import load_model
+from lightning_modules.schedules import warmup_cosine
 
 VAL_METRICS = ("edit_success", "edit_success_token_acc", "generality", "generality_token_acc",
                "loc_agreement", "loc_kl", "drawdown", "loss")
@@ -136,7 +137,7 @@ class MENDModule(L.LightningModule):
             return opt
         # both rates to 0 along a half cosine over max_steps: at a constant rate the step sizes keep
         # swinging and a validation catches the editor anywhere between eager and timid
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, total=total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- checkpoints: editor only, fingerprinted
