@@ -50,12 +50,13 @@ class MENDModule(L.LightningModule):
                  edit_params: list[str] | None = None, rank: int = 1920, n_hidden: int = 2,
                  init_edit_lr: float = 1e-4, lr: float = 1e-6, edit_lr_lr: float = 1e-4,
                  c_edit: float = 0.1, c_loc: float = 1.0, cosine_decay: bool = False,
-                 output_dir: str = "runs/default") -> None:
+                 precondition_ridge: float | None = None, output_dir: str = "runs/default") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = load_model(base_model, family).eval()
         self.model.requires_grad_(False)
-        self.editor = MEND.for_model(self.model, edit_params, rank=rank, n_hidden=n_hidden, init_edit_lr=init_edit_lr)
+        self.editor = MEND.for_model(self.model, edit_params, rank=rank, n_hidden=n_hidden, init_edit_lr=init_edit_lr,
+                                    precondition_ridge=precondition_ridge)
         self.val = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS})
         self.decoder_start_id = getattr(self.model.config, "decoder_start_token_id", None)
 

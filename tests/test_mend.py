@@ -96,6 +96,27 @@ def test_running_norm_matches_batch_statistics_and_ignores_padding():
         torch.testing.assert_close((norm.m2[l] / (norm.count[l] - 1)), rows.var(0))
 
 
+def test_input_preconditioner_is_ridge_inverse_of_input_correlation_and_identity_before_statistics():
+    from editors.mend import InputPreconditioner
+
+    torch.manual_seed(0)
+    pre = InputPreconditioner(2, 3, ridge=0.5)
+    u = torch.randn(2, 4, 3)
+    assert torch.equal(pre(u), u), "no statistics yet: K is the identity"
+    x = torch.randn(2, 12, 3) @ torch.randn(3, 3) * torch.tensor([1.0, 5.0, 0.2]) + 3  # correlated, offset
+    mask = torch.rand(2, 12) > 0.3
+    pre.update(x[:, :5], mask[:, :5])
+    pre.update(x[:, 5:], mask[:, 5:])
+    for l in range(2):
+        rows = x[l][mask[l]].double()
+        corr = torch.corrcoef(rows.T)
+        torch.testing.assert_close(pre.matrix()[l], 1.5 * torch.linalg.inv(corr + 0.5 * torch.eye(3, dtype=corr.dtype)))
+        torch.testing.assert_close(pre(u)[l], u[l] @ pre.matrix()[l].float())
+    fresh = InputPreconditioner(2, 3, ridge=0.5)
+    fresh.load_state_dict(pre.state_dict())  # the cached K of a loaded preconditioner is its own
+    torch.testing.assert_close(fresh.matrix(), pre.matrix())
+
+
 def test_checkpoint_roundtrip_and_refuses_other_base(tiny_models, tokenizer, tmp_path):
     model = tiny_models["causal"]
     editor = MEND.for_model(model, rank=8)

@@ -179,7 +179,7 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(bases, tmp_path, 
     editor after 3 steps, and the same validation metrics at step 2 over an odd number of
     validation edits (each scored once, on whichever process holds it)."""
     common = ["--data.init_args.shuffle", "false", "--trainer.max_steps", "3", "--data.init_args.val_limit", "5",
-              "--trainer.accelerator", "cpu", "--seed_everything", "0"]
+              "--trainer.accelerator", "cpu", "--seed_everything", "0", "--model.init_args.precondition_ridge", "1.0"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     for out, extra in ((single, ["--data.init_args.batch_size", "2", "--trainer.devices", "1"]),
                        (ddp, ["--data.init_args.batch_size", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp"])):
@@ -189,9 +189,9 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(bases, tmp_path, 
         res = subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
     a, b = _editor_state(single / "editor.ckpt"), _editor_state(ddp / "editor.ckpt")
-    assert a["norms.0.count"].min() > 0, "normalisation statistics were updated"
+    assert a["norms.0.count"].min() > 0 and a["preconds.0.count"].min() > 0, "input statistics were updated"
     assert a["nets.0.U"].abs().max() > 0, "the networks trained (the comparison is not of untouched zeros)"
-    for k in a:  # editor networks, step sizes and the normalisation statistics alike
+    for k in a:  # editor networks, step sizes, normalisation and preconditioner statistics alike
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     va, vb = _val_metrics(single), _val_metrics(ddp)
     assert va and set(va) == set(vb) and "val/edit_success" in va
