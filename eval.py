@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="edit sample, locality draws (default: the config's seed_everything or 0)")
     p.add_argument("--folds", type=int, default=1, help="sequential: split the edits into this many streams")
     p.add_argument("--edit_only_when_wrong", action="store_true", help="sequential: apply an edit only if the current model gets it wrong")
-    p.add_argument("--loc_per_edit", type=int, default=5, help="locality inputs scored per edit (single, batch)")
+    p.add_argument("--loc_per_edit", type=int, default=20,
+                   help="locality inputs scored per edit (single, batch): 2,000 checks for 100 edits, so one broken answer is 0.0005")
     p.add_argument("--n_test_probe", type=int, default=100, help="sequential: held-out locality inputs for TestR and drift")
     p.add_argument("--n_train_probe", type=int, default=100, help="sequential: held-in training inputs for TrainR")
     g = p.add_argument_group("fine-tuning baselines")
