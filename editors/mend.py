@@ -42,6 +42,12 @@ from editors.losses import forward_logits, nll
 CHECKPOINT_KEY = "hypedit_editor"
 
 
+def _sum_over_processes(t: Tensor) -> None:
+    """Sum ``t`` in place over all data-parallel processes (nothing to do in one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+
+
 class RunningNorm(nn.Module):
     """Per-layer running mean/std of ``M`` layers' ``D``-dim inputs (Chan's parallel update).
 
@@ -61,8 +67,7 @@ class RunningNorm(nn.Module):
         m = mask.to(torch.float64).unsqueeze(-1)
         xd = x.detach().to(torch.float64)
         stats = torch.cat([m.sum(1), (xd * m).sum(1), (xd * xd * m).sum(1)], dim=-1)  # [M, 1 + 2D]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stats)
+        _sum_over_processes(stats)
         D = x.shape[-1]
         n_b, s, ss = stats[:, :1], stats[:, 1:1 + D], stats[:, 1 + D:]
         mean_b = s / n_b.clamp_min(1)
@@ -114,8 +119,7 @@ class InputPreconditioner(nn.Module):
         xd = x.detach().to(torch.float64) * m.unsqueeze(-1)
         M, D = self.mean.shape
         stats = torch.cat([m.sum(1, keepdim=True), xd.sum(1), (xd.transpose(1, 2) @ xd).flatten(1)], 1)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stats)
+        _sum_over_processes(stats)
         n = self.count + stats[:, 0]
         keep, add = (self.count / n.clamp_min(1)).unsqueeze(-1), (1 / n.clamp_min(1)).unsqueeze(-1)
         self.mean.copy_(self.mean * keep + stats[:, 1:1 + D] * add)
@@ -242,8 +246,8 @@ class MEND(nn.Module):
         """Per layer ``(u~ [P, n, d_in], delta~ [P, n, d_out])``: the tokens' pieces through ``g``, split
         into ``P = n_problems`` consecutive groups; padding tokens come out as zero rows."""
         out: dict[str, tuple[Tensor, Tensor]] = {}
-        for g, (((d_in, d_out), ix), net, norm) in enumerate(zip(self.groups, self.nets, self.norms)):
-            pre = self.preconds[g] if self.preconds is not None else None
+        pres = self.preconds if self.preconds is not None else [None] * len(self.groups)
+        for ((d_in, d_out), ix), net, norm, pre in zip(self.groups, self.nets, self.norms, pres):
             per = [torch.cat(pieces[self.layers[i].name], -1).view(n_problems, -1, d_in + d_out) for i in ix]
             n = max(p.shape[1] for p in per)  # layers of one shape may see different token counts
             # (encoder vs decoder): pad with zero rows, which the mask leaves out like padding tokens
@@ -255,11 +259,12 @@ class MEND(nn.Module):
                 if pre is not None:
                     pre.update(x[..., :d_in], mask)
             y = net(norm(x)) * mask.unsqueeze(-1).to(x.dtype)
+            u, d = y[..., :d_in], y[..., d_in:]
             if pre is not None:
-                y = torch.cat([pre(y[..., :d_in]), y[..., d_in:]], -1)
-            y = y.view(len(ix), n_problems, n, d_in + d_out)
+                u = pre(u)
+            u, d = u.view(len(ix), n_problems, n, d_in), d.view(len(ix), n_problems, n, d_out)
             for k, i in enumerate(ix):
-                out[self.layers[i].name] = (y[k, ..., :d_in], y[k, ..., d_in:])
+                out[self.layers[i].name] = (u[k], d[k])
         return out
 
     def transform(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int = 1) -> dict[str, Tensor]:
