@@ -141,8 +141,11 @@ class InputPreconditioner(nn.Module):
         return self.K
 
     def forward(self, u: Tensor) -> Tensor:
-        """``u [M, N, D]`` -> ``u K`` (``K`` is symmetric), layer ``m`` with its own ``K``."""
-        return u @ self.matrix().to(u.dtype)
+        """``u [M, N, D]`` -> ``u K`` (``K`` is symmetric), layer ``m`` with its own ``K``. Outside
+        meta-training the statistics are frozen, so ``K`` is the stored one: no recompute check (which
+        reads a tensor on the host: a device sync per edit on GPU)."""
+        K = self.matrix() if self.training else self.K
+        return u @ K.to(u.dtype)
 
 
 class LowRankResidualNet(nn.Module):

@@ -118,6 +118,11 @@ def test_input_preconditioner_is_ridge_inverse_of_input_correlation_and_identity
     fresh = InputPreconditioner(2, 3, ridge=0.5)
     fresh.load_state_dict(pre.state_dict())  # a loaded (or resumed) one uses the K last computed, not a new one
     assert torch.equal(fresh.matrix(), K)
+    pre.update(x, mask)  # inputs seen doubled: meta-training would recompute K ...
+    pre.eval()  # ... but an editor in use (eval mode) keeps the stored one
+    assert torch.equal(pre(u), u @ K.float())
+    pre.train()
+    assert not torch.equal(pre(u), u @ K.float())
 
 
 def test_checkpoint_roundtrip_and_refuses_other_base(tiny_models, tokenizer, tmp_path):
