@@ -192,6 +192,7 @@ def detect_task(path: str | Path) -> str:
     if path.suffix == ".json":
         return "zsre"
     for ln, obj in _iter_json_lines(path):
-        pred = obj.get("prediction")
-        return "fever" if pred in FEVER_LABELS else "zsre"
+        out = obj.get("output")  # locality claims carry only their gold verdict, edit rows a prediction too
+        gold = out[0].get("answer") if isinstance(out, list) and out and isinstance(out[0], dict) else None
+        return "fever" if obj.get("prediction", gold) in FEVER_LABELS else "zsre"
     raise DataFormatError(f"{path}: empty file")

@@ -6,7 +6,8 @@ writes the same files the real loaders read:
 
 - ``zsre-{train,val,test}.jsonl``: KnowledgeEditor/MEND zsRE rows (question -> answer);
 - ``fever-{train,val,test}.jsonl``: KnowledgeEditor/MEND FEVER rows (claim -> SUPPORTS/REFUTES);
-- ``nq-loc.jsonl`` and ``fever-loc.jsonl``: unrelated locality inputs;
+- ``nq-loc.jsonl`` and ``fever-loc.jsonl``: unrelated locality inputs (every wording of the
+  locality-only subjects' facts: questions, and true and false claims);
 - ``base-qa.jsonl`` / ``base-claims.jsonl``: the corpus the base models are trained on.
 
 Splits are by subject: meta-training (``train``), validation (``val``), held-out evaluation
@@ -80,6 +81,7 @@ _ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", 
 _NUCLEI = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 _CODAS = ["", "n", "r", "l", "s", "th", "m", "k"]
 SPLITS = ("train", "val", "test", "loc")
+WORLD_FORMAT = 2  # bumped whenever the generator's output changes, so a stale world is rewritten
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,10 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> Pat
     """Write a world's files into ``out_dir`` (idempotent for a given config) and return the dir."""
     out = Path(out_dir)
     stamp = out / "world.json"
-    meta = {"config": {**cfg.__dict__, "split_fractions": list(cfg.split_fractions)}, "relations": list(RELATIONS)}
-    if stamp.exists() and json.loads(stamp.read_text()).get("config") == meta["config"]:
+    meta = {"config": {**cfg.__dict__, "split_fractions": list(cfg.split_fractions)}, "relations": list(RELATIONS),
+            "format": WORLD_FORMAT}
+    old = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if old.get("config") == meta["config"] and old.get("format") == WORLD_FORMAT:
         return out
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
@@ -192,7 +196,11 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> Pat
     # Locality files: facts of subjects that are never edited (NQ-style pairs, FEVER-style claims).
     loc_q = [r for r in base_qa if r["split"] == "loc"]
     write_jsonl(out / "nq-loc.jsonl", [{"questions": [r["question"]], "answers": [r["answer"]]} for r in loc_q])
-    write_jsonl(out / "fever-loc.jsonl", rows["fever"]["loc"])
+    # Every wording of every locality subject's facts, as nq-loc has: one claim per fact (100 distinct
+    # claims held out for scoring) left drawdown resting on a few claims drawn again and again.
+    write_jsonl(out / "fever-loc.jsonl", [{"input": r["claim"], "output": [{"answer": r["label"]}],
+                                           "subject": r["subject"], "relation": r["relation"]}
+                                          for r in base_claims if r["split"] == "loc"])
     write_jsonl(out / "base-qa.jsonl", base_qa)
     write_jsonl(out / "base-claims.jsonl", base_claims)
     stamp.write_text(json.dumps(meta, indent=1))

@@ -6,7 +6,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.encoding import build_word_tokenizer
-from datamodules.world import WorldConfig, generate_world, world_texts
+from datamodules.world import WORLD_FORMAT, WorldConfig, generate_world, world_texts
 
 
 def ensure_world(world_dir: str | Path, cfg: WorldConfig) -> Path:
@@ -51,6 +51,8 @@ class HypeditCLI(LightningCLI):
             keep = {k: v for k, v in self.config.as_dict().items() if k not in ("ckpt_path", "trainer")}
             keep["trainer"] = {k: v for k, v in self.config.as_dict()["trainer"].items()
                                if k in ("max_epochs", "max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")}
+            if keep.get("world_dir"):  # the generator's output shapes the data the result is exported with
+                keep["world_format"] = WORLD_FORMAT
             model.cache_key = keep
         if getattr(model, "is_cached", lambda: False)():
             print(f"[hypedit] reusing cached result in {model.hparams.output_dir}")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from datamodules.edit_data import FeverDataModule, ZsreDataModule
-from datamodules.formats import (DataFormatError, read_fever_jsonl, read_fever_locality, read_nq,
+from datamodules.formats import (DataFormatError, detect_task, read_fever_jsonl, read_fever_locality, read_nq,
                                  read_zsre_jsonl, read_zsre_toolkit)
 from datamodules.world import RELATIONS, SPLITS, WorldConfig, generate_world, read_jsonl_plain, template_groups
 
@@ -724,3 +724,10 @@ def test_ddp_evaluation_shards_score_every_edit_once(small_world):
         dm.trainer = None
         assert sorted(shards[0] + shards[1]) == list(range(n)), split
         assert [i for b in loader() for i in b["index"]] == list(range(n))
+
+
+def test_detect_task_reads_edit_and_locality_files(small_world):
+    """Locality claims carry only their gold verdict (no ``prediction``): still FEVER data."""
+    for name, task in [("zsre-train.jsonl", "zsre"), ("nq-loc.jsonl", "zsre"), ("fever-train.jsonl", "fever"),
+                       ("fever-loc.jsonl", "fever")]:
+        assert detect_task(small_world / name) == task, name
