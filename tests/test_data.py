@@ -731,3 +731,14 @@ def test_detect_task_reads_edit_and_locality_files(small_world):
     for name, task in [("zsre-train.jsonl", "zsre"), ("nq-loc.jsonl", "zsre"), ("fever-train.jsonl", "fever"),
                        ("fever-loc.jsonl", "fever")]:
         assert detect_task(small_world / name) == task, name
+
+
+def test_fever_locality_holds_every_wording_true_and_false(small_world):
+    """Like nq-loc's questions: each locality fact under every claim template, once true, once false."""
+    rows = read_fever_locality(small_world / "fever-loc.jsonl")
+    facts = [(r["subject"], r["relation"]) for r in read_jsonl_plain(small_world / "fever-loc.jsonl")]
+    n_templates = {r: len(cts) for r, (_, _, cts) in RELATIONS.items()}
+    assert len(rows) == sum(2 * n_templates[rel] for _, rel in set(facts))
+    assert len({p.prompt for p in rows}) == len(rows)
+    assert {p.answer for p in rows} == {"SUPPORTS", "REFUTES"}
+    assert sum(p.answer == "SUPPORTS" for p in rows) == len(rows) // 2
