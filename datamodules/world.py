@@ -197,7 +197,8 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> Pat
     loc_q = [r for r in base_qa if r["split"] == "loc"]
     write_jsonl(out / "nq-loc.jsonl", [{"questions": [r["question"]], "answers": [r["answer"]]} for r in loc_q])
     # Every wording of every locality subject's facts, as nq-loc has: one claim per fact (100 distinct
-    # claims held out for scoring) left drawdown resting on a few claims drawn again and again.
+    # claims held out for scoring) left drawdown resting on a few claims drawn again and again. (The
+    # per-fact "loc" rows above are still drawn, so the other files' random draws stay as they were.)
     write_jsonl(out / "fever-loc.jsonl", [{"input": r["claim"], "output": [{"answer": r["label"]}],
                                            "subject": r["subject"], "relation": r["relation"]}
                                           for r in base_claims if r["split"] == "loc"])
