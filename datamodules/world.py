@@ -125,8 +125,7 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> Pat
     stamp = out / "world.json"
     meta = {"config": {**cfg.__dict__, "split_fractions": list(cfg.split_fractions)}, "relations": list(RELATIONS),
             "format": WORLD_FORMAT}
-    old = json.loads(stamp.read_text()) if stamp.exists() else {}
-    if old.get("config") == meta["config"] and old.get("format") == WORLD_FORMAT:
+    if stamp.exists() and json.loads(stamp.read_text()) == meta:  # same config, relations and format
         return out
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
