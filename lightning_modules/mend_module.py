@@ -160,7 +160,8 @@ class MENDModule(L.LightningModule):
             return {}
         out = Path(self.hparams.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        cb = trainer.checkpoint_callback
+        # the callback that keeps the best validation's state (a second one may keep the latest)
+        cb = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
         best = getattr(cb, "best_model_path", "") if cb is not None else ""
         if best:
             blob = torch.load(best, map_location="cpu", weights_only=False)[CHECKPOINT_KEY]
