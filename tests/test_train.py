@@ -35,7 +35,8 @@ def base_args(family: str, tmp: Path) -> list[str]:
             "--model.init_args.tokenizer", f"{w}/tokenizer", "--model.init_args.tiny_config", size,
             "--model.init_args.output_dir", str(tmp / f"base_{family}"), "--data.init_args.world_dir", w,
             "--data.init_args.tokenizer", f"{w}/tokenizer", "--trainer.max_epochs", "1",
-            "--trainer.default_root_dir", str(tmp / f"base_{family}"), *QUIET]
+            "--trainer.default_root_dir", str(tmp / f"base_{family}"), "--trainer.callbacks", "[]",
+            "--trainer.enable_checkpointing", "false", *QUIET]
 
 
 def mend_args(family: str, tmp: Path, out: Path, *extra: str) -> list[str]:
@@ -163,6 +164,49 @@ def test_resume_mid_epoch_equals_uninterrupted_run(bases, tmp_path):
     assert not torch.equal(last["state_dict"]["editor.edit_lrs"], resumed["edit_lrs"]), "the resumed run trained"
     for k in unbroken:
         torch.testing.assert_close(resumed[k], unbroken[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+class KillInEpoch(Callback):
+    """Dies with an error at the first training step of epoch ``epoch``, like a killed job."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+class CountBatches(Callback):
+    """Counts the training batches a run takes (class-level: the CLI builds the instance)."""
+
+    seen = 0
+
+    def on_train_batch_end(self, *args) -> None:
+        CountBatches.seen += 1
+
+
+def test_base_training_resumes_from_the_last_finished_epoch(tmp_path):
+    """A base-model run killed in its third epoch, with the base config's own checkpoint callback,
+    resumes with --ckpt_path last from the end of its second epoch and trains only the third."""
+    cbs = yaml.safe_load(open(ROOT / "configs" / "base_zsre_gpt2_tiny.yaml"))["trainer"]["callbacks"]
+    for c in cbs:
+        c["init_args"]["dirpath"] = str(tmp_path / "ck")
+    args = base_args("causal", tmp_path) + ["--trainer.max_epochs", "3", "--trainer.enable_checkpointing", "true"]
+    kill = {"class_path": "test_train.KillInEpoch", "init_args": {"epoch": 2}}
+    with pytest.raises(RuntimeError, match="killed"):
+        train.main(args + ["--trainer.callbacks", json.dumps([*cbs, kill])])
+    last = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    per_epoch = last["global_step"] // 2
+    assert last["epoch"] == 1 and per_epoch > 0, "the end of the second epoch was saved"
+    assert not (tmp_path / "base_causal" / "model" / "config.json").exists(), "the killed run exported nothing"
+    CountBatches.seen = 0
+    summary = train.main(args + ["--ckpt_path", "last", "--trainer.callbacks",
+                                 json.dumps([*cbs, {"class_path": "test_train.CountBatches"}])])
+    assert CountBatches.seen == per_epoch, "the resumed run trained the third epoch only"
+    final = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 3 * per_epoch and final["epoch"] == 2
+    assert 0.0 <= summary["exact_match_on_training_questions"] <= 1.0
 
 
 def test_checkpoint_for_another_base_is_refused(bases, tmp_path):
