@@ -5,6 +5,7 @@ fine-tuning baselines, and a report (JSON, Markdown, PNG plots, TensorBoard).
     python eval.py --config ... --ckpt_path ... --mode batch                 # K = 1, 5, 25, 125 (capped)
     python eval.py --config ... --ckpt_path ... --mode sequential --folds 2 --edit_only_when_wrong
     python eval.py --config ... --editor ft_kl --mode single                  # baselines need no checkpoint
+    python eval.py --config ... --ckpt_path ... --editor mend mend_until_right   # MEND under FT's stopping rule
     python eval.py --config ... --ckpt_path ... --mode all --report runs/default/report.json
     python eval.py --config ... --ckpt_path ... --mode single --devices 2 --strategy ddp --accelerator cpu
 
@@ -32,13 +33,14 @@ from datamodules.formats import DataFormatError, detect_task
 from editors.ft import FineTune
 from editors.layers import fingerprint, select_layers
 from editors.mend import MEND
+from editors.until_right import DEFAULT_SCALES, UntilRight
 from lightning_modules.evaluation import (DEFINITIONS, EditData, EditEvalModule, LocalitySampler, peak_memory,
                                           reset_peak_memory, run_batch, run_sequential, subset_split)
 from lightning_modules.models import load_model
 from lightning_modules.report import table, write_report
 
 MODES = ("single", "batch", "sequential")
-EDITORS = ("mend", "ft", "ft_kl")
+EDITORS = ("mend", "mend_until_right", "ft", "ft_kl")
 BATCH_SIZES = (1, 5, 25, 125)  # the published MEND batch-editing table
 
 
@@ -63,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="locality inputs scored per edit (single, batch): 2,000 checks for 100 edits, so one broken answer is 0.0005")
     p.add_argument("--n_test_probe", type=int, default=100, help="sequential: held-out locality inputs for TestR and drift")
     p.add_argument("--n_train_probe", type=int, default=100, help="sequential: held-in training inputs for TrainR")
+    p.add_argument("--until_right_scales", type=float, nargs="+", default=list(DEFAULT_SCALES),
+                   help="mend_until_right: scales of MEND's step tried in increasing order; the first that makes "
+                        "the edit input right is kept (FT's stopping rule)")
     g = p.add_argument_group("fine-tuning baselines")
     g.add_argument("--ft_lr", type=float, default=1e-3)
     g.add_argument("--ft_steps", type=int, default=25, help="most optimiser steps per edit (stops earlier once right)")
@@ -147,10 +152,12 @@ def load_base(cfg: dict) -> tuple[torch.nn.Module, str, str]:
     return model.eval().requires_grad_(False), path, family
 
 
-def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: argparse.Namespace) -> MEND | FineTune:
+def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: argparse.Namespace) -> MEND | UntilRight | FineTune:
+    if name == "mend_until_right":
+        return UntilRight(build_editor("mend", model, cfg, args), args.until_right_scales)
     if name == "mend":
         if not args.ckpt_path:
-            raise EvalError("the mend editor needs --ckpt_path (a trained editor); ft and ft_kl need none")
+            raise EvalError("mend and mend_until_right need --ckpt_path (a trained editor); ft and ft_kl need none")
         if not Path(args.ckpt_path).exists():
             raise EvalError(f"editor checkpoint {args.ckpt_path} does not exist (train one with "
                             f"`python train.py --config {args.config}`)")
@@ -172,11 +179,11 @@ def batch_sizes(requested: int | None, n: int) -> dict[int, list[int]]:
     return out
 
 
-def _weights_hash(model: torch.nn.Module, editor: MEND | FineTune) -> str:
+def _weights_hash(model: torch.nn.Module, editor: MEND | UntilRight | FineTune) -> str:
     return fingerprint(model, editor.layers)["edited_weights_sha256"]
 
 
-def run_single(editor: MEND | FineTune, model: torch.nn.Module, dm: EditDataModule, family: str,
+def run_single(editor: MEND | UntilRight | FineTune, model: torch.nn.Module, dm: EditDataModule, family: str,
                args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     """Single mode through Lightning (data-parallel with --devices N); returns (results, is_global_zero)."""
     module = EditEvalModule(model, editor, family, args.chunk, args.ft_kl_inputs, args.seed, args.n_train_probe)
@@ -187,7 +194,7 @@ def run_single(editor: MEND | FineTune, model: torch.nn.Module, dm: EditDataModu
     return module.results, trainer.is_global_zero
 
 
-def evaluate_editor(editor: MEND | FineTune, model: torch.nn.Module, dm: EditDataModule, family: str,
+def evaluate_editor(editor: MEND | UntilRight | FineTune, model: torch.nn.Module, dm: EditDataModule, family: str,
                     modes: list[str], args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]] | None:
     """One result dict per (mode, K) for one editor; None on non-zero data-parallel processes."""
     ids = list(range(len(dm.splits["test"].records)))
@@ -245,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     model, base_path, family = load_base(cfg)
     dm = build_data(cfg, args, family)
     modes = list(MODES) if args.mode == "all" else [args.mode]
-    names = args.editor or ((["mend"] if args.ckpt_path else []) + ["ft", "ft_kl"] if args.mode == "all"
+    names = args.editor or ((["mend", "mend_until_right"] if args.ckpt_path else []) + ["ft", "ft_kl"] if args.mode == "all"
                             else ["mend" if args.ckpt_path else "ft"])
     editors = {n: build_editor(n, model, cfg, args) for n in names}
     n_train = len(dm.splits["train"].records) if "train" in dm.splits else 0

@@ -17,6 +17,7 @@ from editors.ft import FineTune
 from editors.layers import select_layers
 from editors.losses import forward_logits, scores
 from editors.mend import MEND, EditedModel, merge_deltas_
+from editors.until_right import UntilRight
 from lightning_modules.evaluation import (DEFINITIONS, EditMetrics, drawdown, flip_counts, retention, select_rows,
                                           stream_checkpoints)
 from lightning_modules.models import build_tiny
@@ -130,6 +131,44 @@ def test_ft_kl_uses_its_locality_inputs(tiny_models, tokenizer):
     assert any(not torch.allclose(ft[k], with_loc[k]) for k in ft)
 
 
+class _Fixed:
+    """A one-step editor that always proposes the same weight changes."""
+
+    def __init__(self, layers, deltas) -> None:
+        self.layers, self.full = layers, deltas
+
+    def deltas(self, model, batch, family):
+        return self.full
+
+
+@pytest.mark.parametrize("family", ["causal", "classifier"])
+def test_until_right_keeps_the_smallest_scale_that_makes_the_edit_right(tiny_models, tokenizer, family):
+    model = tiny_models[family]
+    target = "Arvenna"
+    if family == "classifier":  # the verdict the model does not give yet
+        probe = collate(encode(tokenizer, family, ["Where was Foo born?"], ["SUPPORTS"]), tokenizer.pad_token_id, family)
+        target = "REFUTES" if forward_logits(model, probe, family).item() > 0 else "SUPPORTS"
+    batch = collate(encode(tokenizer, family, ["Where was Foo born?"], [target]), tokenizer.pad_token_id, family)
+    full = FineTune.for_model(model, lr=1e-2, max_steps=50).deltas(model, batch, family)  # right at scale 1
+
+    def right(s: float) -> bool:
+        edited = EditedModel(model, {k: s * d for k, d in full.items()})
+        return bool(scores(forward_logits(edited, batch, family), batch["labels"], family)[0].all())
+
+    assert not right(0.0) and right(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = UntilRight(_Fixed(select_layers(model), full), scales=(4.0, 1.0, 0.5, 1e-3))
+    got = editor.deltas(model, batch, family)
+    assert editor.last_scale == next(s for s in (1e-3, 0.5, 1.0) if right(s)), "the first right scale, in increasing order"
+    assert all(torch.equal(got[k], editor.last_scale * full[k]) for k in full)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the base model is untouched"
+    none_right = UntilRight(_Fixed(select_layers(model), full), scales=(1e-6, 2e-6))
+    none_right.deltas(model, batch, family)
+    assert none_right.last_scale == 2e-6, "no scale is right: the largest is kept"
+    with pytest.raises(ValueError, match="positive"):
+        UntilRight(_Fixed([], {}), scales=(0.5, 0.0))
+
+
 # ---------------------------------------------------------------- end to end on a very small world
 def _write_config(path: Path, base: Path, world: Path, task: str, family: str, test_file: str | None = None) -> Path:
     loc = "nq-loc.jsonl" if task == "zsre" else "fever-loc.jsonl"
@@ -197,6 +236,16 @@ def test_single_mode_mend_report_schema(setup_eval, tmp_path):
                                                    "edits_per_step")]
     assert all(k in rep["definitions"] for k in metrics)
     assert path.with_suffix(".md").exists() and (tmp_path / "tensorboard" / "single").is_dir()
+
+
+def test_mend_until_right_runs_beside_mend_on_the_same_checkpoint(setup_eval):
+    rep = _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.ckpt",
+               "--mode", "single", "--editor", "mend", "mend_until_right")
+    mend, under_rule = rep["entries"]
+    assert under_rule["editor"] == "mend_until_right" and under_rule["n_edits"] == mend["n_edits"] == 20
+    assert under_rule["editor_config"]["scales"] == [0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
+    assert under_rule["editor_config"]["editor"] == mend["editor_config"], "it wraps the same MEND"
+    assert under_rule["base_model_unchanged"] is True
 
 
 def test_single_mode_data_parallel_equals_one_process(setup_eval, tmp_path, child_env):
@@ -274,7 +323,7 @@ def test_refuses_checkpoint_of_another_base_model(setup_eval):
 def test_refuses_missing_checkpoint_and_mend_without_one(setup_eval):
     with pytest.raises(eval_cli.EvalError, match="does not exist"):
         _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "missing.ckpt")
-    with pytest.raises(eval_cli.EvalError, match="needs --ckpt_path"):
+    with pytest.raises(eval_cli.EvalError, match="need --ckpt_path"):
         _run("--config", setup_eval["zsre_config"], "--editor", "mend")
 
 
