@@ -191,7 +191,7 @@ def test_base_training_resumes_from_the_last_finished_epoch(tmp_path):
     resumes with --ckpt_path last from the end of its second epoch and trains only the third."""
     cbs = yaml.safe_load(open(ROOT / "configs" / "base_zsre_gpt2_tiny.yaml"))["trainer"]["callbacks"]
     for c in cbs:
-        c["init_args"]["dirpath"] = str(tmp_path / "ck")
+        c["init_args"].update(dirpath=str(tmp_path / "ck"), every_n_epochs=1)
     args = base_args("causal", tmp_path) + ["--trainer.max_epochs", "3", "--trainer.enable_checkpointing", "true"]
     kill = {"class_path": "test_train.KillInEpoch", "init_args": {"epoch": 2}}
     with pytest.raises(RuntimeError, match="killed"):
@@ -264,7 +264,6 @@ def test_early_stopping_keeps_the_best_editor_and_a_resumable_latest_state(bases
         args = c.get("init_args", {})
         args.update({"dirpath": str(out / "ck")} if "dirpath" in args else {})
         args.update({"mode": "max", "patience": 2} if "patience" in args else {"mode": "max"} if "monitor" in args else {})
-        args.update({"every_n_train_steps": 1} if "every_n_train_steps" in args else {})
     cbs = [c for c in cbs if not c["class_path"].endswith("LocalityDrift")]  # not under test here
     summary = train.main(mend_args("causal", bases, out, "--trainer.enable_checkpointing", "true",
                                    "--trainer.callbacks", json.dumps(cbs), "--trainer.max_steps", "40",
