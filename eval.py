@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("edits_per_step", "n_edits", "folds", "loc_per_edit", "n_test_probe", "chunk"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    if any(s <= 0 for s in args.until_right_scales):
+        p.error("--until_right_scales must all be positive")
     return args
 
 
