@@ -262,8 +262,12 @@ def test_early_stopping_keeps_the_best_editor_and_a_resumable_latest_state(bases
     assert len(checkpoints) == 2 and sum("monitor" in c for c in checkpoints) == 1, "one best, one latest"
     for c in cbs:
         args = c.get("init_args", {})
-        args.update({"dirpath": str(out / "ck")} if "dirpath" in args else {})
-        args.update({"mode": "max", "patience": 2} if "patience" in args else {"mode": "max"} if "monitor" in args else {})
+        if "dirpath" in args:
+            args["dirpath"] = str(out / "ck")
+        if "monitor" in args:  # checkpoint and early stopping: a falling loss never "improves"
+            args["mode"] = "max"
+        if "patience" in args:
+            args["patience"] = 2
     cbs = [c for c in cbs if not c["class_path"].endswith("LocalityDrift")]  # not under test here
     summary = train.main(mend_args("causal", bases, out, "--trainer.enable_checkpointing", "true",
                                    "--trainer.callbacks", json.dumps(cbs), "--trainer.max_steps", "40",
