@@ -123,14 +123,16 @@ def _editor_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 class KillAfter(Callback):
-    """Dies with an error at the end of training step ``step``, like a killed job (the checkpoint of
-    that step is not written: Lightning runs checkpoint callbacks after the others)."""
+    """Dies with an error at the end of training step ``step`` (or of the first step of epoch
+    ``epoch``), like a killed job (the checkpoint of that step is not written: Lightning runs
+    checkpoint callbacks after the others)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int | None = None, epoch: int | None = None) -> None:
+        self.step, self.epoch = step, epoch
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
+        if (self.step is not None and trainer.global_step >= self.step
+                or self.epoch is not None and trainer.current_epoch >= self.epoch):
             raise RuntimeError("killed")
 
 
@@ -166,17 +168,6 @@ def test_resume_mid_epoch_equals_uninterrupted_run(bases, tmp_path):
         torch.testing.assert_close(resumed[k], unbroken[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
-class KillInEpoch(Callback):
-    """Dies with an error at the first training step of epoch ``epoch``, like a killed job."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("killed")
-
-
 class CountBatches(Callback):
     """Counts the training batches a run takes (class-level: the CLI builds the instance)."""
 
@@ -193,7 +184,7 @@ def test_base_training_resumes_from_the_last_finished_epoch(tmp_path):
     for c in cbs:
         c["init_args"].update(dirpath=str(tmp_path / "ck"), every_n_epochs=1)
     args = base_args("causal", tmp_path) + ["--trainer.max_epochs", "3", "--trainer.enable_checkpointing", "true"]
-    kill = {"class_path": "test_train.KillInEpoch", "init_args": {"epoch": 2}}
+    kill = {"class_path": "test_train.KillAfter", "init_args": {"epoch": 2}}
     with pytest.raises(RuntimeError, match="killed"):
         train.main(args + ["--trainer.callbacks", json.dumps([*cbs, kill])])
     last = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
