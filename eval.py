@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="edit sample, locality draws (default: the config's seed_everything or 0)")
     p.add_argument("--folds", type=int, default=1, help="sequential: split the edits into this many streams")
     p.add_argument("--edit_only_when_wrong", action="store_true", help="sequential: apply an edit only if the current model gets it wrong")
-    p.add_argument("--loc_per_edit", type=int, default=20,
-                   help="locality inputs scored per edit (single, batch): 2,000 checks for 100 edits, so one broken answer is 0.0005")
+    p.add_argument("--loc_per_edit", type=_count_or_all, default=20,
+                   help="locality inputs scored per edit (single, batch): 2,000 checks for 100 edits, so one broken answer "
+                        "is 0.0005; 'all': every held-out locality input for every edit")
     p.add_argument("--n_test_probe", type=int, default=100, help="sequential: held-out locality inputs for TestR and drift")
     p.add_argument("--n_train_probe", type=int, default=100, help="sequential: held-in training inputs for TrainR")
     p.add_argument("--until_right_scales", type=float, nargs="+", default=list(DEFAULT_SCALES),
@@ -82,11 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     for name in ("edits_per_step", "n_edits", "folds", "loc_per_edit", "n_test_probe", "chunk"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
+        if getattr(args, name) not in (None, "all") and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if any(s <= 0 for s in args.until_right_scales):
         p.error("--until_right_scales must all be positive")
     return args
+
+
+def _count_or_all(text: str) -> int | str:
+    return text if text == "all" else int(text)
 
 
 def load_config(path: str) -> dict:
@@ -132,12 +137,19 @@ def build_data(cfg: dict, args: argparse.Namespace, family: str) -> EditDataModu
     if init.get("family", family) != family:
         raise EvalError(f"data.init_args.family is {init['family']!r} but the base model's family is {family!r}")
     # the loader batches edits only for throughput: the evaluation module still edits them one by one
-    init.update(family=family, n_edits=8, loc_per_edit=args.loc_per_edit, shuffle=False, seed=args.seed)
+    every = args.loc_per_edit == "all"
+    init.update(family=family, n_edits=8, loc_per_edit=1 if every else args.loc_per_edit, shuffle=False, seed=args.seed)
     dm = cls(**init)
     try:
         dm.setup("test")
     except DataFormatError as e:
         raise EvalError(str(e)) from None
+    held_out = len(dm.loc_encoded)
+    if every:
+        dm.hparams.loc_per_edit = held_out
+    elif args.loc_per_edit > held_out:  # more would score some inputs twice for the same edit
+        raise EvalError(f"--loc_per_edit {args.loc_per_edit} is more than the {held_out} held-out locality inputs; "
+                        f"use --loc_per_edit all to score every one")
     return dm
 
 

@@ -238,6 +238,14 @@ def test_single_mode_mend_report_schema(setup_eval, tmp_path):
     assert path.with_suffix(".md").exists() and (tmp_path / "tensorboard" / "single").is_dir()
 
 
+def test_loc_per_edit_all_scores_every_held_out_locality_input_for_every_edit(setup_eval):
+    args = ("--config", setup_eval["zsre_config"], "--editor", "ft", "--mode", "single", "--n_edits", 3, "--ft_steps", 1)
+    rep = _run(*args, "--loc_per_edit", "all")["entries"][0]
+    pool = rep["n_locality_inputs"] // 3
+    assert rep["n_locality_inputs"] == 3 * pool and pool > 20, "every edit scored on the whole held-out pool"
+    with pytest.raises(eval_cli.EvalError, match=f"more than the {pool} held-out locality inputs"):
+        _run(*args, "--loc_per_edit", pool + 1)
+
 def test_mend_until_right_runs_beside_mend_on_the_same_checkpoint(setup_eval):
     rep = _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.ckpt",
                "--mode", "single", "--editor", "mend", "mend_until_right")
