@@ -246,6 +246,7 @@ def test_loc_per_edit_all_scores_every_held_out_locality_input_for_every_edit(se
     with pytest.raises(eval_cli.EvalError, match=f"more than the {pool} held-out locality inputs"):
         _run(*args, "--loc_per_edit", pool + 1)
 
+
 def test_mend_until_right_runs_beside_mend_on_the_same_checkpoint(setup_eval):
     rep = _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.ckpt",
                "--mode", "single", "--editor", "mend", "mend_until_right")
