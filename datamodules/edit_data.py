@@ -172,7 +172,7 @@ class EditDataModule(L.LightningDataModule):
                  seed: int = 0, shuffle: bool = True, num_workers: int = 0, val_limit: int | None = None,
                  decoder_start_id: int | None = None, hard_loc: int = 0,
                  hard_loc_by: Literal["wording", "answer"] = "wording", redraw: bool = False,
-                 loc_holdout: float = 0.5) -> None:
+                 loc_holdout: float = 0.5, val_loc_per_edit: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.splits: dict[str, EncodedSplit] = {}
@@ -268,7 +268,10 @@ class EditDataModule(L.LightningDataModule):
         if split == "train" and hp.redraw:
             redraw = partial(encode, self.tokenizer, hp.family, max_length=hp.max_length)
         loc = self.loc_train_encoded if split == "train" else self.loc_encoded
-        return EditDataset(self.splits[split], loc, hp.loc_per_edit, hp.seed, nb, hp.hard_loc, redraw)
+        # validation may score more locality inputs per edit than meta-training needs: a fixed set of a
+        # few per edit favours some validations over others by chance, which misleads early stopping
+        k = hp.val_loc_per_edit if split == "val" and hp.val_loc_per_edit else hp.loc_per_edit
+        return EditDataset(self.splits[split], loc, k, hp.seed, nb, hp.hard_loc, redraw)
 
     def _neighbours(self, split: EncodedSplit, k: int = 8) -> list[list[int]]:
         """Per record, its hard-negative meta-training locality inputs (``hard_loc_by``): the ``k``

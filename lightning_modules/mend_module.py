@@ -15,7 +15,13 @@ Validation logs, on the validation edits: ``val/edit_success`` (exact match on t
 and ``val/edit_success_token_acc``, ``val/generality`` and ``val/generality_token_acc`` (on
 paraphrases), ``val/loc_agreement`` (top-1 agreement with the unedited model), ``val/loc_kl``
 (KL(unedited || edited)), ``val/drawdown`` (exact-match accuracy on labelled locality inputs,
-unedited minus edited) and ``val/loss``. All are torchmetrics means, exact under DDP.
+unedited minus edited) and ``val/loss``. With ``until_right_scales`` it also logs the same edits
+under FT's stopping rule (:mod:`editors.until_right`: each edit's step scaled by the smallest of
+those scales that makes its edit input right): ``val/until_right_edit_success`` (the share of edits
+some scale makes right), ``val/until_right_generality``, ``val/until_right_drawdown``,
+``val/until_right_loc_kl``, ``val/until_right_scale`` (mean kept scale) and ``val/until_right_loss``
+(the objective at the kept scales), for selecting an editor that will be used under the rule.
+All are torchmetrics means, exact under DDP.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from lightning_modules.schedules import warmup_cosine
 
 VAL_METRICS = ("edit_success", "edit_success_token_acc", "generality", "generality_token_acc",
                "loc_agreement", "loc_kl", "drawdown", "loss")
+RULE_METRICS = tuple(f"until_right_{k}" for k in ("edit_success", "generality", "drawdown", "loc_kl", "scale", "loss"))
 
 
 class MENDModule(L.LightningModule):
@@ -50,14 +57,18 @@ class MENDModule(L.LightningModule):
                  edit_params: list[str] | None = None, rank: int = 1920, n_hidden: int = 2,
                  init_edit_lr: float = 1e-4, lr: float = 1e-6, edit_lr_lr: float = 1e-4,
                  c_edit: float = 0.1, c_loc: float = 1.0, cosine_decay: bool = False,
-                 precondition_ridge: float | None = None, output_dir: str = "runs/default") -> None:
+                 precondition_ridge: float | None = None, until_right_scales: list[float] | None = None,
+                 output_dir: str = "runs/default") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = load_model(base_model, family).eval()
         self.model.requires_grad_(False)
         self.editor = MEND.for_model(self.model, edit_params, rank=rank, n_hidden=n_hidden, init_edit_lr=init_edit_lr,
                                     precondition_ridge=precondition_ridge)
-        self.val = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS})
+        if until_right_scales is not None and (not until_right_scales or min(until_right_scales) <= 0):
+            raise ValueError(f"until_right_scales must be positive and non-empty, got {until_right_scales}")
+        self.rule_scales = sorted(until_right_scales) if until_right_scales else []
+        self.val = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS + (RULE_METRICS if self.rule_scales else ())})
         self.decoder_start_id = getattr(self.model.config, "decoder_start_token_id", None)
 
     def train(self, mode: bool = True) -> "MENDModule":
@@ -85,7 +96,7 @@ class MENDModule(L.LightningModule):
         out = {"loss": loss, "l_edit": l_edit, "kl": kl, "pre_loc": pre_loc, "post_loc": post[1],
                "post_outer": post[0]}
         if not self.training:
-            out["post_inner"] = post[2]
+            out["post_inner"], out["factors"] = post[2], factors
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -117,6 +128,40 @@ class MENDModule(L.LightningModule):
         m["loc_kl"].update(out["kl"])
         m["drawdown"].update((pre_acc - post_acc)[labelled])  # may be empty: unlabelled locality inputs
         m["loss"].update(out["loss"].detach(), weight=es.shape[0])
+        if self.rule_scales:
+            self._validate_until_right(batch, out)
+
+    @torch.no_grad()
+    def _validate_until_right(self, batch: dict, out: dict[str, Any]) -> None:
+        """The validation edits under FT's stopping rule, all problems at once: problem ``b``'s step is
+        scaled by the smallest scale under which all its edit inputs are right (the largest if none is),
+        as :class:`editors.until_right.UntilRight` does for one edit at a time."""
+        fam, P, layers = self.hparams.family, batch["n_problems"], self.editor.layers
+        inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
+        factors = {k: (u.detach(), d.detach()) for k, (u, d) in out["factors"].items()}
+        kept = torch.full((P,), self.rule_scales[-1], device=self.device)
+        done = torch.zeros(P, dtype=torch.bool, device=self.device)
+        for s in self.rule_scales:
+            with low_rank_edit(self.model, layers, _scaled(factors, torch.full((P,), s, device=self.device))):
+                right = scores(forward_logits(self.model, inner, fam), inner["labels"], fam)[0].view(P, -1).all(1)
+            kept[right & ~done] = s
+            done |= right
+            if bool(done.all()):
+                break
+        parts = [outer, loc]
+        with low_rank_edit(self.model, layers, _scaled(factors, kept)):
+            post_outer, post_loc = _split(forward_logits(self.model, _join(parts, P), fam), parts, P, fam)
+        kl = kl_pre_post(out["pre_loc"], post_loc, loc, fam)
+        labelled = _has_label(loc["labels"], fam)
+        drawdown = scores(out["pre_loc"], loc["labels"], fam)[0] - scores(post_loc, loc["labels"], fam)[0]
+        m = self.val
+        m["until_right_edit_success"].update(done.float())
+        m["until_right_generality"].update(scores(post_outer, outer["labels"], fam)[0])
+        m["until_right_drawdown"].update(drawdown[labelled])
+        m["until_right_loc_kl"].update(kl)
+        m["until_right_scale"].update(kept)
+        loss = self.hparams.c_edit * nll(post_outer, outer["labels"], fam) + self.hparams.c_loc * kl.mean()
+        m["until_right_loss"].update(loss, weight=P)
 
     def on_validation_epoch_end(self) -> None:
         for k, metric in self.val.items():  # compute() reduces across processes
@@ -196,6 +241,12 @@ def _split(logits: torch.Tensor, parts: list[dict[str, torch.Tensor]], n: int, f
             g = g[:, :p["decoder_input_ids" if family == "seq2seq" else "input_ids"].shape[1]]
         out.append(g)
     return out
+
+
+def _scaled(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], s: torch.Tensor
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Low-rank edit factors with problem ``b``'s weight change scaled by ``s[b]``."""
+    return {k: (u, d * s.to(d.dtype).view(-1, 1, 1)) for k, (u, d) in factors.items()}
 
 
 def _has_label(labels: torch.Tensor, family: Family) -> torch.Tensor:

@@ -305,3 +305,46 @@ def test_standalone_validate_runs_under_inference_mode(bases):
                         inference_mode=True)
     metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
     assert 0.0 <= metrics["val/edit_success"] <= 1.0 and metrics["val/loc_kl"] > -1e-6  # KL up to rounding
+
+
+def test_validation_under_the_stopping_rule_equals_until_right_edit_by_edit(bases):
+    """``until_right_scales``: validation scores each edit under FT's stopping rule, all problems of a
+    batch at once; the kept scales, generality and drawdown must equal :class:`UntilRight` applied
+    to one validation edit at a time."""
+    import lightning as L
+
+    from datamodules.edit_data import ZsreDataModule
+    from editors.losses import forward_logits, scores
+    from editors.mend import EditedModel
+    from editors.until_right import UntilRight
+    from lightning_modules.mend_module import MENDModule
+
+    data, base = bases / "base_causal" / "data", str(bases / "base_causal" / "model")
+    scales = [0.3, 1.0, 3.0, 10.0, 30.0]
+    module = MENDModule(base_model=base, rank=16, init_edit_lr=0.1, until_right_scales=scales)
+    dm = ZsreDataModule(train_path=str(data / "zsre-train.jsonl"), val_path=str(data / "zsre-val.jsonl"),
+                        loc_path=str(data / "nq-loc.jsonl"), tokenizer=base, val_limit=9, batch_size=3,
+                        loc_per_edit=2, val_loc_per_edit=5)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    got = trainer.validate(module, datamodule=dm, verbose=False)[0]
+
+    module.eval()  # as in validation: the editor's normalisation statistics stay as they are
+    rule, model = UntilRight(module.editor, scales), module.model
+    kept, gen, drawdown = [], [], []
+    ds = dm.dataset("val")
+    for i in range(len(ds)):
+        b = dm.collate([ds[i]])
+        assert b["loc"]["input_ids"].shape[0] == 5, "validation scores val_loc_per_edit locality inputs"
+        edited = EditedModel(model, rule.deltas(model, b["edit_inner"], "causal"))
+        kept.append(rule.last_scale)
+        with torch.no_grad():
+            gen.append(scores(forward_logits(edited, b["edit_outer"], "causal"), b["edit_outer"]["labels"], "causal")[0])
+            labelled = (b["loc"]["labels"] != -100).any(1)
+            pre = scores(forward_logits(model, b["loc"], "causal"), b["loc"]["labels"], "causal")[0]
+            post = scores(forward_logits(edited, b["loc"], "causal"), b["loc"]["labels"], "causal")[0]
+        drawdown.append((pre - post)[labelled])
+    assert len(set(kept)) > 1, "the test needs edits that keep different scales"
+    assert got["val/until_right_scale"] == pytest.approx(sum(kept) / len(kept), rel=1e-5)
+    assert got["val/until_right_generality"] == pytest.approx(torch.cat(gen).mean().item(), abs=1e-6)
+    assert got["val/until_right_drawdown"] == pytest.approx(torch.cat(drawdown).mean().item(), abs=1e-6)
+    assert 0.0 <= got["val/until_right_edit_success"] <= 1.0 and got["val/until_right_loc_kl"] > -1e-6
