@@ -66,9 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "is 0.0005; 'all': every held-out locality input for every edit")
     p.add_argument("--n_test_probe", type=int, default=100, help="sequential: held-out locality inputs for TestR and drift")
     p.add_argument("--n_train_probe", type=int, default=100, help="sequential: held-in training inputs for TrainR")
-    p.add_argument("--until_right_scales", type=float, nargs="+", default=list(DEFAULT_SCALES),
+    p.add_argument("--until_right_scales", type=float, nargs="+",
                    help="mend_until_right: scales of MEND's step tried in increasing order; the first that makes "
-                        "the edit input right is kept (FT's stopping rule)")
+                        "the edit input right is kept (FT's stopping rule). Default: the config's "
+                        "model.init_args.until_right_scales (the grid validation selected the editor under), "
+                        f"else {' '.join(f'{s:g}' for s in DEFAULT_SCALES)}")
     g = p.add_argument_group("fine-tuning baselines")
     g.add_argument("--ft_lr", type=float, default=1e-3)
     g.add_argument("--ft_steps", type=int, default=25, help="most optimiser steps per edit (stops earlier once right)")
@@ -85,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("edits_per_step", "n_edits", "folds", "loc_per_edit", "n_test_probe", "chunk"):
         if getattr(args, name) not in (None, "all") and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if any(s <= 0 for s in args.until_right_scales):
+    if any(s <= 0 for s in args.until_right_scales or []):
         p.error("--until_right_scales must all be positive")
     return args
 
@@ -262,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg = load_config(args.config)
     if args.seed is None:
         args.seed = int(cfg.get("seed_everything") or 0)
+    if args.until_right_scales is None:
+        args.until_right_scales = (cfg.get("model", {}).get("init_args") or {}).get("until_right_scales") or list(DEFAULT_SCALES)
     L.seed_everything(args.seed, verbose=False)
     model, base_path, family = load_base(cfg)
     dm = build_data(cfg, args, family)

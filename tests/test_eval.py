@@ -257,6 +257,19 @@ def test_mend_until_right_runs_beside_mend_on_the_same_checkpoint(setup_eval):
     assert under_rule["base_model_unchanged"] is True
 
 
+def test_until_right_scales_default_to_the_configs_validation_grid(setup_eval, tmp_path):
+    """A config that validates under the rule (model.init_args.until_right_scales) is evaluated under
+    the same grid unless --until_right_scales says otherwise."""
+    cfg = yaml.safe_load(Path(setup_eval["zsre_config"]).read_text())
+    cfg["model"].setdefault("init_args", {})["until_right_scales"] = [1.0, 0.5]
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = ("--config", path, "--ckpt_path", setup_eval["root"] / "editor.ckpt", "--mode", "single",
+            "--editor", "mend_until_right", "--n_edits", 2, "--loc_per_edit", 1)
+    assert _run(*args)["entries"][0]["editor_config"]["scales"] == [0.5, 1.0]
+    assert _run(*args, "--until_right_scales", 2, 3)["entries"][0]["editor_config"]["scales"] == [2.0, 3.0]
+
+
 def test_single_mode_data_parallel_equals_one_process(setup_eval, tmp_path, child_env):
     """--devices 2 (DDP, gloo) scores every held-out edit once, as one process does: the same report
     figures over an odd number of edits (timings aside)."""
