@@ -200,7 +200,8 @@ class MENDModule(L.LightningModule):
         checkpoint["state_dict"].update({f"model.{k}": v for k, v in self.model.state_dict().items()})
 
     def export(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> dict:
-        """Write the best editor (by the checkpoint callback's monitor) to ``output_dir/editor.ckpt``."""
+        """Write the editor to ``output_dir/editor.ckpt``: the best one by the monitored checkpoint
+        callback when there is one, else the final one (the FEVER config keeps the last editor)."""
         if not trainer.is_global_zero:
             return {}
         out = Path(self.hparams.output_dir)
