@@ -30,6 +30,7 @@ import yaml
 
 from datamodules.edit_data import EditDataModule
 from datamodules.formats import DataFormatError, detect_task
+from editors.base import Editor
 from editors.ft import FineTune
 from editors.layers import fingerprint, select_layers
 from editors.mend import MEND
@@ -168,7 +169,7 @@ def load_base(cfg: dict) -> tuple[torch.nn.Module, str, str]:
     return model.eval().requires_grad_(False), path, family
 
 
-def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: argparse.Namespace) -> MEND | UntilRight | FineTune:
+def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: argparse.Namespace) -> Editor:
     if name == "mend_until_right":
         return UntilRight(build_editor("mend", model, cfg, args), args.until_right_scales)
     if name == "mend":
@@ -195,11 +196,11 @@ def batch_sizes(requested: int | None, n: int) -> dict[int, list[int]]:
     return out
 
 
-def _weights_hash(model: torch.nn.Module, editor: MEND | UntilRight | FineTune) -> str:
+def _weights_hash(model: torch.nn.Module, editor: Editor) -> str:
     return fingerprint(model, editor.layers)["edited_weights_sha256"]
 
 
-def run_single(editor: MEND | UntilRight | FineTune, model: torch.nn.Module, dm: EditDataModule, family: str,
+def run_single(editor: Editor, model: torch.nn.Module, dm: EditDataModule, family: str,
                args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     """Single mode through Lightning (data-parallel with --devices N); returns (results, is_global_zero)."""
     module = EditEvalModule(model, editor, family, args.chunk, args.ft_kl_inputs, args.seed, args.n_train_probe)
@@ -210,7 +211,7 @@ def run_single(editor: MEND | UntilRight | FineTune, model: torch.nn.Module, dm:
     return module.results, trainer.is_global_zero
 
 
-def evaluate_editor(editor: MEND | UntilRight | FineTune, model: torch.nn.Module, dm: EditDataModule, family: str,
+def evaluate_editor(editor: Editor, model: torch.nn.Module, dm: EditDataModule, family: str,
                     modes: list[str], args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]] | None:
     """One result dict per (mode, K) for one editor; None on non-zero data-parallel processes."""
     ids = list(range(len(dm.splits["test"].records)))

@@ -1,4 +1,4 @@
-"""Fine-tuning baselines: FT and FT+KL, with MEND's interface so evaluation treats all editors alike.
+"""Fine-tuning baselines: FT and FT+KL, :class:`editors.base.DeltaEditor` s like MEND.
 
 FT takes optimiser steps on the matrices MEND edits (the family defaults of
 :func:`editors.layers.select_layers`, or the given patterns) to lower the edit's NLL, and stops as
@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from datamodules.encoding import Family
 from editors.layers import LayerSpec, select_layers
 from editors.losses import forward_logits, kl_pre_post, nll, scores
-from editors.mend import EditedModel
+from editors.base import DeltaEditor
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
-class FineTune:
+class FineTune(DeltaEditor):
     """Bounded fine-tuning of a few weight matrices until the edit is right (FT; FT+KL when ``c_loc > 0``)."""
 
     def __init__(self, layers: list[LayerSpec], lr: float = 1e-3, max_steps: int = 25, optimizer: str = "adam",
@@ -79,8 +79,3 @@ class FineTune:
                 steps += 1
         self.last_steps = steps
         return {k: d.detach() for k, d in change.items()}
-
-    def edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
-             loc_batch: Mapping[str, Tensor] | None = None) -> EditedModel:
-        """The edited model, applied functionally (``model``'s tensors are never modified)."""
-        return EditedModel(model, self.deltas(model, batch, family, loc_batch))

@@ -18,13 +18,12 @@ multiplied by a ridge inverse of the layer inputs' correlation (:class:`InputPre
 Plain torch: no Lightning here. Typical use::
 
     editor = MEND.load("runs/default/editor.ckpt", model)       # refuses a different base model
-    edited = editor.edit(model, batch, family="causal")         # functional: model is untouched
-    logits = edited(**inputs).logits
-    permanent = edited.merged()                                  # a copy with the edit written in
+    edit = editor.make_edit(model, batch, family="causal")      # an editors.base.Edit; model is untouched
+    logits = edit.apply(model)(**inputs).logits                  # functional
+    permanent = edit.merged(model)                               # a copy with the edit written in
 """
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.encoding import Family
+from editors.base import DeltaEditor
 from editors.layers import LayerSpec, check_fingerprint, fingerprint, gradient_pieces, select_layers, weight_update
 from editors.losses import forward_logits, nll
 
@@ -218,13 +218,14 @@ def _mm_into(out: Tensor, x: Tensor, y: Tensor) -> None:
         out.copy_(x @ y)
 
 
-class MEND(nn.Module):
-    """The editor: one :class:`LowRankResidualNet` and :class:`RunningNorm` per distinct (d_in, d_out),
+class MEND(nn.Module, DeltaEditor):
+    """The editor (a :class:`editors.base.DeltaEditor`): one :class:`LowRankResidualNet` and :class:`RunningNorm` per distinct (d_in, d_out),
     and one learned step size per edited layer."""
 
     def __init__(self, layers: Sequence[LayerSpec | Mapping[str, Any]], rank: int = 1920, n_hidden: int = 2,
                  init_edit_lr: float = 1e-4, precondition_ridge: float | None = None) -> None:
         super().__init__()
+        self.name = "mend"
         self.layers = [l if isinstance(l, LayerSpec) else LayerSpec(**l) for l in layers]
         self.config = {"layers": [asdict(l) for l in self.layers], "rank": rank, "n_hidden": n_hidden,
                        "init_edit_lr": init_edit_lr, "precondition_ridge": precondition_ridge}
@@ -303,15 +304,11 @@ class MEND(nn.Module):
         The edits within one problem are applied together (their per-token pieces are summed)."""
         return self.to_deltas(self.batched_factors(model, batch, family, n_problems))
 
-    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> dict[str, Tensor]:
+    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+               loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The weight changes (to add to the weights) that edit ``model`` towards ``batch``'s labels,
-        all edits of the batch at once."""
+        all edits of the batch at once (MEND reads no locality inputs: ``loc_batch`` is ignored)."""
         return {k: v[0] for k, v in self.batched_deltas(model, batch, family, 1).items()}
-
-    def edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> "EditedModel":
-        """The edited model, applied functionally (``model``'s tensors are never modified)."""
-        with torch.no_grad():
-            return EditedModel(model, {k: v.detach() for k, v in self.deltas(model, batch, family).items()})
 
     # -- checkpoints: the editor only, with a fingerprint of its base model
     def export(self, model: nn.Module) -> dict[str, Any]:
@@ -340,33 +337,3 @@ class MEND(nn.Module):
         editor.load_state_dict(blob["state_dict"])
         dev = next(model.parameters()).device
         return editor.to(dev).eval()
-
-
-class EditedModel(nn.Module):
-    """A base model seen through weight changes: ``forward`` runs it with ``W + dW`` functionally."""
-
-    def __init__(self, model: nn.Module, deltas: Mapping[str, Tensor]) -> None:
-        super().__init__()
-        self.model, self.deltas = model, dict(deltas)
-
-    def edited_params(self) -> dict[str, Tensor]:
-        params = dict(self.model.named_parameters())
-        return {k: params[k] + d.to(params[k].dtype) for k, d in self.deltas.items()}
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(self.model, self.edited_params(), args=args, kwargs=kwargs, strict=False)
-
-    def merged(self) -> nn.Module:
-        """A deep copy of the base model with the edit written into its weights."""
-        m = copy.deepcopy(self.model)
-        merge_deltas_(m, self.deltas)
-        return m
-
-
-@torch.no_grad()
-def merge_deltas_(model: nn.Module, deltas: Mapping[str, Tensor]) -> nn.Module:
-    """Write weight changes into ``model`` in place (a permanent edit); returns ``model``."""
-    params = dict(model.named_parameters())
-    for k, d in deltas.items():
-        params[k].add_(d.to(params[k].dtype))
-    return model

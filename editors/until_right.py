@@ -19,12 +19,12 @@ from torch import Tensor, nn
 
 from datamodules.encoding import Family
 from editors.losses import forward_logits, scores
-from editors.mend import EditedModel
+from editors.base import DeltaEditor, EditedModel
 
 DEFAULT_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-class UntilRight(nn.Module):
+class UntilRight(nn.Module, DeltaEditor):
     """A one-step editor (anything with ``layers`` and ``deltas(model, batch, family)``) under FT's
     stopping rule. A module, so moving it to a device moves a wrapped MEND too."""
 
@@ -38,7 +38,8 @@ class UntilRight(nn.Module):
                        "editor": getattr(editor, "config", type(editor).__name__)}
         self.last_scale: float | None = None  # the scale the last edit kept
 
-    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> dict[str, Tensor]:
+    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+               loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The wrapped editor's weight changes, scaled by the smallest scale that makes ``batch`` right."""
         full = self.editor.deltas(model, batch, family)
         for s in self.scales:
@@ -49,7 +50,3 @@ class UntilRight(nn.Module):
                 break
         self.last_scale = s
         return scaled
-
-    def edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> EditedModel:
-        """The edited model, applied functionally (``model``'s tensors are never modified)."""
-        return EditedModel(model, self.deltas(model, batch, family))

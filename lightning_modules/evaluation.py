@@ -22,7 +22,7 @@ import resource
 import statistics
 import time
 import warnings
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -32,9 +32,8 @@ from tqdm.auto import tqdm
 
 from datamodules.edit_data import EditDataModule, EncodedSplit
 from datamodules.encoding import Family, collate, encode
-from editors.layers import LayerSpec
+from editors.base import Edit, Editor
 from editors.losses import forward_logits, kl_pre_post, scores, top1_agreement
-from editors.mend import EditedModel, merge_deltas_
 
 DEFINITIONS: dict[str, str] = {
     "edit_success": "exact match on the edit input: every target token (end-of-answer included) is the "
@@ -75,14 +74,6 @@ DEFINITIONS: dict[str, str] = {
 }
 
 
-class Editor(Protocol):
-    """What evaluation needs from an editor (MEND, FineTune): its edited layers and weight changes."""
-
-    layers: list[LayerSpec]
-
-    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> dict[str, Tensor]: ...
-
-
 # ---------------------------------------------------------------- metric functions
 def flip_counts(pre_right: Tensor, post_right: Tensor) -> tuple[int, int]:
     """Instance-wise (right->wrong, wrong->right) counts between two boolean correctness vectors."""
@@ -98,11 +89,6 @@ def drawdown(pre_right: Tensor, post_right: Tensor) -> float:
 def retention(accuracy: float, initial: float) -> float | None:
     """``accuracy / initial`` (TrainR/TestR); undefined (None) when the initial accuracy is 0."""
     return accuracy / initial if initial > 0 else None
-
-
-def count_changed(deltas: Mapping[str, Tensor]) -> int:
-    """How many weight entries a set of weight changes touches (its nonzero entries)."""
-    return int(sum(int(torch.count_nonzero(d)) for d in deltas.values()))
 
 
 def stream_checkpoints(n: int) -> list[int]:
@@ -286,22 +272,18 @@ def score_step(original: nn.Module, edited: nn.Module, family: Family, edits: Ma
             "generality_token_acc": owner_mean(gs_tok, owner, n), **locality_scores(original, edited, loc, family, chunk)}
 
 
-def compute_deltas(editor: Editor, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
-                   loc_batch: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], float]:
-    """The editor's weight changes for ``batch`` (detached) and the seconds it took."""
+def compute_edit(editor: Editor, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                 loc_batch: Mapping[str, Tensor] | None = None) -> tuple[Edit, float]:
+    """The editor's edit for ``batch`` and the seconds it took."""
     dev = next(model.parameters()).device
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     with torch.no_grad():  # editors enable grad where they need it; nothing here trains them
-        if getattr(editor, "uses_locality", False):
-            d = editor.deltas(model, batch, family, loc_batch=loc_batch)
-        else:
-            d = editor.deltas(model, batch, family)
-        d = {k: v.detach() for k, v in d.items()}
+        edit = editor.make_edit(model, batch, family, loc_batch if editor.uses_locality else None)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    return d, time.perf_counter() - t0
+    return edit, time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------- accumulation
@@ -402,9 +384,9 @@ class EditEvalModule(L.LightningModule):
             loc = select_rows(batch["loc"], range(j * k, (j + 1) * k))
             reph, owner = self.data.rephrases([i])
             kl = self.sampler(i) if self.sampler else None
-            deltas, secs = compute_deltas(self.editor, self.model, edit, self.family, kl)
-            s = score_step(self.model, EditedModel(self.model, deltas), self.family, edit, reph, owner, loc, self.chunk)
-            self.metrics.update_step(s, secs, count_changed(deltas))
+            change, secs = compute_edit(self.editor, self.model, edit, self.family, kl)
+            s = score_step(self.model, change.apply(self.model), self.family, edit, reph, owner, loc, self.chunk)
+            self.metrics.update_step(s, secs, change.params_changed(self.model))
 
     def on_test_epoch_end(self) -> None:
         self.results = {**self.metrics.compute(n_params(self.model)), "edits_per_step": 1}
@@ -423,15 +405,22 @@ def run_batch(editor: Editor, model: nn.Module, data: EditData, ids: Sequence[in
     for g in tqdm(groups, desc=f"batch K={k}", disable=not progress, leave=False):
         edits = data.edits(g)
         reph, owner = data.rephrases(g)
-        deltas, secs = compute_deltas(editor, model, edits, fam, sampler(g[0]) if sampler else None)
-        s = score_step(model, EditedModel(model, deltas), fam, edits, reph, owner, data.locality(g), chunk)
-        metrics.update_step(s, secs, count_changed(deltas))
+        change, secs = compute_edit(editor, model, edits, fam, sampler(g[0]) if sampler else None)
+        s = score_step(model, change.apply(model), fam, edits, reph, owner, data.locality(g), chunk)
+        metrics.update_step(s, secs, change.params_changed(model))
     return {**metrics.compute(n_params(model)), "edits_per_step": k, "n_edits_left_out": len(ids) - len(groups) * k}
 
 
-def _differs(a: nn.Module, b: nn.Module) -> int:
-    """How many parameter entries of two same-shaped models differ."""
-    return int(sum(int((p != q).sum()) for p, q in zip(a.parameters(), b.parameters())))
+@torch.no_grad()
+def count_differing(edited: nn.Module, original: nn.Module) -> int:
+    """Scalar weights of ``edited`` that differ from ``original``'s: changed entries of the parameters
+    they share (by name) plus every entry of the parameters only ``edited`` has (added neurons)."""
+    orig = dict(original.named_parameters())
+    n = 0
+    for name, p in edited.named_parameters():
+        q = orig.get(name)
+        n += int((p != q).sum()) if q is not None and q.shape == p.shape else p.numel()
+    return n
 
 
 @torch.no_grad()
@@ -483,9 +472,9 @@ def run_sequential(editor: Editor, original: nn.Module, data: EditData, ids: Seq
                 right, _ = answer_scores(work, edits, fam, chunk)
                 todo = [i for i, r in zip(group, right.tolist()) if not r]
             if todo:
-                deltas, secs = compute_deltas(editor, work, data.edits(todo), fam, sampler(todo[0]) if sampler else None)
+                change, secs = compute_edit(editor, work, data.edits(todo), fam, sampler(todo[0]) if sampler else None)
                 t0 = time.perf_counter()
-                merge_deltas_(work, deltas)
+                work = change.merge_(work)
                 seconds.append((secs + time.perf_counter() - t0) / len(todo))
                 applied += len(todo)
             es, es_tok = answer_scores(work, edits, fam, chunk)
@@ -513,7 +502,7 @@ def run_sequential(editor: Editor, original: nn.Module, data: EditData, ids: Seq
                          "locality_agreement": float(loc["agreement"].mean()), "locality_kl": float(loc["kl"].mean()),
                          "drawdown": drawdown(loc["pre_right"][lab], loc["post_right"][lab]),
                          "flips_right_to_wrong": r2w, "flips_wrong_to_right": w2r,
-                         "n_locality_labelled": int(lab.sum()), "params_changed": _differs(work, original)}
+                         "n_locality_labelled": int(lab.sum()), "params_changed": count_differing(work, original)}
                 for key, v in point.items():
                     curve[key].append(v)
         curves.append(curve)

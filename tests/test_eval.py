@@ -16,7 +16,8 @@ from datamodules.encoding import collate, encode
 from editors.ft import FineTune
 from editors.layers import select_layers
 from editors.losses import forward_logits, scores
-from editors.mend import MEND, EditedModel, merge_deltas_
+from editors.base import EditedModel, merge_deltas_
+from editors.mend import MEND
 from editors.until_right import UntilRight
 from lightning_modules.evaluation import (DEFINITIONS, EditMetrics, drawdown, flip_counts, retention, select_rows,
                                           stream_checkpoints)

@@ -7,7 +7,8 @@ import torch
 from datamodules.encoding import collate, encode
 from editors.layers import gradient_pieces, select_layers, weight_update
 from editors.losses import forward_logits, nll
-from editors.mend import MEND, LowRankResidualNet, merge_deltas_
+from editors.base import merge_deltas_
+from editors.mend import MEND, LowRankResidualNet
 from lightning_modules.models import decoder_start_id
 
 

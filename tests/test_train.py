@@ -315,7 +315,7 @@ def test_validation_under_the_stopping_rule_equals_until_right_edit_by_edit(base
 
     from datamodules.edit_data import ZsreDataModule
     from editors.losses import forward_logits, scores
-    from editors.mend import EditedModel
+    from editors.base import EditedModel
     from editors.until_right import UntilRight
     from lightning_modules.mend_module import MENDModule
 

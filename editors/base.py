@@ -1,0 +1,126 @@
+"""The one interface every editor implements, and the only one evaluation sees.
+
+An :class:`Editor` turns an edit batch (inputs labelled with their new targets) into an
+:class:`Edit`. An edit is a value, not a side effect: the base model is never modified by
+computing it. Evaluation then uses the edit in one of two ways:
+
+- ``edit.apply(model)``: ``model`` seen with the edit, functionally (single and batch protocols);
+- ``model = edit.merge_(model)``: the edit written permanently into a working copy (the
+  sequential protocol). It may return a different module (an edit that adds neurons wraps layers).
+
+``edit.params_changed(model)`` counts the scalar weights that differ from ``model``'s (changed
+entries plus added ones), measured on the edit itself, never assumed from a budget.
+
+Most editors (MEND, FT, the surgery selectors) compute additive weight changes: they subclass
+:class:`DeltaEditor` and implement only :meth:`DeltaEditor.deltas`.
+"""
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from datamodules.encoding import Family
+
+
+class Edit(ABC):
+    """One computed edit, applicable to the model it was computed for."""
+
+    @abstractmethod
+    def apply(self, model: nn.Module) -> nn.Module:
+        """``model`` seen with the edit applied; ``model``'s tensors are not modified."""
+
+    @abstractmethod
+    def merge_(self, model: nn.Module) -> nn.Module:
+        """Write the edit into ``model`` permanently; returns the module to use from now on."""
+
+    @abstractmethod
+    def params_changed(self, model: nn.Module) -> int:
+        """Scalar weights of the edited model that differ from ``model``'s (changed + added)."""
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        """A deep copy of ``model`` with the edit written in (``model`` untouched)."""
+        return self.merge_(copy.deepcopy(model))
+
+
+class EditedModel(nn.Module):
+    """A base model seen through weight changes: ``forward`` runs it with ``W + dW`` functionally."""
+
+    def __init__(self, model: nn.Module, deltas: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.model, self.deltas = model, dict(deltas)
+
+    def edited_params(self) -> dict[str, Tensor]:
+        params = dict(self.model.named_parameters())
+        return {k: params[k] + d.to(params[k].dtype) for k, d in self.deltas.items()}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.model, self.edited_params(), args=args, kwargs=kwargs, strict=False)
+
+    def merged(self) -> nn.Module:
+        """A deep copy of the base model with the edit written into its weights."""
+        return merge_deltas_(copy.deepcopy(self.model), self.deltas)
+
+
+@torch.no_grad()
+def merge_deltas_(model: nn.Module, deltas: Mapping[str, Tensor]) -> nn.Module:
+    """Write weight changes into ``model`` in place (a permanent edit); returns ``model``."""
+    params = dict(model.named_parameters())
+    for k, d in deltas.items():
+        params[k].add_(d.to(params[k].dtype))
+    return model
+
+
+class WeightDelta(Edit):
+    """An additive change to some of the model's weights, by parameter name."""
+
+    def __init__(self, deltas: Mapping[str, Tensor]) -> None:
+        self.deltas = {k: v.detach() for k, v in deltas.items()}
+
+    def apply(self, model: nn.Module) -> EditedModel:
+        return EditedModel(model, self.deltas)
+
+    def merge_(self, model: nn.Module) -> nn.Module:
+        return merge_deltas_(model, self.deltas)
+
+    @torch.no_grad()
+    def params_changed(self, model: nn.Module) -> int:
+        # entries whose value actually changes in the model's dtype (a delta below its resolution changes nothing)
+        params = dict(model.named_parameters())
+        return int(sum(int((params[k] + d.to(params[k].dtype) != params[k]).sum()) for k, d in self.deltas.items()))
+
+
+class Editor(ABC):
+    """Computes edits. ``uses_locality``: whether :meth:`make_edit` wants sampled locality inputs
+    (never the ones locality is scored on); ``config``: what the report records about the editor."""
+
+    name: str = "editor"
+    uses_locality: bool = False
+    config: dict[str, Any] = {}
+
+    @abstractmethod
+    def make_edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                  loc_batch: Mapping[str, Tensor] | None = None) -> Edit:
+        """The edit that makes ``model`` produce ``batch``'s labels (``model`` is not modified)."""
+
+    def edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+             loc_batch: Mapping[str, Tensor] | None = None) -> nn.Module:
+        """Shorthand for inference: the edited model, applied functionally (editors enable grad where they need it)."""
+        with torch.no_grad():
+            return self.make_edit(model, batch, family, loc_batch).apply(model)
+
+
+class DeltaEditor(Editor):
+    """An editor whose edits are additive weight changes: implement :meth:`deltas`."""
+
+    @abstractmethod
+    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+               loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Weight changes (by parameter name, to add to the weights) for ``batch``."""
+
+    def make_edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                  loc_batch: Mapping[str, Tensor] | None = None) -> WeightDelta:
+        return WeightDelta(self.deltas(model, batch, family, loc_batch))
