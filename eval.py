@@ -147,7 +147,7 @@ def build_data(cfg: dict, args: argparse.Namespace, family: str) -> EditDataModu
         dm.setup("test")
     except DataFormatError as e:
         raise EvalError(str(e)) from None
-    held_out = len(dm.loc_encoded)
+    held_out = len(dm.loc_pools["test"])
     if every:
         dm.hparams.loc_per_edit = held_out
     elif args.loc_per_edit > held_out:  # more would score some inputs twice for the same edit

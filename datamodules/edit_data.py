@@ -8,7 +8,7 @@ by problem (see :mod:`datamodules.encoding`), plus ``n_problems``:
 - ``edit_outer``: one equivalent input (paraphrase) per edit, with the same new target;
 - ``loc``: ``loc_per_edit`` unrelated inputs per edit, labelled with their known answers
   (-100 where unknown), drawn from a pool that shares no text with any edit; meta-training and
-  evaluation draw from disjoint parts of it (``loc_holdout``).
+  meta-training, validation and test draw from three disjoint parts of it (``loc_shares``).
 
 Meta-training items are (edit, paraphrase) pairs, every paraphrase of every record once per
 epoch (with ``redraw``, each item is drawn afresh every epoch: target, wording roles, locality
@@ -19,6 +19,7 @@ every edit exactly once, as one process does.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
@@ -160,6 +161,58 @@ def _mentions(text: str, subjects: set[str]) -> bool:
                for n in range(1, longest + 1) for i in range(len(words) - n + 1))
 
 
+def split_points(n: int, shares: list[float]) -> list[int]:
+    """Boundaries ``[0, ..., n]`` cutting ``n`` items into ``len(shares)`` non-empty contiguous parts."""
+    if n < len(shares):
+        raise ValueError(f"{n} locality inputs cannot be cut into {len(shares)} disjoint pools (one per split); "
+                         "give a larger loc_path")
+    if any(s <= 0 for s in shares):
+        raise ValueError(f"loc_shares must be positive, got {shares}")
+    total, acc, cuts = sum(shares), 0.0, [0]
+    for i, s in enumerate(shares[:-1]):
+        acc += s
+        # at least one input for each part on both sides of every cut
+        cuts.append(min(max(round(n * acc / total), cuts[-1] + 1), n - (len(shares) - 1 - i)))
+    return cuts + [n]
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and Path(a).resolve() == Path(b).resolve()
+
+
+def check_split_files(train: str | None, val: str | None, test: str | None, val_from_train: float) -> None:
+    """Refuse configurations in which the splits are not disjoint by construction: validation (which
+    selects checkpoints and stops training) or meta-training reading the test file."""
+    if _same_file(val, test):
+        raise ValueError(f"val_path and test_path are the same file ({test}): validation would select on test "
+                         "edits. For releases with train/dev only, keep dev as test_path, set val_path to null and "
+                         "carve validation out of training with val_from_train (e.g. 0.05)")
+    if _same_file(train, test) or _same_file(train, val):
+        raise ValueError(f"train_path {train} is also the val or test file: meta-training would see held-out edits")
+    if val_from_train and val:
+        raise ValueError("give either val_path or val_from_train, not both")
+    if not 0 <= val_from_train < 1:
+        raise ValueError(f"val_from_train is a share of the training subjects in [0, 1), got {val_from_train}")
+
+
+def carve_by_subject(records: list[EditRecord], share: float) -> tuple[list[EditRecord], list[EditRecord]]:
+    """Split training records into (train, validation) by subject: every record of a subject goes to the
+    same side, so no validation fact is a meta-training fact. Rows without a subject (released MEND
+    files) are grouped by their edit input. A subject goes to validation when the SHA-256 of its name
+    falls in the lowest ``share`` of the hash range: deterministic, independent of file order and of
+    the other subjects."""
+    def val_side(rec: EditRecord) -> bool:
+        key = (rec.subject or rec.prompt).strip().lower()
+        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) < share * 16 ** 8
+
+    train = [r for r in records if not val_side(r)]
+    val = [r for r in records if val_side(r)]
+    if records and (not train or not val):
+        raise ValueError(f"val_from_train={share} leaves {len(train)} training and {len(val)} validation edits "
+                         f"of {len(records)}: use a larger training file or another share")
+    return train, val
+
+
 class EditDataModule(L.LightningDataModule):
     """Shared machinery; subclasses say how to read their files (:meth:`read_split`, :meth:`read_locality`)."""
 
@@ -172,14 +225,24 @@ class EditDataModule(L.LightningDataModule):
                  seed: int = 0, shuffle: bool = True, num_workers: int = 0, val_limit: int | None = None,
                  decoder_start_id: int | None = None, hard_loc: int = 0,
                  hard_loc_by: Literal["wording", "answer"] = "wording", redraw: bool = False,
-                 loc_holdout: float = 0.5, val_loc_per_edit: int | None = None) -> None:
+                 loc_shares: tuple[float, float, float] = (0.5, 0.25, 0.25), val_from_train: float = 0.0,
+                 val_loc_per_edit: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.splits: dict[str, EncodedSplit] = {}
         self.loc_pairs: list[LocalityPair] = []  # the whole filtered pool
-        self.loc_train_pairs: list[LocalityPair] = []
-        self.loc_train_encoded: list[dict] = []  # meta-training's KL inputs
-        self.loc_encoded: list[dict] = []  # the held-out part: validation, test, evaluation, drift probes
+        # the pool cut into disjoint parts, one per split present: meta-training's KL inputs ("train"),
+        # validation's ("val": early stopping, checkpoint choice, drift probes) and test's ("test": eval.py)
+        self.loc_split_pairs: dict[str, list[LocalityPair]] = {}
+        self.loc_pools: dict[str, list[dict]] = {}
+
+    @property
+    def loc_train_pairs(self) -> list[LocalityPair]:
+        return self.loc_split_pairs.get("train", [])
+
+    @property
+    def loc_train_encoded(self) -> list[dict]:
+        return self.loc_pools.get("train", [])
 
     # -- format hooks
     def read_split(self, path: Path) -> tuple[list[EditRecord], list[LocalityPair]]:
@@ -199,15 +262,25 @@ class EditDataModule(L.LightningDataModule):
             from transformers import AutoConfig
 
             self.decoder_start_id = AutoConfig.from_pretrained(hp.tokenizer).decoder_start_token_id
+        check_split_files(hp.train_path, hp.val_path, hp.test_path, hp.val_from_train)
+        read: dict[str, list[EditRecord]] = {}
         embedded_loc: list[LocalityPair] = []
         for name in ("train", "val", "test"):
             path = getattr(hp, f"{name}_path")
             if not path:
                 continue
-            recs, loc = self.read_split(Path(path))
-            if name == "val" and hp.val_limit:
-                recs = recs[: hp.val_limit]
+            read[name], loc = self.read_split(Path(path))
             embedded_loc += loc
+        if hp.val_from_train:
+            if "train" not in read:
+                raise ValueError("val_from_train carves validation out of the training split: set train_path")
+            read["train"], read["val"] = carve_by_subject(read["train"], hp.val_from_train)
+            log.info("validation carved out of %s by subject (val_from_train=%g): %d training edits, %d validation "
+                     "edits", hp.train_path, hp.val_from_train, len(read["train"]), len(read["val"]))
+        for name in ("train", "val", "test"):
+            if name not in read:
+                continue
+            recs = read[name][: hp.val_limit] if name == "val" and hp.val_limit else read[name]
             self.splits[name] = self._encode_split(recs, expand=(name == "train"))
         pool = self.read_locality(Path(hp.loc_path)) if hp.loc_path else embedded_loc
         # Locality inputs must be unrelated: drop any that share text or subject with an edit.
@@ -220,15 +293,17 @@ class EditDataModule(L.LightningDataModule):
             raise ValueError("no locality inputs left after removing those that overlap the edits; give loc_path")
         self.loc_pairs = pool
         encoded = encode(self.tokenizer, hp.family, [p.prompt for p in pool], [p.answer for p in pool], hp.max_length)
-        # Meta-training's KL inputs and the inputs locality is scored on are disjoint: the pool's
-        # first part (file order) trains, the last `loc_holdout` share evaluates. A contiguous cut
-        # keeps related inputs listed together (the built-in world lists each subject's questions
-        # together) on one side. A pool of one input cannot be split and serves both.
-        cut = max(1, min(len(pool) - 1, round(len(pool) * (1 - hp.loc_holdout))))
-        self.loc_train_pairs, self.loc_train_encoded = pool[:cut], encoded[:cut]
-        self.loc_encoded = encoded[cut:] or encoded
-        log.info("%s data: %s edits, %d locality inputs (%d for meta-training, %d for evaluation)", self.task,
-                 {k: len(v.records) for k, v in self.splits.items()}, len(pool), cut, len(self.loc_encoded))
+        # One disjoint part of the pool per split present, by `loc_shares` (renormalised over those
+        # splits), cut contiguously in file order: related inputs listed together (the built-in world
+        # lists each subject's questions together) stay on one side. The same cut whatever the stage,
+        # so eval.py scores exactly the inputs meta-training and validation never saw.
+        present = [n for n in ("train", "val", "test") if n in self.splits]
+        cuts = split_points(len(pool), [hp.loc_shares[("train", "val", "test").index(n)] for n in present])
+        for n, (a, b) in zip(present, zip(cuts, cuts[1:])):
+            self.loc_split_pairs[n], self.loc_pools[n] = pool[a:b], encoded[a:b]
+        log.info("%s data: %s edits, %d locality inputs (%s)", self.task,
+                 {k: len(v.records) for k, v in self.splits.items()}, len(pool),
+                 ", ".join(f"{len(v)} {k}" for k, v in self.loc_pools.items()))
 
     def _encode_split(self, recs: list[EditRecord], expand: bool) -> EncodedSplit:
         hp = self.hparams
@@ -267,7 +342,7 @@ class EditDataModule(L.LightningDataModule):
         redraw = None
         if split == "train" and hp.redraw:
             redraw = partial(encode, self.tokenizer, hp.family, max_length=hp.max_length)
-        loc = self.loc_train_encoded if split == "train" else self.loc_encoded
+        loc = self.loc_pools[split]
         # validation may score more locality inputs per edit than meta-training needs: a fixed set of a
         # few per edit favours some validations over others by chance, which misleads early stopping
         k = hp.val_loc_per_edit if split == "val" and hp.val_loc_per_edit else hp.loc_per_edit

@@ -13,7 +13,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 class LocalityDrift(L.Callback):
     """Every validation, apply a fixed set of validation edits one at a time and measure, on a fixed
-    probe set of unrelated inputs, KL(unedited || edited) and the share of probes whose top-1
+    probe set of validation's own unrelated inputs, KL(unedited || edited) and the share of probes whose top-1
     prediction flips (at any answer position; label for classifiers). Logged as ``drift/kl`` and
     ``drift/top1_flip_rate`` (means over the probe edits), so drift is visible in TensorBoard as
     the editor trains, not only at the end."""
@@ -30,7 +30,7 @@ class LocalityDrift(L.Callback):
         fam = pl_module.hparams.family
         from datamodules.encoding import collate
 
-        self.probe = collate(dm.loc_encoded[: self.n_probes], dm.tokenizer.pad_token_id, fam, dm.decoder_start_id)
+        self.probe = collate(dm.loc_pools["val"][: self.n_probes], dm.tokenizer.pad_token_id, fam, dm.decoder_start_id)
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -168,6 +168,7 @@ class EditData:
     def __init__(self, dm: EditDataModule, split: str = "test", device: torch.device | str = "cpu",
                  seed: int = 0, n_train_probe: int = 100) -> None:
         self.dm, self.split, self.family = dm, dm.splits[split], dm.hparams.family
+        self.loc_pool = dm.loc_pools[split]  # this split's own locality inputs, disjoint from the others'
         self.dataset = dm.dataset(split)
         self.device = torch.device(device)
         self.seed = seed
@@ -195,7 +196,7 @@ class EditData:
         return self.collate([l for i in ids for l in self.dataset[i]["loc"]])
 
     def test_probe(self, n: int) -> dict[str, Tensor]:
-        pool = self.dm.loc_encoded
+        pool = self.loc_pool
         pick = random.Random(self.seed).sample(range(len(pool)), min(n, len(pool)))
         return self.collate([pool[i] for i in pick])
 

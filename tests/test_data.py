@@ -165,7 +165,7 @@ def test_zsre_datamodule_reads_toolkit_json_end_to_end(small_world, tmp_path):
         _toolkit_row("Cy", "What does Cy play?", "harp", "harp", "Which instrument does Cy play?",  # alt == pred
                      "nq question: largest ocean", "Pacific"),
     ]))
-    dm = ZsreDataModule(train_path=str(path), val_path=str(path), tokenizer=str(small_world / "tokenizer"),
+    dm = ZsreDataModule(train_path=str(path), tokenizer=str(small_world / "tokenizer"),
                         n_edits=2, loc_per_edit=1, shuffle=False)
     dm.setup("fit")
     assert [(r.prompt, r.target, r.rephrases) for r in dm.splits["train"].records] == [
@@ -423,22 +423,23 @@ def test_epoch_sampler_orders_the_same_for_one_process_and_two(small_world):
     assert [i for b in one for i in b] != sorted(i for b in one for i in b)  # shuffled
 
 
-def test_meta_training_and_evaluation_locality_inputs_are_disjoint(small_world):
-    """Meta-training's KL inputs never include an input that validation or test scores locality on,
-    nor another wording of the same fact (the world lists a subject's questions together)."""
+def test_meta_training_validation_and_test_locality_inputs_are_disjoint(small_world):
+    """Meta-training's KL inputs, validation's and test's locality inputs are three disjoint parts of the
+    pool, and (the world lists a subject's questions together) share no wording of the same fact but at
+    the two cut points."""
     dm = ZsreDataModule(**_world_paths(small_world, "zsre"), loc_per_edit=3, redraw=True, hard_loc=1)
     dm.setup("fit")
     ids = lambda ex: tuple(ex["input_ids"])
-    train = {ids(l) for e in range(3) for i in range(len(dm.dataset("train")))
-             for l in dm.dataset("train")[(i, e)]["loc"]}
-    held = {ids(l) for split in ("val", "test") for i in range(len(dm.dataset(split))) for l in dm.dataset(split)[i]["loc"]}
-    assert train and held and not train & held
-    assert len(dm.loc_train_encoded) + len(dm.loc_encoded) == len(dm.loc_pairs)
-    train_subjects = {w for p in dm.loc_train_pairs for w in re.findall(r"[A-Z]\w+", p.prompt)}
-    held_pairs = dm.loc_pairs[len(dm.loc_train_pairs):]
-    held_subjects = {w for p in held_pairs for w in re.findall(r"[A-Z]\w+", p.prompt)}
-    # at most the one subject cut in two by the split point
-    assert len((train_subjects & held_subjects) - {"What", "Where", "Which", "Who", "In"}) <= 1
+    drawn = {"train": {ids(l) for e in range(3) for i in range(len(dm.dataset("train")))
+                       for l in dm.dataset("train")[(i, e)]["loc"]}}
+    for split in ("val", "test"):
+        drawn[split] = {ids(l) for i in range(len(dm.dataset(split))) for l in dm.dataset(split)[i]["loc"]}
+    assert all(drawn.values())
+    assert not drawn["train"] & drawn["val"] and not drawn["train"] & drawn["test"] and not drawn["val"] & drawn["test"]
+    assert sum(len(v) for v in dm.loc_pools.values()) == len(dm.loc_pairs)
+    names = lambda pairs: {w for p in pairs for w in re.findall(r"[A-Z]\w+", p.prompt)} - {"What", "Where", "Which", "Who", "In", "For", "By", "The"}
+    subj = {k: names(v) for k, v in dm.loc_split_pairs.items()}
+    assert len(subj["train"] & subj["val"]) + len(subj["val"] & subj["test"]) + len(subj["train"] & subj["test"]) <= 2
 
 
 def test_locality_filter_drops_overlapping_inputs(small_world, tmp_path):
