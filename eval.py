@@ -62,9 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="edit sample, locality draws (default: the config's seed_everything or 0)")
     p.add_argument("--folds", type=int, default=1, help="sequential: split the edits into this many streams")
     p.add_argument("--edit_only_when_wrong", action="store_true", help="sequential: apply an edit only if the current model gets it wrong")
-    p.add_argument("--loc_per_edit", type=_count_or_all, default=20,
-                   help="locality inputs scored per edit (single, batch): 2,000 checks for 100 edits, so one broken answer "
-                        "is 0.0005; 'all': every held-out locality input for every edit")
+    p.add_argument("--loc_per_edit", type=_count_or_all, default="all",
+                   help="locality inputs scored per edit (single, batch); default 'all': every input of the test "
+                        "locality pool for every edit, so drawdown's noise is that of the edits, not of a sample "
+                        "of inputs (the report gives its standard error, drawdown_stderr)")
     p.add_argument("--n_test_probe", type=int, default=100, help="sequential: held-out locality inputs for TestR and drift")
     p.add_argument("--n_train_probe", type=int, default=100, help="sequential: held-in training inputs for TrainR")
     p.add_argument("--until_right_scales", type=float, nargs="+",

@@ -51,6 +51,10 @@ DEFINITIONS: dict[str, str] = {
                    "each input's real positions, then over inputs (nats).",
     "drawdown": "exact-match accuracy on labelled unrelated inputs, original model minus edited model "
                 "(positive = the edit broke answers).",
+    "drawdown_stderr": "standard error of drawdown over edit steps: the standard deviation of the per-step "
+                       "drawdowns divided by sqrt(n_steps). Steps, not single checks, are the independent units "
+                       "(one edit breaks related inputs together); a drawdown within 2 stderr of a target is "
+                       "not distinguishable from it.",
     "flips_right_to_wrong": "count of labelled unrelated inputs the original model answered right (exact "
                             "match) and the edited model answers wrong; *_share divides by n_locality_labelled.",
     "flips_wrong_to_right": "count of labelled unrelated inputs that went from wrong to right; share as above.",
@@ -309,6 +313,7 @@ class EditMetrics(nn.Module):
         self.means = nn.ModuleDict({k: MeanMetric() for k in self.MEANS})
         self.sums = nn.ModuleDict({k: SumMetric() for k in self.SUMS})
         self.seconds = CatMetric()
+        self.step_drawdown = CatMetric()  # one value per step with labelled locality inputs: the stderr's units
 
     def update_step(self, s: Mapping[str, Tensor], seconds: float, params_changed: int) -> None:
         """Fold in one edit step's :func:`score_step` output, its time and its changed-entry count."""
@@ -322,6 +327,7 @@ class EditMetrics(nn.Module):
         pre, post = s["pre_right"][lab], s["post_right"][lab]
         if lab.any():
             m["drawdown"].update(pre.float() - post.float())
+            self.step_drawdown.update((pre.float() - post.float()).mean().reshape(1))
             m["locality_accuracy_before"].update(pre.float())
             m["locality_accuracy_after"].update(post.float())
         r2w, w2r = flip_counts(pre, post)
@@ -333,7 +339,7 @@ class EditMetrics(nn.Module):
         self.seconds.update(torch.tensor([seconds / max(n, 1)]))
 
     def reset(self) -> None:
-        for m in [*self.means.values(), *self.sums.values(), self.seconds]:
+        for m in [*self.means.values(), *self.sums.values(), self.seconds, self.step_drawdown]:
             m.reset()
 
     def compute(self, n_base_params: int) -> dict[str, Any]:
@@ -342,6 +348,8 @@ class EditMetrics(nn.Module):
         lab = out["n_locality_labelled"]
         for k in ("flips_right_to_wrong", "flips_wrong_to_right"):
             out[f"{k}_share"] = out[k] / lab if lab else None
+        steps = self.step_drawdown.compute().flatten() if out["n_locality_labelled"] else torch.empty(0)
+        out["drawdown_stderr"] = float(steps.std() / math.sqrt(steps.numel())) if steps.numel() > 1 else None
         secs = self.seconds.compute() if self.sums["n_steps"].compute() > 0 else torch.empty(0)
         out["seconds_per_edit"] = statistics.median(secs.flatten().tolist()) if secs.numel() else None
         out["params_changed_fraction"] = (out["params_changed"] / n_base_params

@@ -22,7 +22,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("editor", "editor", "{}"), ("mode", "mode", "{}"), ("K", "edits_per_step", "{}"), ("edits", "n_edits", "{}"),
     ("ES (EM)", "edit_success", "{:.3f}"), ("ES (tok)", "edit_success_token_acc", "{:.3f}"),
     ("GS (EM)", "generality", "{:.3f}"), ("GS (tok)", "generality_token_acc", "{:.3f}"),
-    ("loc agree", "locality_agreement", "{:.3f}"), ("loc KL", "locality_kl", "{:.4f}"), ("drawdown", "drawdown", "{:+.3f}"),
+    ("loc agree", "locality_agreement", "{:.3f}"), ("loc KL", "locality_kl", "{:.4f}"), ("drawdown", "drawdown", "{:+.4f}"), ("± se", "drawdown_stderr", "{:.4f}"),
     ("R->W", "flips_right_to_wrong", "{}"), ("W->R", "flips_wrong_to_right", "{}"),
     ("ER end", "edit_retention", "{:.3f}"), ("TestR end", "test_retention", "{:.3f}"),
     ("s/edit", "seconds_per_edit", "{:.4f}"), ("changed", "params_changed_fraction", "{:.2%}"),
