@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--editor", nargs="+", choices=EDITORS,
                    help="editors to evaluate (default: mend with a checkpoint, else ft; --mode all: every available one)")
     p.add_argument("--edits_per_step", type=int, help="batch: only this K (default 1, 5, 25, 125); sequential: edits per step (default 1)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="held-out edits and locality pool to score: 'val' for every design choice (layers, rates, "
+                        "grids), 'test' once, for the figures reported")
     p.add_argument("--n_edits", type=int, help="use this many held-out edits (a seeded sample; default all)")
     p.add_argument("--report", help="write the JSON report here, with .md, plots and TensorBoard beside it")
     p.add_argument("--seed", type=int, help="edit sample, locality draws (default: the config's seed_everything or 0)")
@@ -117,6 +120,7 @@ def check_data_files(cls: type, init_args: dict) -> None:
     """Refuse missing data files and files of another task than the DataModule reads."""
     if not init_args.get("test_path"):
         raise EvalError("the config has no data.init_args.test_path: the test split holds the held-out edits")
+
     task = getattr(cls, "task", None)
     for key in ("train_path", "val_path", "test_path", "loc_path"):
         path = init_args.get(key)
@@ -144,11 +148,14 @@ def build_data(cfg: dict, args: argparse.Namespace, family: str) -> EditDataModu
     every = args.loc_per_edit == "all"
     init.update(family=family, n_edits=8, loc_per_edit=1 if every else args.loc_per_edit, shuffle=False, seed=args.seed)
     dm = cls(**init)
+    dm.eval_split = args.split
     try:
         dm.setup("test")
     except DataFormatError as e:
         raise EvalError(str(e)) from None
-    held_out = len(dm.loc_pools["test"])
+    if args.split not in dm.splits:
+        raise EvalError(f"the config has no {args.split} split (data.init_args.{args.split}_path or val_from_train)")
+    held_out = len(dm.loc_pools[args.split])
     if every:
         dm.hparams.loc_per_edit = held_out
     elif args.loc_per_edit > held_out:  # more would score some inputs twice for the same edit
@@ -215,7 +222,7 @@ def run_single(editor: Editor, model: torch.nn.Module, dm: EditDataModule, famil
 def evaluate_editor(editor: Editor, model: torch.nn.Module, dm: EditDataModule, family: str,
                     modes: list[str], args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]] | None:
     """One result dict per (mode, K) for one editor; None on non-zero data-parallel processes."""
-    ids = list(range(len(dm.splits["test"].records)))
+    ids = list(range(len(dm.splits[args.split].records)))
     progress = not args.no_progress
     results: list[dict[str, Any]] = []
     single: dict[str, Any] | None = None
@@ -225,7 +232,7 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, dm: EditDataModule, 
             if isinstance(editor, torch.nn.Module):
                 editor.to(device)
         reset_peak_memory(device)
-        data = EditData(dm, "test", device, args.seed, args.n_train_probe)
+        data = EditData(dm, args.split, device, args.seed, args.n_train_probe)
         sampler = (LocalitySampler(data.kl_pool(), args.ft_kl_inputs, args.seed, data)
                    if getattr(editor, "uses_locality", False) else None)
         runs: list[dict[str, Any]] = []
@@ -281,15 +288,16 @@ def main(argv: list[str] | None = None) -> dict | None:
                         "records (kept for TrainR): set data.init_args.train_path or lower --n_train_probe")
 
     # the held-out edits: a seeded sample, in a seeded order (the order of the sequential stream)
-    split = dm.splits["test"]
+    split = dm.splits[args.split]
     available = len(split.records)
     order = list(range(available))
     random.Random(args.seed).shuffle(order)
     order = order[: args.n_edits] if args.n_edits else order
-    dm.splits["test"] = subset_split(split, order)
+    dm.splits[args.split] = subset_split(split, order)
     device = torch.device("cuda" if args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
     run_info = {"base_model": base_path, "family": family, "dataset": getattr(dm, "task", type(dm).__name__),
-                "data_file": dm.hparams.test_path, "split": "test", "seed": args.seed, "n_edits_available": available}
+                "data_file": dm.hparams.test_path if args.split == "test" else (dm.hparams.val_path or dm.hparams.train_path),
+                "split": args.split, "seed": args.seed, "n_edits_available": available}
 
     entries: list[dict[str, Any]] = []
     for name, editor in editors.items():

@@ -230,6 +230,7 @@ class EditDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.splits: dict[str, EncodedSplit] = {}
+        self.eval_split = "test"
         self.loc_pairs: list[LocalityPair] = []  # the whole filtered pool
         # the pool cut into disjoint parts, one per split present: meta-training's KL inputs ("train"),
         # validation's ("val": early stopping, checkpoint choice, drift probes) and test's ("test": eval.py)
@@ -345,7 +346,7 @@ class EditDataModule(L.LightningDataModule):
         loc = self.loc_pools[split]
         # validation may score more locality inputs per edit than meta-training needs: a fixed set of a
         # few per edit favours some validations over others by chance, which misleads early stopping
-        k = hp.val_loc_per_edit if split == "val" and hp.val_loc_per_edit else hp.loc_per_edit
+        k = hp.val_loc_per_edit if split == "val" and hp.val_loc_per_edit and self.eval_split != "val" else hp.loc_per_edit
         return EditDataset(self.splits[split], loc, k, hp.seed, nb, hp.hard_loc, redraw)
 
     def _neighbours(self, split: EncodedSplit, k: int = 8) -> list[list[int]]:
@@ -388,7 +389,9 @@ class EditDataModule(L.LightningDataModule):
         return self._loader("val", False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        """The loader ``trainer.test`` scores: the test split, or validation when evaluation is asked to
+        make a design choice (``eval_split = "val"``, eval.py ``--split val``)."""
+        return self._loader(self.eval_split, False)
 
 
 class ZsreDataModule(EditDataModule):

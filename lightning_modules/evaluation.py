@@ -364,7 +364,7 @@ def n_params(model: nn.Module) -> int:
 # ---------------------------------------------------------------- protocols
 class EditEvalModule(L.LightningModule):
     """Single-edit evaluation: ``trainer.test(module, datamodule=dm)`` applies every held-out edit of
-    the test loader alone to the unedited base model and accumulates the metrics with torchmetrics,
+    the test loader (the split ``dm.eval_split``) alone to the unedited base model and accumulates the metrics with torchmetrics,
     so a data-parallel run (each process its shard of the edits) reports exact totals.
 
     The loader's ``edit_inner`` rows are the edits and its ``loc`` rows (``loc_per_edit`` per edit)
@@ -381,7 +381,8 @@ class EditEvalModule(L.LightningModule):
         self.results: dict[str, Any] = {}
 
     def on_test_start(self) -> None:
-        self.data = EditData(self.trainer.datamodule, "test", self.device, self.seed, self.n_train_probe)
+        dm = self.trainer.datamodule
+        self.data = EditData(dm, dm.eval_split, self.device, self.seed, self.n_train_probe)
         self.sampler = (LocalitySampler(self.data.kl_pool(), self.kl_samples, self.seed, self.data)
                         if getattr(self.editor, "uses_locality", False) else None)
 

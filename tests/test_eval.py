@@ -367,3 +367,13 @@ def test_cli_prints_refusal_without_traceback(setup_eval):
 
 def test_definitions_cover_sequential_curves():
     assert all(k in DEFINITIONS for k in SEQUENTIAL_KEYS)
+
+
+def test_split_val_scores_validation_edits_on_the_validation_pool(setup_eval):
+    """Design choices are made with --split val: validation edits, validation locality inputs."""
+    args = ("--config", setup_eval["zsre_config"], "--editor", "ft", "--mode", "single", "--ft_steps", 1)
+    val = _run(*args, "--split", "val")["entries"][0]
+    test = _run(*args, "--n_edits", 3)["entries"][0]
+    assert val["split"] == "val" and test["split"] == "test"
+    assert val["n_edits"] == val["n_edits_available"] == 20  # 4 validation subjects x 5 relations
+    assert val["n_locality_inputs"] % 20 == 0 and val["n_locality_inputs"] > 20 * 20  # the whole validation pool
