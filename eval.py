@@ -1,7 +1,7 @@
 """Evaluate model editors on held-out edits: single, batch and sequential protocols, MEND beside the
 fine-tuning baselines, and a report (JSON, Markdown, PNG plots, TensorBoard).
 
-    python eval.py --config configs/mend_zsre_gpt2_tiny.yaml --ckpt_path runs/default/editor.ckpt --mode single
+    python eval.py --config configs/mend_zsre_gpt2_tiny.yaml --ckpt_path runs/default/editor.safetensors --mode single
     python eval.py --config ... --ckpt_path ... --mode batch                 # K = 1, 5, 25, 125 (capped)
     python eval.py --config ... --ckpt_path ... --mode sequential --folds 2 --edit_only_when_wrong
     python eval.py --config ... --editor ft_kl --mode single                  # baselines need no checkpoint

@@ -17,7 +17,7 @@ multiplied by a ridge inverse of the layer inputs' correlation (:class:`InputPre
 
 Plain torch: no Lightning here. Typical use::
 
-    editor = MEND.load("runs/default/editor.ckpt", model)       # refuses a different base model
+    editor = MEND.load("runs/default/editor.safetensors", model)       # refuses a different base model
     edit = editor.make_edit(model, batch, family="causal")      # an editors.base.Edit; model is untouched
     logits = edit.apply(model)(**inputs).logits                  # functional
     permanent = edit.merged(model)                               # a copy with the edit written in
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from datamodules.encoding import Family
 from editors.base import DeltaEditor
+from editors.io import load_editor_file, save_editor_file
 from editors.layers import LayerSpec, check_fingerprint, fingerprint, gradient_pieces, select_layers, weight_update
 from editors.losses import forward_logits, nll
 
@@ -310,30 +311,33 @@ class MEND(nn.Module, DeltaEditor):
         all edits of the batch at once (MEND reads no locality inputs: ``loc_batch`` is ignored)."""
         return {k: v[0] for k, v in self.batched_deltas(model, batch, family, 1).items()}
 
-    # -- checkpoints: the editor only, with a fingerprint of its base model
+    # -- editor files: the editor only, with a fingerprint of its base model
     def export(self, model: nn.Module) -> dict[str, Any]:
-        return {"class": "MEND", "format": 1, "config": self.config,
-                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-                "fingerprint": fingerprint(model, self.layers)}
+        """The editor as plain data (class, config, fingerprint, tensors): what an editor file holds and
+        what meta-training checkpoints carry under :data:`CHECKPOINT_KEY`."""
+        return {"class": "MEND", "config": self.config, "fingerprint": fingerprint(model, self.layers),
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
-    def save(self, path: str | Path, model: nn.Module) -> None:
-        torch.save({CHECKPOINT_KEY: self.export(model)}, str(path))
+    def save(self, path: str | Path, model: nn.Module) -> Path:
+        """Write the editor file (safetensors + JSON header, atomically)."""
+        return save_blob(path, self.export(model))
+
+    @classmethod
+    def from_blob(cls, blob: Mapping[str, Any], model: nn.Module, source: str, check: bool = True) -> "MEND":
+        """An editor from :meth:`export`'s data; refuses a base model other than the one it was trained for."""
+        editor = cls(**blob["config"])
+        if check:
+            check_fingerprint(blob["fingerprint"], model, editor.layers, source)
+        editor.load_state_dict(blob["state_dict"])
+        return editor.to(next(model.parameters()).device).eval()
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, check: bool = True) -> "MEND":
-        """Load an editor saved by :meth:`save` or a meta-training checkpoint; verify the base model."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"editor checkpoint {path} does not exist")
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
-        if CHECKPOINT_KEY not in ckpt:
-            raise ValueError(f"{path} is not a hypedit editor checkpoint (no '{CHECKPOINT_KEY}' entry)")
-        blob = ckpt[CHECKPOINT_KEY]
-        if blob.get("class") != "MEND":
-            raise ValueError(f"{path} holds a {blob.get('class')} editor, not MEND")
-        editor = cls(**blob["config"])
-        if check:
-            check_fingerprint(blob["fingerprint"], model, editor.layers, f"editor checkpoint {path}")
-        editor.load_state_dict(blob["state_dict"])
-        dev = next(model.parameters()).device
-        return editor.to(dev).eval()
+        """Load an editor file written by :meth:`save` (never unpickles); verify the base model."""
+        tensors, header = load_editor_file(path, "MEND")
+        return cls.from_blob({**header, "state_dict": tensors}, model, f"editor file {path}", check)
+
+
+def save_blob(path: str | Path, blob: Mapping[str, Any]) -> Path:
+    """Write :meth:`MEND.export`'s data as an editor file."""
+    return save_editor_file(path, blob["state_dict"], {k: v for k, v in blob.items() if k != "state_dict"})

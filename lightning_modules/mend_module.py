@@ -37,7 +37,7 @@ from torchmetrics import MeanMetric
 from datamodules.encoding import Family
 from editors.layers import check_fingerprint, fingerprint, low_rank_edit
 from editors.losses import forward_logits, model_inputs, kl_pre_post, nll, scores, top1_agreement
-from editors.mend import CHECKPOINT_KEY, MEND
+from editors.mend import CHECKPOINT_KEY, MEND, save_blob
 from lightning_modules.models import load_model
 from lightning_modules.schedules import warmup_cosine
 
@@ -200,7 +200,7 @@ class MENDModule(L.LightningModule):
         checkpoint["state_dict"].update({f"model.{k}": v for k, v in self.model.state_dict().items()})
 
     def export(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> dict:
-        """Write the editor to ``output_dir/editor.ckpt``: the best one by the monitored checkpoint
+        """Write the editor to ``output_dir/editor.safetensors``: the best one by the monitored checkpoint
         callback when there is one, else the final one (the FEVER config keeps the last editor)."""
         if not trainer.is_global_zero:
             return {}
@@ -210,11 +210,11 @@ class MENDModule(L.LightningModule):
         cb = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
         best = getattr(cb, "best_model_path", "") if cb is not None else ""
         if best:
-            blob = torch.load(best, map_location="cpu", weights_only=False)[CHECKPOINT_KEY]
-            torch.save({CHECKPOINT_KEY: blob}, out / "editor.ckpt")
+            # this run's own checkpoint, read without unpickling arbitrary objects
+            save_blob(out / "editor.safetensors", torch.load(best, map_location="cpu", weights_only=True)[CHECKPOINT_KEY])
         else:
-            self.editor.save(out / "editor.ckpt", self.model)
-        summary = {"editor": str(out / "editor.ckpt"), "best_checkpoint": best or None,
+            self.editor.save(out / "editor.safetensors", self.model)
+        summary = {"editor": str(out / "editor.safetensors"), "best_checkpoint": best or None,
                    "best_score": float(cb.best_model_score) if best and cb.best_model_score is not None else None,
                    "monitor": getattr(cb, "monitor", None),
                    "base_model": fingerprint(self.model, self.editor.layers)["name"]}

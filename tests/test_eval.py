@@ -200,9 +200,9 @@ def setup_eval(small_world, tokenizer, tmp_path_factory):
         out[f"{task}_config"] = _write_config(root / f"{task}.yaml", base, small_world, task, family)
         out[f"{task}_model"] = model
     gpt2 = out["zsre_model"]
-    MEND.for_model(gpt2, rank=8, init_edit_lr=1e-2).save(root / "editor.ckpt", gpt2)
+    MEND.for_model(gpt2, rank=8, init_edit_lr=1e-2).save(root / "editor.safetensors", gpt2)
     other = type(gpt2)(gpt2.config)  # same architecture, different weights
-    MEND.for_model(other, rank=8).save(root / "other.ckpt", other)
+    MEND.for_model(other, rank=8).save(root / "other.safetensors", other)
     out["wrong_task_config"] = _write_config(root / "wrong.yaml", root / "base-zsre", small_world, "zsre", "causal",
                                              test_file="fever-test.jsonl")
     return out
@@ -223,7 +223,7 @@ def all_modes_ft(setup_eval):
 
 def test_single_mode_mend_report_schema(setup_eval, tmp_path):
     path = tmp_path / "single.json"
-    _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.ckpt",
+    _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.safetensors",
          "--mode", "single", "--report", path)
     rep = json.loads(path.read_text())
     for key in REPORT_KEYS + ("config", "seed", "definitions", "entries"):
@@ -250,7 +250,7 @@ def test_loc_per_edit_all_scores_every_held_out_locality_input_for_every_edit(se
 
 
 def test_mend_until_right_runs_beside_mend_on_the_same_checkpoint(setup_eval):
-    rep = _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.ckpt",
+    rep = _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.safetensors",
                "--mode", "single", "--editor", "mend", "mend_until_right")
     mend, under_rule = rep["entries"]
     assert under_rule["editor"] == "mend_until_right" and under_rule["n_edits"] == mend["n_edits"] == 20
@@ -266,7 +266,7 @@ def test_until_right_scales_default_to_the_configs_validation_grid(setup_eval, t
     cfg["model"].setdefault("init_args", {})["until_right_scales"] = [1.0, 0.5]
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    args = ("--config", path, "--ckpt_path", setup_eval["root"] / "editor.ckpt", "--mode", "single",
+    args = ("--config", path, "--ckpt_path", setup_eval["root"] / "editor.safetensors", "--mode", "single",
             "--editor", "mend_until_right", "--n_edits", 2, "--loc_per_edit", 1)
     assert _run(*args)["entries"][0]["editor_config"]["scales"] == [0.5, 1.0]
     assert _run(*args, "--until_right_scales", 2, 3)["entries"][0]["editor_config"]["scales"] == [2.0, 3.0]
@@ -275,7 +275,7 @@ def test_until_right_scales_default_to_the_configs_validation_grid(setup_eval, t
 def test_single_mode_data_parallel_equals_one_process(setup_eval, tmp_path, child_env):
     """--devices 2 (DDP, gloo) scores every held-out edit once, as one process does: the same report
     figures over an odd number of edits (timings aside)."""
-    args = ["--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.ckpt",
+    args = ["--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.safetensors",
             "--mode", "single", "--n_edits", 19, "--accelerator", "cpu"]
     _run(*args, "--report", tmp_path / "one.json")
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args), "--devices", "2", "--strategy",
@@ -342,7 +342,7 @@ def test_sequential_classifier_folds_only_when_wrong_and_retention(setup_eval):
 # ---------------------------------------------------------------- refusals
 def test_refuses_checkpoint_of_another_base_model(setup_eval):
     with pytest.raises(eval_cli.EvalError, match="was trained for base model"):
-        _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "other.ckpt")
+        _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "other.safetensors")
 
 
 def test_refuses_missing_checkpoint_and_mend_without_one(setup_eval):

@@ -130,7 +130,7 @@ def test_checkpoint_roundtrip_and_refuses_other_base(tiny_models, tokenizer, tmp
     model = tiny_models["causal"]
     editor = MEND.for_model(model, rank=8)
     torch.nn.init.normal_(editor.nets[0].U)
-    path = tmp_path / "editor.ckpt"
+    path = tmp_path / "editor.safetensors"
     editor.save(path, model)
     loaded = MEND.load(path, model)
     for k, v in editor.state_dict().items():
@@ -175,3 +175,31 @@ def test_residual_net_backward_matches_autograd_and_leaves_the_identity(at_init)
     # at the identity init every pre-activation is exactly 0: the gradient must still reach U,
     # or meta-training can only ever learn the step sizes
     assert grads[0][0].abs().sum() > 0
+
+
+def test_editor_files_never_unpickle_and_refuse_truncation(tiny_models, tmp_path):
+    """An editor file is safetensors + a JSON header: a pickle is refused with the converter's command
+    (and the converter, run knowingly, makes a loadable file), a file cut at any point is refused."""
+    from editors.convert import main as convert
+    from editors.io import EditorFileError
+    from editors.mend import CHECKPOINT_KEY
+
+    model = tiny_models["causal"]
+    editor = MEND.for_model(model, rank=4)
+    good = editor.save(tmp_path / "editor.safetensors", model)
+    assert not list(tmp_path.glob(".*.tmp")), "the atomic write leaves no temporary file"
+    old = tmp_path / "old.ckpt"
+    torch.save({CHECKPOINT_KEY: {**editor.export(model), "format": 1}}, old)
+    with pytest.raises(EditorFileError, match="pickle-based.*python -m editors.convert"):
+        MEND.load(old, model)
+    convert([str(old), str(tmp_path / "converted.safetensors")])
+    assert MEND.load(tmp_path / "converted.safetensors", model).config == editor.config
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    for n in [*range(0, 300), *range(300, len(data), max(1, len(data) // 300)), len(data) - 1]:  # header byte by byte
+        cut.write_bytes(data[:n])
+        with pytest.raises(EditorFileError):
+            MEND.load(cut, model)
+    with pytest.raises(EditorFileError, match="not Selector"):
+        from editors.io import load_editor_file
+        load_editor_file(good, "Selector")

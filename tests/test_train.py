@@ -13,6 +13,7 @@ import yaml
 from lightning.pytorch import Callback
 
 import train
+from editors.io import load_editor_file
 from editors.mend import CHECKPOINT_KEY, MEND
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,8 +101,8 @@ def test_base_learning_rate_warms_up_then_holds_or_decays_to_zero(small_world, c
 def test_mend_meta_training_runs_for_each_family(bases, tmp_path, family):
     out = tmp_path / "run"
     train.main(mend_args(family, bases, out))
-    ckpt = torch.load(out / "editor.ckpt", map_location="cpu", weights_only=False)
-    blob = ckpt[CHECKPOINT_KEY]
+    tensors, header = load_editor_file(out / "editor.safetensors", "MEND")
+    blob = {**header, "state_dict": tensors}
     assert not any(k.startswith("model.") for k in blob["state_dict"]), "editor only, no base weights"
     assert blob["fingerprint"]["edited_weights_sha256"]
     # the step sizes moved: they are trained at their own learning rate
@@ -119,7 +120,7 @@ def test_print_config(bases, capsys):
 
 
 def _editor_state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)[CHECKPOINT_KEY]["state_dict"]
+    return load_editor_file(path, "MEND")[0]
 
 
 class KillAfter(Callback):
@@ -160,7 +161,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(bases, tmp_path):
     args = mend_args("causal", bases, part, *common, "--ckpt_path", str(part / "ck" / "last.ckpt"),
                      "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false")
     train.main(args)
-    resumed, unbroken = _editor_state(part / "editor.ckpt"), _editor_state(full / "editor.ckpt")
+    resumed, unbroken = _editor_state(part / "editor.safetensors"), _editor_state(full / "editor.safetensors")
     groups = torch.load(full / "ck" / "last.ckpt", weights_only=False)["optimizer_states"][0]["param_groups"]
     assert [g["lr"] for g in groups] == pytest.approx([0.0, 0.0], abs=1e-12), "cosine decay ends at 0 at max_steps"
     assert not torch.equal(last["state_dict"]["editor.edit_lrs"], resumed["edit_lrs"]), "the resumed run trained"
@@ -207,7 +208,7 @@ def test_checkpoint_for_another_base_is_refused(bases, tmp_path):
 
     other = load_model(bases / "base_seq2seq" / "model", "seq2seq")
     with pytest.raises(ValueError, match="was trained for base model"):
-        MEND.load(out / "editor.ckpt", other)
+        MEND.load(out / "editor.safetensors", other)
 
 
 def test_ddp_two_processes_equal_one_process_same_global_batch(bases, tmp_path, child_env):
@@ -224,7 +225,7 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(bases, tmp_path, 
                "--trainer.logger", logger]
         res = subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
-    a, b = _editor_state(single / "editor.ckpt"), _editor_state(ddp / "editor.ckpt")
+    a, b = _editor_state(single / "editor.safetensors"), _editor_state(ddp / "editor.safetensors")
     assert a["norms.0.count"].min() > 0 and a["preconds.0.count"].min() > 0, "input statistics were updated"
     assert a["nets.0.U"].abs().max() > 0, "the networks trained (the comparison is not of untouched zeros)"
     for k in a:  # editor networks, step sizes, normalisation and preconditioner statistics alike
@@ -245,7 +246,7 @@ def _val_metrics(out: Path) -> dict[str, float]:
 def test_early_stopping_keeps_the_best_editor_and_a_resumable_latest_state(bases, tmp_path):
     """The default config's own checkpoint and early-stopping callbacks, validating every step and
     (mode max on a falling loss) stopping after 2 validations without a new best: the run must stop
-    before max_steps, editor.ckpt must hold the best validation's editor, not the latest one, and
+    before max_steps, editor.safetensors must hold the best validation's editor, not the latest one, and
     last.ckpt (what --ckpt_path last resumes from) must hold the latest state, not the best one."""
     out = tmp_path / "es"
     cbs = yaml.safe_load(open(ROOT / "configs" / "mend_zsre_gpt2_tiny.yaml"))["trainer"]["callbacks"]
@@ -268,7 +269,7 @@ def test_early_stopping_keeps_the_best_editor_and_a_resumable_latest_state(bases
     assert latest["global_step"] < 40, "early stopping fired before max_steps"
     assert best["global_step"] < latest["global_step"], "the best validation was not the last one"
     assert latest["global_step"] == best["global_step"] + 2, "last.ckpt is the state the run stopped in"
-    kept = _editor_state(out / "editor.ckpt")
+    kept = _editor_state(out / "editor.safetensors")
     for k, v in best[CHECKPOINT_KEY]["state_dict"].items():
         assert torch.equal(kept[k], v), k
     assert not torch.equal(kept["edit_lrs"], latest[CHECKPOINT_KEY]["state_dict"]["edit_lrs"])

@@ -1,0 +1,95 @@
+"""Files editors are shared in, and how every output is written.
+
+An editor file is a safetensors file: the editor's tensors plus one JSON header (class, format
+version, config, base-model fingerprint) in the safetensors metadata. Loading reads tensors and
+JSON only, so a file someone sent you cannot run code (a pickle can). Every output is written
+to a temporary file in the same directory, flushed to disk and renamed over the target, so a
+crash leaves the old file or the new one, never a truncated one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from torch import Tensor
+
+FORMAT = 2  # editor file format; 1 was a pickled dict (hypedit 0.1), refused on load
+HEADER_KEY = "hypedit"
+
+
+class EditorFileError(ValueError):
+    """A file that is not a loadable editor (wrong format, truncated, another class)."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success, fsync it and rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def save_editor_file(path: str | Path, tensors: Mapping[str, Tensor], header: Mapping[str, Any]) -> Path:
+    """Write an editor's tensors and JSON header as one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    meta = {HEADER_KEY: json.dumps({**header, "format": FORMAT})}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_editor_file(path: str | Path, expect_class: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """An editor file's (tensors, header); refuses anything else with a message saying what it is."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"editor file {path} does not exist")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head == b"PK" or head[:1] == b"\x80":  # a torch.save zip archive or a raw pickle
+            raise EditorFileError(
+                f"{path} is a pickle-based checkpoint (a hypedit 0.1 editor or a Lightning training checkpoint). "
+                f"hypedit does not unpickle editor files, because unpickling can run code. If you trust its origin, "
+                f"convert it once: python -m editors.convert {path} {path.with_suffix('.safetensors')}") from None
+        raise EditorFileError(f"{path} is not a readable editor file (truncated or not safetensors): {e}") from None
+    if HEADER_KEY not in meta:
+        raise EditorFileError(f"{path} is a safetensors file without a hypedit header: not an editor file")
+    try:
+        header = json.loads(meta[HEADER_KEY])
+    except json.JSONDecodeError as e:
+        raise EditorFileError(f"{path} has a damaged hypedit header: {e}") from None
+    if header.get("format") != FORMAT:
+        raise EditorFileError(f"{path} has editor file format {header.get('format')}; this hypedit reads {FORMAT}")
+    if header.get("class") != expect_class:
+        raise EditorFileError(f"{path} holds a {header.get('class')} editor, not {expect_class}")
+    return tensors, header
