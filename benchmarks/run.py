@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from datamodules.atomic import write_text  # noqa: E402
 from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement  # noqa: E402
 from editors.mend import MEND  # noqa: E402
 
@@ -340,7 +341,7 @@ def write_markdown(path: Path, res: dict, prof: dict) -> None:
     notes = HERE / "NOTES.md"
     if notes.exists():
         lines += [notes.read_text()]
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
 
 
 def main() -> None:
@@ -362,7 +363,7 @@ def main() -> None:
             print({k: round(v, 3) for k, v in res.items() if isinstance(v, float)}, flush=True)
     res["seconds"] = time.time() - start
     out = Path(args.out)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    write_text(out / "results.json", json.dumps(res, indent=1))
     write_markdown(out / "RESULTS.md", res, prof)
     for k, target in TARGETS.items():
         if k in res:

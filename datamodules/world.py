@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from datamodules.atomic import write_text
+
 # relation -> (objects, question templates, claim templates). The last templates of each list
 # are the reserved evaluation-only wordings.
 RELATIONS: dict[str, tuple[list[str], list[str], list[str]]] = {
@@ -203,7 +205,7 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> Pat
                                           for r in base_claims if r["split"] == "loc"])
     write_jsonl(out / "base-qa.jsonl", base_qa)
     write_jsonl(out / "base-claims.jsonl", base_claims)
-    stamp.write_text(json.dumps(meta, indent=1))
+    write_text(stamp, json.dumps(meta, indent=1))  # last: the world is complete
     return out
 
 
@@ -218,9 +220,8 @@ def world_texts(world_dir: str | Path) -> list[str]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    """Write rows atomically (a crash leaves no half-written file)."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_jsonl_plain(path: Path) -> list[dict]:

@@ -2,20 +2,18 @@
 
 An editor file is a safetensors file: the editor's tensors plus one JSON header (class, format
 version, config, base-model fingerprint) in the safetensors metadata. Loading reads tensors and
-JSON only, so a file someone sent you cannot run code (a pickle can). Every output is written
-to a temporary file in the same directory, flushed to disk and renamed over the target, so a
-crash leaves the old file or the new one, never a truncated one.
+JSON only, so a file someone sent you cannot run code (a pickle can). It is written atomically
+(:mod:`datamodules.atomic`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from torch import Tensor
+
+from datamodules.atomic import atomic_path
 
 FORMAT = 2  # editor file format; 1 was a pickled dict (hypedit 0.1), refused on load
 HEADER_KEY = "hypedit"
@@ -23,30 +21,6 @@ HEADER_KEY = "hypedit"
 
 class EditorFileError(ValueError):
     """A file that is not a loadable editor (wrong format, truncated, another class)."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success, fsync it and rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
 
 
 def save_editor_file(path: str | Path, tensors: Mapping[str, Tensor], header: Mapping[str, Any]) -> Path:

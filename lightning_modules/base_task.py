@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from datamodules.atomic import write_text
 from datamodules.encoding import Family, collate, encode, load_tokenizer
 from datamodules.world import RELATIONS, read_jsonl_plain, write_jsonl
 from editors.losses import forward_logits, nll, scores
@@ -92,14 +93,19 @@ class BaseTaskModule(L.LightningModule):
             return {}
         if self.is_cached():
             return json.loads((out / "model" / "hypedit_base.json").read_text())
-        self.model.save_pretrained(out / "model")
-        self.tokenizer.save_pretrained(out / "model")
+        # into a temporary directory renamed into place: a crash leaves no half-saved model
+        tmp = out / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out / "model", ignore_errors=True)
+        tmp.rename(out / "model")
         em, tok = self.training_set_accuracy(datamodule)
         summary = {"fingerprint": self.fingerprint(), "family": self.hparams.family,
                    "exact_match_on_training_questions": em, "token_acc_on_training_questions": tok}
         summary.update(annotate_world(self.model.eval(), self.tokenizer, self.hparams.family,
                                       Path(datamodule.hparams.world_dir), out / "data"))
-        (out / "model" / "hypedit_base.json").write_text(json.dumps(summary, indent=1))
+        write_text(out / "model" / "hypedit_base.json", json.dumps(summary, indent=1))  # last: the stamp of a complete export
         return summary
 
 

@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from datamodules.atomic import atomic_path, write_text
 
 # (column title, entry key, format) of the summary table
 COLUMNS: list[tuple[str, str, str]] = [
@@ -81,7 +82,8 @@ def plot_retention(entries: Sequence[dict], path: Path) -> bool:
     axes[0][0].set_ylabel("share right / retention ratio")
     axes[0][-1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return True
 
@@ -113,7 +115,8 @@ def plot_locality_drift(entries: Sequence[dict], path: Path) -> bool:
             if group and col == 0:
                 ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return True
 
@@ -137,7 +140,8 @@ def plot_batch(entries: Sequence[dict], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return True
 
@@ -204,8 +208,7 @@ def write_report(report: dict, path: str | Path) -> dict[str, Path]:
     entries = report["entries"]
     if len(entries) == 1:
         report = {**entries[0], **report}
-    path.write_text(json.dumps(report, indent=1))
-    written = {"json": path}
+    written = {"json": path}  # written last: a report JSON on disk means everything beside it is complete
     plots = []
     for name, fn in (("retention", plot_retention), ("locality_drift", plot_locality_drift), ("batch", plot_batch)):
         png = path.with_name(f"{path.stem}_{name}.png")
@@ -213,9 +216,10 @@ def write_report(report: dict, path: str | Path) -> dict[str, Path]:
             plots.append(png)
             written[name] = png
     md = path.with_suffix(".md")
-    md.write_text(markdown(report, plots))
+    write_text(md, markdown(report, plots))
     written["markdown"] = md
     tb = path.parent / "tensorboard" / path.stem
     write_tensorboard(entries, tb, table(entries))
     written["tensorboard"] = tb
+    write_text(path, json.dumps(report, indent=1))
     return written
