@@ -64,9 +64,11 @@ class RunningNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor, mask: Tensor) -> None:
-        """Fold in the rows of ``x [M, N, D]`` where ``mask [M, N]``, summed over all processes."""
-        m = mask.to(torch.float64).unsqueeze(-1)
-        xd = x.detach().to(torch.float64)
+        """Fold in the rows of ``x [M, N, D]`` where ``mask [M, N]``, summed over all processes. Rows
+        holding a NaN or infinity are left out (a bad step must not poison the statistics for good)."""
+        finite = torch.isfinite(x).all(-1)
+        m = (mask & finite).to(torch.float64).unsqueeze(-1)
+        xd = torch.where(finite.unsqueeze(-1), x.detach(), 0).to(torch.float64)
         stats = torch.cat([m.sum(1), (xd * m).sum(1), (xd * xd * m).sum(1)], dim=-1)  # [M, 1 + 2D]
         _sum_over_processes(stats)
         D = x.shape[-1]
@@ -115,9 +117,11 @@ class InputPreconditioner(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor, mask: Tensor) -> None:
-        """Fold in the rows of ``x [M, N, D]`` where ``mask [M, N]``, summed over all processes."""
-        m = mask.to(torch.float64)
-        xd = x.detach().to(torch.float64) * m.unsqueeze(-1)
+        """Fold in the rows of ``x [M, N, D]`` where ``mask [M, N]``, summed over all processes
+        (non-finite rows left out, as :meth:`RunningNorm.update` does)."""
+        finite = torch.isfinite(x).all(-1)
+        m = (mask & finite).to(torch.float64)
+        xd = torch.where(finite.unsqueeze(-1), x.detach(), 0).to(torch.float64) * m.unsqueeze(-1)
         M, D = self.mean.shape
         stats = torch.cat([m.sum(1, keepdim=True), xd.sum(1), (xd.transpose(1, 2) @ xd).flatten(1)], 1)
         _sum_over_processes(stats)

@@ -1,5 +1,8 @@
-"""Callbacks that watch what editing does to unrelated inputs while an editor trains."""
+"""Callbacks of editor meta-training: what editing does to unrelated inputs while an editor trains
+(:class:`LocalityDrift`), and a guard against non-finite steps (:class:`NonFiniteGuard`)."""
 from __future__ import annotations
+
+from typing import Any
 
 import lightning as L
 import torch
@@ -54,3 +57,45 @@ def _flipped(pre: torch.Tensor, post: torch.Tensor, batch: dict, family: str) ->
         return (pre > 0) != (post > 0)
     mask = batch["decoder_attention_mask" if family == "seq2seq" else "attention_mask"].bool()
     return ((pre.argmax(-1) != post.argmax(-1)) & mask).any(1)
+
+
+class NonFiniteGuard(L.Callback):
+    """Skip any optimiser step whose gradient (after the data-parallel all-reduce, so every process
+    decides alike) holds a NaN or infinity, count it (``train/skipped_steps``), and stop the run with a
+    message naming the step after ``max_consecutive`` such steps in a row. A skipped step leaves the
+    parameters and Adam's moments as they were (their gradients are dropped, not zeroed). Every
+    meta-training module adds it (``configure_callbacks``)."""
+
+    def __init__(self, max_consecutive: int = 10) -> None:
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.in_a_row = 0
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        if finite:
+            self.in_a_row = 0
+        else:
+            for p in params:
+                p.grad = None
+            self.skipped += 1
+            self.in_a_row += 1
+            if self.in_a_row >= self.max_consecutive:
+                raise RuntimeError(f"{self.in_a_row} optimiser steps in a row had a non-finite loss or gradient "
+                                   f"(the last at global step {trainer.global_step}); stopping. Lower the learning "
+                                   "rates or check the data of these steps")
+        pl_module.log("train/skipped_steps", float(self.skipped), rank_zero_only=True)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.in_a_row = state["skipped"], state["in_a_row"]
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to export an editor holding a NaN or infinity."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RuntimeError(f"{what} holds non-finite values in {', '.join(bad[:5])}: not exported")

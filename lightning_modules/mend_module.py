@@ -38,6 +38,7 @@ from datamodules.encoding import Family
 from editors.layers import check_fingerprint, fingerprint, low_rank_edit
 from editors.losses import forward_logits, model_inputs, kl_pre_post, nll, scores, top1_agreement
 from editors.mend import CHECKPOINT_KEY, MEND, save_blob
+from lightning_modules.callbacks import NonFiniteGuard, check_finite
 from lightning_modules.models import load_model
 from lightning_modules.schedules import warmup_cosine
 
@@ -186,6 +187,9 @@ class MENDModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, total=total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [NonFiniteGuard()]
+
     # -- checkpoints: editor only, fingerprinted
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
@@ -209,11 +213,12 @@ class MENDModule(L.LightningModule):
         # the callback that keeps the best validation's state (a second one may keep the latest)
         cb = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
         best = getattr(cb, "best_model_path", "") if cb is not None else ""
-        if best:
-            # this run's own checkpoint, read without unpickling arbitrary objects
-            save_blob(out / "editor.safetensors", torch.load(best, map_location="cpu", weights_only=True)[CHECKPOINT_KEY])
-        else:
-            self.editor.save(out / "editor.safetensors", self.model)
+        # the best validation's editor (this run's own checkpoint, read without unpickling arbitrary
+        # objects), else the final one
+        blob = (torch.load(best, map_location="cpu", weights_only=True)[CHECKPOINT_KEY] if best
+                else self.editor.export(self.model))
+        check_finite(blob["state_dict"], "the trained editor")
+        save_blob(out / "editor.safetensors", blob)
         summary = {"editor": str(out / "editor.safetensors"), "best_checkpoint": best or None,
                    "best_score": float(cb.best_model_score) if best and cb.best_model_score is not None else None,
                    "monitor": getattr(cb, "monitor", None),

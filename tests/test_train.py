@@ -349,3 +349,39 @@ def test_validation_under_the_stopping_rule_equals_until_right_edit_by_edit(base
     assert got["val/until_right_generality"] == pytest.approx(torch.cat(gen).mean().item(), abs=1e-6)
     assert got["val/until_right_drawdown"] == pytest.approx(torch.cat(drawdown).mean().item(), abs=1e-6)
     assert 0.0 <= got["val/until_right_edit_success"] <= 1.0 and got["val/until_right_loc_kl"] > -1e-6
+
+
+class PoisonGrads(Callback):
+    """Turns the gradients of the given global steps (all steps from ``every_from`` on) into NaN, as a
+    bad batch or an overflow would."""
+
+    def __init__(self, steps: list[int] = (), every_from: int | None = None) -> None:
+        self.steps, self.every_from = set(steps), every_from
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        s = trainer.global_step
+        if s in self.steps or (self.every_from is not None and s >= self.every_from):
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist(bases, tmp_path):
+    """A NaN gradient skips its step (the editor stays finite and is exported; the step is counted in
+    train/skipped_steps); ten in a row stop the run with a message naming the step."""
+    out = tmp_path / "nan"
+    logger = '{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "%s", "name": "csv"}}' % out
+    poison = {"class_path": "test_train.PoisonGrads", "init_args": {"steps": [1, 2]}}
+    train.main(mend_args("causal", bases, out, "--trainer.callbacks", json.dumps([poison]), "--trainer.logger", logger,
+                         "--trainer.log_every_n_steps", "1"))
+    state = _editor_state(out / "editor.safetensors")
+    assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+    import csv
+
+    rows = list(csv.DictReader(open(next(out.glob("csv/*/metrics.csv")))))
+    assert max(float(r["train/skipped_steps"]) for r in rows if r.get("train/skipped_steps")) == 2
+    poison = {"class_path": "test_train.PoisonGrads", "init_args": {"every_from": 1}}
+    with pytest.raises(RuntimeError, match="10 optimiser steps in a row.*global step"):
+        train.main(mend_args("causal", bases, tmp_path / "nan2", "--trainer.callbacks", json.dumps([poison]),
+                             "--trainer.max_steps", "20"))
