@@ -1,4 +1,4 @@
-"""Readers for the edit-data files researchers already have (REFERENCE.md section 5).
+"""Readers for the edit-data files researchers already have.
 
 Every reader returns plain :class:`EditRecord` / :class:`LocalityPair` lists. A malformed line or
 a record missing a required field raises :class:`DataFormatError` naming the file, the line and
@@ -43,18 +43,62 @@ class LocalityPair:
     answer: str | None = None
 
 
+def _open_error(path: Path, e: OSError) -> DataFormatError:
+    return DataFormatError(f"{path}: cannot read ({e.strerror or e})")
+
+
 def _iter_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """``(line number, object)`` for every non-blank line; an empty file is an error."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise _open_error(path, e) from None
+    seen = False
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
             if not isinstance(obj, dict):
                 raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            seen = True
             yield lineno, obj
+    if not seen:
+        raise DataFormatError(f"{path}: empty file (no records)")
+
+
+def _read_text(path: Path) -> str:
+    """A whole file as UTF-8, with the line of the first undecodable byte named."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise _open_error(path, e) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataFormatError(f"{path}:{line}: not valid UTF-8") from None
+
+
+def _str_list(obj: dict, key: str, path: Path, where: int | str) -> list[str]:
+    val = _need(obj, key, list, path, where)
+    if not all(isinstance(v, str) for v in val):
+        raise DataFormatError(f"{path}:{where}: field '{key}' should be a list of strings")
+    return val
+
+
+def _optional_str(obj: dict, key: str, path: Path, where: int | str) -> str | None:
+    val = obj.get(key)
+    if val is not None and not isinstance(val, str):
+        raise DataFormatError(f"{path}:{where}: field '{key}' should be a string, got {type(val).__name__}")
+    return val
 
 
 def _need(obj: dict, key: str, typ: type | tuple, path: Path, where: int | str) -> Any:
@@ -95,7 +139,8 @@ def _read_released_jsonl(path: str | Path, labels: tuple[str, ...] | None = None
         prompt = _need(obj, "input", str, path, ln)
         pred = _need(obj, "prediction", str, path, ln)
         alts = _need(obj, "alternatives", list, path, ln)
-        reph = _need(obj, "filtered_rephrases", list, path, ln)
+        reph = _str_list(obj, "filtered_rephrases", path, ln)
+        subject = _optional_str(obj, "subject", path, ln)
         gold = _gold(obj, path, ln)
         if labels is not None:
             _one_of(pred, "prediction", labels, path, ln)
@@ -107,8 +152,7 @@ def _read_released_jsonl(path: str | Path, labels: tuple[str, ...] | None = None
         if not reph:
             skipped["without rephrases"] += 1
             continue
-        recs.append(EditRecord(prompt, alts[0], [str(r) for r in reph], gold, pred, obj.get("subject"),
-                               {"alternatives": alts}))
+        recs.append(EditRecord(prompt, alts[0], reph, gold, pred, subject, {"alternatives": alts}))
     _log_skipped(path, len(recs), skipped)
     return recs
 
@@ -123,11 +167,13 @@ def read_zsre_toolkit(path: str | Path) -> tuple[list[EditRecord], list[Locality
     """zsRE in the large-scale toolkit format: one JSON list of ``{subject, src, pred, rephrase, alt, loc, loc_ans}``."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise DataFormatError(f"{path}: expected a JSON list of records")
+    except RecursionError:
+        raise DataFormatError(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(data, list) or not data:
+        raise DataFormatError(f"{path}: expected a non-empty JSON list of records")
     recs, locs, skipped = [], [], {"without alternatives": 0, "without rephrases": 0}
     for i, obj in enumerate(data):
         where = f"record {i}"
@@ -136,19 +182,22 @@ def read_zsre_toolkit(path: str | Path) -> tuple[list[EditRecord], list[Locality
         src = _need(obj, "src", str, path, where)
         alt = _need(obj, "alt", str, path, where)
         reph = _need(obj, "rephrase", str, path, where)
-        pred = obj.get("pred", "")
+        pred = _optional_str(obj, "pred", path, where) or ""
         answers = obj.get("answers") or [pred]
-        loc = obj.get("loc")
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise DataFormatError(f"{path}:{where}: field 'answers' should be a list of strings")
+        subject = _optional_str(obj, "subject", path, where)
+        loc = _optional_str(obj, "loc", path, where)
         if loc:
             q = loc[len("nq question: "):] if loc.startswith("nq question: ") else loc
-            locs.append(LocalityPair(q, obj.get("loc_ans")))
+            locs.append(LocalityPair(q, _optional_str(obj, "loc_ans", path, where)))
         if not alt or alt == pred:
             skipped["without alternatives"] += 1
             continue
         if not reph:
             skipped["without rephrases"] += 1
             continue
-        recs.append(EditRecord(src, alt, [reph], str(answers[0]), str(pred), obj.get("subject"),
+        recs.append(EditRecord(src, alt, [reph], answers[0], pred, subject,
                                {"portability": obj.get("portability")}))
     _log_skipped(path, len(recs), skipped)
     return recs, locs
@@ -162,11 +211,13 @@ def read_fever_jsonl(path: str | Path) -> list[EditRecord]:
 def read_nq(path: str | Path) -> list[LocalityPair]:
     """Natural-Questions locality pairs: JSON (or JSON lines) objects ``{"questions": [...], "answers": [...]}``."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:  # one JSON document with the two parallel lists
         objs = [(1, json.loads(text))]
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         objs = list(_iter_json_lines(path))
+    if not isinstance(objs[0][1], dict):
+        raise DataFormatError(f"{path}:1: expected a JSON object with 'questions' and 'answers'")
     pairs = []
     for ln, obj in objs:
         qs = _need(obj, "questions", list, path, ln)
@@ -174,8 +225,11 @@ def read_nq(path: str | Path) -> list[LocalityPair]:
         if len(qs) != len(ans):
             raise DataFormatError(f"{path}:{ln}: 'questions' and 'answers' have different lengths ({len(qs)} vs {len(ans)})")
         for q, a in zip(qs, ans):
-            a = a[0] if isinstance(a, list) and a else a
-            pairs.append(LocalityPair(str(q), str(a)))
+            a = a[0] if isinstance(a, list) and a else a  # NQ lists several acceptable answers: keep the first
+            if not isinstance(q, str) or not isinstance(a, str):
+                raise DataFormatError(f"{path}:{ln}: 'questions' should hold strings and 'answers' strings "
+                                      "(or lists of strings)")
+            pairs.append(LocalityPair(q, a))
     return pairs
 
 

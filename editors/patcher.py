@@ -1,0 +1,814 @@
+"""Transformer-Patcher (Huang et al., ICLR 2023, "Transformer-Patcher: One Mistake Worth One Neuron").
+
+Each mistake is fixed by adding a few neurons to one feed-forward layer (by default the last
+block's FFN): the patch adds ``act(x @ K + b) @ V`` to the FFN's output, ``x`` being the FFN input
+at every position. The base weights are never modified; only the new neurons are trained.
+
+Per edit (:meth:`Patcher.make_edit`):
+
+- nothing is done when the current model already gets the edit right (an empty edit);
+- one neuron per mistake: the [CLS] (first) token of a wrong classifier input; for generation, one
+  per wrongly predicted target token (its query is the FFN input at the position that predicts
+  that token), at most ``max_neurons_per_edit`` per input;
+- the key starts at ``k = q / |q|^2`` (its first pre-activation on its query ``q`` is 1), the bias
+  at 0, the value at 0 (so the untrained patch changes nothing);
+- the activation constraints: each new neuron's pre-activation is at least ``edit_activation`` on
+  its query, at most ``memory_margin`` on every negative, and at least ``gap_margin`` above the
+  largest negative. Negatives: the memory's queries, every earlier edit's queries, and the other
+  target positions of this edit (so each neuron fixes its own token);
+- loss = edit NLL + ``activation_weight`` * hinge(edit activation) + ``memory_weight`` * (hinges of
+  the margin and the gap, each averaged over a neuron's ``top_k`` worst negatives);
+- stop as soon as the edit is right and every constraint holds; when the constraints cannot all be
+  met (a negative query next to the edit's), once the edit is right and the activation loss has not
+  improved for ``patience`` steps; at most ``max_steps`` model forwards.
+
+How it is optimised (implementation choices, each for speed on a CPU):
+
+- The constraints are linear in (key, bias) and need no model forward, so key and bias are first
+  fitted to them alone by L-BFGS on squared hinges (a few dozen evaluations of two small products;
+  Adam on the joint loss took hundreds of model forwards for the same). When that meets them, only
+  the value is trained afterwards (the NLL's pull on the key would undo them); otherwise key, bias
+  and value are trained together on the full loss, as in the paper.
+- Adam (``lr``, 1e-2 as in the paper) with a step that grows by ``lr_growth`` while the loss falls
+  and halves when it rises (at most ``max_lr_factor * lr``): the size a value needs depends on the
+  scale of the hidden states the FFN adds to (about 1 after a post-LN block such as BART's, about
+  0.01 in a randomly initialised pre-LN GPT-2), and a fixed step takes ~100 steps for the former.
+
+Key and bias are trained, not only the value: a query of one layer is strongly correlated with
+most other queries of that layer (a shared mean direction, the same [CLS] token everywhere), so
+the initial key ``q / |q|^2`` fires on much of the memory too; moving the key and bias is what
+brings those activations below the margin while the edit's stays high. When the negatives include
+near-duplicates of the edit's query (a randomly initialised BART's decoder queries barely depend on
+the input), the separating key is very long; the patch is then ill-conditioned, and a float32 wider
+model (:func:`widen_ffn`) matches it only to about 1e-4 (float64: exactly, up to rounding).
+
+The memory is a collated batch of training-split inputs (same format as an edit batch); its
+queries at the patched layer are computed once from the first model :meth:`Patcher.make_edit`
+sees and cached. A patch does not change its own layer's input, so the queries of a model
+carrying earlier patches at that layer are the base model's. The earlier edits' queries (every
+target position of an edited input) are stored in the installed patch as a buffer, so a working
+model in a sequential stream carries them.
+
+An installed patch is a :class:`FFNPatch` submodule named ``hypedit_patch`` of the FFN container
+(e.g. ``transformer.h.3.mlp.hypedit_patch.key``) plus two forward hooks (record the FFN input,
+add the patch to the output projection's output). Base parameter names are unchanged, so a
+patched model's parameters are the base's plus the patch's. :func:`widen_ffn` turns a patched
+model into a plain Hugging Face model with a wider FFN (the patch neurons appended, other layers
+of the same width padded with zero neurons); :func:`save_patches` / :func:`load_patches` store
+the patch in safetensors with a JSON header that identifies the base model.
+
+Plain torch: no Lightning here.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from datamodules.encoding import Family
+from editors.base import Edit, Editor
+from editors.layers import LayerSpec, check_fingerprint, fingerprint, select_layers
+from editors.losses import forward_logits, model_inputs, nll, scores
+
+PATCH_ATTR = "hypedit_patch"
+FORMAT_VERSION = 1
+HEADER_KEY = "hypedit_patches"
+
+# FFN layouts, relative to the FFN container: (input projection, output projection, up projection of a gated FFN)
+_LAYOUTS: tuple[tuple[str, str, str | None], ...] = (
+    ("c_fc", "c_proj", None),                        # GPT-2 (Conv1D)
+    ("intermediate.dense", "output.dense", None),    # BERT / RoBERTa layer
+    ("fc1", "fc2", None),                            # BART encoder / decoder layer
+    ("gate_proj", "down_proj", "up_proj"),           # LLaMA-style gated FFN: down(act(gate x) * up x)
+    ("fc_in", "fc_out", None),                       # GPT-J
+    ("dense_h_to_4h", "dense_4h_to_h", None),        # GPT-NeoX
+)
+_ACT_ATTRS = ("act", "act_fn", "activation_fn", "intermediate.intermediate_act_fn")
+_ACT_CONFIG = ("activation_function", "hidden_act", "hidden_activation")
+
+# model type -> [(full-match regex of the FFN containers that share one config width, that width's config field)]
+_WIDTH_RULES: dict[str, list[tuple[str, str]]] = {
+    "gpt2": [(r"(?:.*\.)?h\.\d+\.mlp", "n_inner")],
+    "bert": [(r"(?:.*\.)?encoder\.layer\.\d+", "intermediate_size")],
+    "roberta": [(r"(?:.*\.)?encoder\.layer\.\d+", "intermediate_size")],
+    "bart": [(r"(?:.*\.)?encoder\.layers\.\d+", "encoder_ffn_dim"),
+             (r"(?:.*\.)?decoder\.layers\.\d+", "decoder_ffn_dim")],
+    "llama": [(r"(?:.*\.)?layers\.\d+\.mlp", "intermediate_size")],
+}
+
+
+# ---------------------------------------------------------------- where the patch goes
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _layout(container: nn.Module) -> tuple[str, str, str | None] | None:
+    for inp, out, up in _LAYOUTS:
+        if _has(container, inp) and _has(container, out) and (up is None or _has(container, up)):
+            return inp, out, up
+    return None
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+def _own_activation(container: nn.Module) -> Any:
+    for path in _ACT_ATTRS:
+        obj: Any = container
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if callable(obj):
+            return obj
+    return None
+
+
+@dataclass(frozen=True)
+class FFNSite:
+    """One patchable FFN: its container module, the input/output projections (relative names),
+    the up projection of a gated FFN, the FFN's activation (an ``ACT2FN`` name) and its widths."""
+
+    layer: str
+    inp: str
+    out: str
+    up: str | None
+    activation: str
+    d_model: int
+    width: int
+    conv1d: bool
+
+    @property
+    def in_name(self) -> str:
+        return f"{self.layer}.{self.inp}"
+
+    @property
+    def out_name(self) -> str:
+        return f"{self.layer}.{self.out}"
+
+    @property
+    def matrices(self) -> list[str]:
+        """The base weight matrices of this FFN (what identifies the base model)."""
+        names = [self.in_name] + ([f"{self.layer}.{self.up}"] if self.up else []) + [self.out_name]
+        return [f"{n}.weight" for n in names]
+
+    @property
+    def gated(self) -> bool:
+        return self.up is not None
+
+
+def _resolve_layer(model: nn.Module, layer: str | None) -> str:
+    if layer is None:
+        cands = [n for n, m in model.named_modules() if n and PATCH_ATTR not in n and _layout(m) is not None]
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            cands = [n for n in cands if "decoder" in n] or cands
+        if not cands:
+            raise ValueError(f"no feed-forward layer found in {type(model).__name__}: give `layer` (an FFN "
+                             f"module holding one of the input/output projection pairs {[l[:2] for l in _LAYOUTS]})")
+        return cands[-1]
+    try:
+        container = model.get_submodule(layer)
+    except AttributeError:
+        raise ValueError(f"layer {layer!r} is not a submodule of {type(model).__name__}") from None
+    if _layout(container) is None:
+        if _has(container, "mlp") and _layout(container.get_submodule("mlp")) is not None:
+            return f"{layer}.mlp"
+        raise ValueError(f"layer {layer!r} is not a feed-forward layer: it holds none of the projection pairs "
+                         f"{[l[:2] for l in _LAYOUTS]}")
+    return layer
+
+
+def resolve_site(model: nn.Module, layer: str | None = None, activation: str | None = None) -> FFNSite:
+    """The FFN ``layer`` of ``model`` (default: the last block's FFN; the decoder's for an
+    encoder-decoder model), checked: known layout, and an activation we can reproduce exactly."""
+    from transformers.activations import ACT2FN
+
+    layer = _resolve_layer(model, layer)
+    container = model.get_submodule(layer)
+    inp, out, up = _layout(container)  # type: ignore[misc]
+    in_mod = container.get_submodule(inp)
+    conv = _is_conv1d(in_mod)
+    if not (conv or isinstance(in_mod, nn.Linear)):
+        raise ValueError(f"{layer}.{inp} is neither nn.Linear nor Conv1D")
+    d_model, width = (in_mod.weight.shape if conv else in_mod.weight.shape[::-1])
+    if activation is None:
+        cfg = getattr(model, "config", None)
+        activation = next((getattr(cfg, a) for a in _ACT_CONFIG
+                           if isinstance(getattr(cfg, a, None), str) and getattr(cfg, a) in ACT2FN), None)
+    if activation is None or activation not in ACT2FN:
+        raise ValueError(f"cannot tell the activation of {layer}: pass `activation` (a transformers ACT2FN name)")
+    own = _own_activation(container)
+    if own is not None:
+        t = torch.linspace(-8, 8, 161)
+        if not torch.equal(ACT2FN[activation](t), own(t)):
+            raise ValueError(f"activation {activation!r} differs from the one {layer} uses ({own}); the patch must "
+                             f"use the FFN's own activation")
+    return FFNSite(layer, inp, out, up, activation, int(d_model), int(width), conv)
+
+
+# ---------------------------------------------------------------- the patch module
+class FFNPatch(nn.Module):
+    """Extra neurons of one FFN: adds ``act(x @ key + bias) @ value`` to the FFN's output.
+
+    ``key [d_model, n]``, ``bias [n]``, ``value [n, d_model]`` are frozen parameters (counted as
+    the edit's added weights); ``queries [m, d_model]`` is a buffer of the earlier edits' queries.
+    Installed by :func:`install_patch`: a pre-hook on the FFN's input projection records ``x``, a
+    hook on its output projection adds the patch.
+    """
+
+    def __init__(self, d_model: int, activation: str, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
+        from transformers.activations import ACT2FN
+
+        super().__init__()
+        self.activation = activation
+        self.act = ACT2FN[activation]
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.key = nn.Parameter(torch.zeros(d_model, 0, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(0, **kw), requires_grad=False)
+        self.value = nn.Parameter(torch.zeros(0, d_model, **kw), requires_grad=False)
+        self.register_buffer("queries", torch.zeros(0, d_model, **kw))
+        self._x: Tensor | None = None
+
+    @property
+    def n_neurons(self) -> int:
+        return self.key.shape[1]
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        return x.to(self.key.dtype) @ self.key + self.bias
+
+    def contribution(self, x: Tensor) -> Tensor:
+        return self.act(self.pre_activations(x)) @ self.value
+
+    def _record(self, module: nn.Module, args: tuple) -> None:
+        self._x = args[0]
+
+    def _add(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
+        x, self._x = self._x, None
+        if x is None or self.n_neurons == 0:
+            return None
+        return out + self.contribution(x).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.key.shape[0]}, neurons={self.n_neurons}, queries={self.queries.shape[0]}, "
+                f"act={self.activation}")
+
+
+def installed_patches(model: nn.Module) -> dict[str, FFNPatch]:
+    """The patches installed in ``model``, by FFN container name."""
+    return {n.rsplit(".", 1)[0] if "." in n else "": m for n, m in model.named_modules()
+            if isinstance(m, FFNPatch) and n.endswith(PATCH_ATTR)}
+
+
+def install_patch(model: nn.Module, site: FFNSite) -> FFNPatch:
+    """The patch of ``site`` in ``model``, installed (empty) on first use."""
+    container = model.get_submodule(site.layer)
+    patch = getattr(container, PATCH_ATTR, None)
+    if patch is not None:
+        if patch.activation != site.activation or patch.key.shape[0] != site.d_model:
+            raise ValueError(f"the patch installed at {site.layer} ({patch.extra_repr()}) does not fit this edit "
+                             f"(d_model {site.d_model}, activation {site.activation})")
+        return patch
+    ref = model.get_submodule(site.in_name).weight
+    patch = FFNPatch(site.d_model, site.activation, dtype=ref.dtype, device=ref.device)
+    container.add_module(PATCH_ATTR, patch)
+    # bound methods of the patch: a deep copy of the model copies the hooks along with their patch
+    model.get_submodule(site.in_name).register_forward_pre_hook(patch._record)
+    model.get_submodule(site.out_name).register_forward_hook(patch._add)
+    return patch
+
+
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module structure that shares every parameter and buffer with it."""
+    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+# ---------------------------------------------------------------- the edit
+class PatchEdit(Edit):
+    """New neurons for one FFN (``key [d, n]``, ``bias [n]``, ``value [n, d]``) and the edit's
+    queries ``[m, d]`` (kept in the patch as negatives for later edits)."""
+
+    def __init__(self, site: FFNSite, key: Tensor, bias: Tensor, value: Tensor, queries: Tensor) -> None:
+        self.site = site
+        self.key, self.bias, self.value = key.detach(), bias.detach(), value.detach()
+        self.queries = queries.detach()
+
+    @classmethod
+    def empty(cls, site: FFNSite) -> "PatchEdit":
+        d = site.d_model
+        return cls(site, torch.zeros(d, 0), torch.zeros(0), torch.zeros(0, d), torch.zeros(0, d))
+
+    @property
+    def n_neurons(self) -> int:
+        return self.key.shape[1]
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """``model`` with the patch, functionally: a structural copy sharing all of ``model``'s tensors."""
+        return self.merge_(_shared_copy(model)) if self.n_neurons else model
+
+    @torch.no_grad()
+    def merge_(self, model: nn.Module) -> nn.Module:
+        """Add the neurons to ``model``'s patch (installed on first use); the existing tensors are
+        replaced by longer ones, never written in place. Returns ``model``."""
+        if self.n_neurons == 0:
+            return model
+        patch = install_patch(model, self.site)
+        dt, dev = patch.key.dtype, patch.key.device
+        patch.key = nn.Parameter(torch.cat([patch.key, self.key.to(dev, dt)], 1), requires_grad=False)
+        patch.bias = nn.Parameter(torch.cat([patch.bias, self.bias.to(dev, dt)]), requires_grad=False)
+        patch.value = nn.Parameter(torch.cat([patch.value, self.value.to(dev, dt)], 0), requires_grad=False)
+        patch.queries = torch.cat([patch.queries, self.queries.to(dev, dt)], 0)
+        return model
+
+    def params_changed(self, model: nn.Module) -> int:
+        """Added scalars: the new neurons' key, bias and value entries (no base weight changes)."""
+        return self.key.numel() + self.bias.numel() + self.value.numel()
+
+
+# ---------------------------------------------------------------- the editor
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the patched layer's input is recorded."""
+
+
+@contextlib.contextmanager
+def _base_frozen(model: nn.Module) -> Iterator[None]:
+    """No autograd on any of ``model``'s parameters for a while (flags restored afterwards)."""
+    live = [p for p in model.parameters() if p.requires_grad]
+    for p in live:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in live:
+            p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def _extra_neurons(model: nn.Module, site: FFNSite, act: Any, key: Tensor, bias: Tensor, value: Tensor
+                   ) -> Iterator[None]:
+    """Run ``model`` with the (trainable) neurons ``key, bias, value`` added to ``site``, on top of any
+    installed patch."""
+    seen: dict[str, Tensor] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        seen["x"] = args[0]
+
+    def add(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        x = seen.pop("x")
+        return out + (act(x.to(key.dtype) @ key + bias) @ value).to(out.dtype)
+
+    handles = [model.get_submodule(site.in_name).register_forward_pre_hook(record),
+               model.get_submodule(site.out_name).register_forward_hook(add)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _chunks(batch: Mapping[str, Tensor], size: int) -> Iterator[dict[str, Tensor]]:
+    n = next(iter(batch.values())).shape[0]
+    for i in range(0, n, size):
+        yield {k: v[i:i + size] for k, v in batch.items()}
+
+
+def _query_mask(batch: Mapping[str, Tensor], family: Family, width: int) -> Tensor:
+    """Which positions of ``batch`` give memory queries: [CLS] for classifiers, every real token otherwise."""
+    if family == "classifier":
+        m = torch.zeros(batch["input_ids"].shape[0], width, dtype=torch.bool)
+        m[:, 0] = True
+        return m
+    key = "decoder_attention_mask" if family == "seq2seq" else "attention_mask"
+    return batch[key].bool()
+
+
+def _pre_activations(q: Tensor, neg_t: Tensor, valid: Tensor, key: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """New neuron ``j``'s pre-activation on its own query ``q[j]`` ([n]) and on the negatives ``neg_t``
+    ([d, N], stored transposed) as ``[n, N]``, ``-inf`` where ``valid`` is False (not a negative of that
+    neuron). The ``[n, d] @ [d, N]`` layout keeps both products of forward and backward fast on a CPU;
+    ``[N, d] @ [d, n]`` with a skinny ``n`` was ten times slower."""
+    return (q * key.T).sum(-1) + bias, (key.T @ neg_t + bias[:, None]).masked_fill(~valid, -float("inf"))
+
+
+class Patcher(Editor):
+    """Transformer-Patcher: one new FFN neuron per mistake (Huang et al., ICLR 2023).
+
+    ``layer``: the FFN to patch by module name (default: the last block's FFN; an encoder-decoder's
+    last decoder layer). ``memory``: a collated batch of training-split inputs whose queries the
+    patch must not fire on. See the module docstring for the loss and the stopping rule.
+    """
+
+    name = "patcher"
+    uses_locality = False
+
+    def __init__(self, model: nn.Module, layer: str | None = None, memory: Mapping[str, Tensor] | None = None, *,
+                 lr: float = 1e-2, max_steps: int = 100, max_key_steps: int = 100, memory_margin: float = -3.0,
+                 edit_activation: float = 1.0, gap_margin: float | None = None, activation_weight: float = 1.0,
+                 memory_weight: float = 1.0, top_k: int = 16, max_neurons_per_edit: int = 5, train_key: bool = True,
+                 lr_growth: float = 1.5, max_lr_factor: float = 100.0, patience: int = 10,
+                 activation: str | None = None, memory_chunk: int = 64) -> None:
+        """``model``: the base model (resolves ``layer`` and its activation). ``memory``: collated
+        training-split inputs, or None (then only earlier edits are negatives). ``gap_margin``
+        defaults to ``edit_activation - memory_margin``. ``max_key_steps``: L-BFGS iterations fitting
+        key and bias. ``train_key=False`` keeps key ``q / |q|^2`` and bias 0 (value only).
+        ``activation``: an ``ACT2FN`` name, default from the model config (checked against the FFN's
+        own). ``memory_chunk``: rows per forward when computing the memory's queries."""
+        if max_steps < 0 or max_key_steps < 0 or max_neurons_per_edit < 1 or top_k < 1:
+            raise ValueError("need max_steps >= 0, max_key_steps >= 0, max_neurons_per_edit >= 1 and top_k >= 1")
+        self.site = resolve_site(model, layer, activation)
+        self.layers: list[LayerSpec] = select_layers(model, [re.escape(n) for n in self.site.matrices])
+        self.memory = dict(memory) if memory is not None else None
+        self.gap_margin = edit_activation - memory_margin if gap_margin is None else gap_margin
+        self.max_key_steps = max_key_steps
+        self.lr, self.max_steps = lr, max_steps
+        self.memory_margin, self.edit_activation = memory_margin, edit_activation
+        self.activation_weight, self.memory_weight, self.top_k = activation_weight, memory_weight, top_k
+        self.max_neurons_per_edit, self.train_key, self.memory_chunk = max_neurons_per_edit, train_key, memory_chunk
+        self.lr_growth, self.max_lr_factor, self.patience = lr_growth, max_lr_factor, patience
+        self.config = {"class": "Patcher", "name": self.name, "layer": self.site.layer,
+                       "activation": self.site.activation,
+                       "lr": lr, "max_steps": max_steps, "max_key_steps": max_key_steps, "memory_margin": memory_margin,
+                       "edit_activation": edit_activation, "gap_margin": self.gap_margin,
+                       "activation_weight": activation_weight, "memory_weight": memory_weight, "top_k": top_k,
+                       "max_neurons_per_edit": max_neurons_per_edit, "train_key": train_key, "lr_growth": lr_growth,
+                       "max_lr_factor": max_lr_factor, "patience": patience,
+                       "memory_rows": int(next(iter(memory.values())).shape[0]) if memory else 0,
+                       "layers": [l.name for l in self.layers]}
+        self._memory_q: Tensor | None = None
+        # what the last edit did (0 steps and 0 neurons: the model was already right)
+        self.last_steps, self.last_neurons, self.last_right, self.last_constraints = 0, 0, True, True
+        self.last_key_steps = 0
+
+    # ------------------------------------------------------------ queries
+    @torch.no_grad()
+    def _layer_inputs(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                      logits: bool) -> tuple[Tensor, Tensor | None]:
+        """The patched FFN's input ``[B, T, d]`` on ``batch`` (and the logits, or stop right there)."""
+        seen: dict[str, Tensor] = {}
+
+        def record(module: nn.Module, args: tuple) -> None:
+            seen["x"] = args[0].detach()
+            if not logits:
+                raise _Stop
+
+        h = model.get_submodule(self.site.in_name).register_forward_pre_hook(record, prepend=True)
+        try:
+            out = forward_logits(model, batch, family)
+        except _Stop:
+            out = None
+        finally:
+            h.remove()
+        if "x" not in seen:
+            raise RuntimeError(f"the forward pass did not use {self.site.in_name}")
+        return seen["x"], out
+
+    def memory_queries(self, model: nn.Module, family: Family) -> Tensor:
+        """The memory's queries ``[N, d]`` at the patched layer (computed once, then cached)."""
+        if self._memory_q is None:
+            qs = [torch.zeros(0, self.site.d_model)]
+            if self.memory is not None:
+                dev = next(model.parameters()).device
+                for chunk in _chunks(self.memory, self.memory_chunk):
+                    chunk = {k: v.to(dev) for k, v in chunk.items()}
+                    x, _ = self._layer_inputs(model, model_inputs(chunk), family, logits=False)
+                    keep = torch.float64 if x.dtype == torch.float64 else torch.float32
+                    qs.append(x[_query_mask(chunk, family, x.shape[1]).to(dev)].to(keep).cpu())
+            self._memory_q = torch.cat([t.to(qs[-1].dtype) for t in qs])
+        dev = next(model.parameters()).device
+        if self._memory_q.device != dev:
+            self._memory_q = self._memory_q.to(dev)
+        return self._memory_q
+
+    def _positions(self, logits: Tensor, labels: Tensor, family: Family
+                   ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(neuron positions, stored query positions) as (row, position) pairs, wrong rows only."""
+        right, _ = scores(logits, labels, family)
+        rows = [i for i, r in enumerate(right.tolist()) if not r]
+        if family == "classifier":
+            return [(i, 0) for i in rows], [(i, 0) for i in rows]
+        if family == "causal":  # position t predicts token t + 1
+            pred, tgt = logits[:, :-1].argmax(-1), labels[:, 1:]
+        else:
+            pred, tgt = logits.argmax(-1), labels
+        target = tgt != -100
+        wrong = (pred != tgt) & target
+        neurons, queries = [], []
+        for i in rows:
+            neurons += [(i, int(t)) for t in wrong[i].nonzero().flatten()[:self.max_neurons_per_edit]]
+            queries += [(i, int(t)) for t in target[i].nonzero().flatten()]
+        return neurons, queries
+
+    # ------------------------------------------------------------ the edit
+    def _topk_mean(self, v: Tensor) -> Tensor:
+        """Per neuron (row), the mean of the ``top_k`` largest entries; averaged over neurons."""
+        if v.shape[-1] == 0:
+            return v.new_zeros(())
+        return v.topk(min(self.top_k, v.shape[-1]), dim=-1).values.mean()
+
+    def _fits(self, a_edit: Tensor, a_neg: Tensor) -> bool:
+        """Whether every new neuron meets the activation constraints (to within rounding)."""
+        tol = 1e-4
+        a_edit = a_edit.detach()
+        ok = a_edit >= self.edit_activation - tol
+        if a_neg.shape[-1]:
+            worst = a_neg.detach().amax(-1)
+            ok &= (worst <= self.memory_margin + tol) & (a_edit - worst >= self.gap_margin - tol)
+        return bool(ok.all())
+
+    def _activation_loss(self, a_edit: Tensor, a_neg: Tensor) -> Tensor:
+        """The activation terms of the loss: the edit's pre-activation above ``edit_activation``; over the
+        ``top_k`` worst negatives, theirs below ``memory_margin`` and ``gap_margin`` below the edit's."""
+        loss = self.activation_weight * F.relu(self.edit_activation - a_edit).mean()
+        if a_neg.shape[-1]:
+            loss = loss + self.memory_weight * (self._topk_mean(F.relu(a_neg - self.memory_margin))
+                                                + self._topk_mean(F.relu(a_neg - a_edit[:, None] + self.gap_margin)))
+        return loss
+
+    def _fit_keys(self, q: Tensor, neg_t: Tensor, valid: Tensor, key: Tensor, bias: Tensor) -> int:
+        """Fit ``key`` and ``bias`` (in place) to the activation constraints alone; returns the
+        function evaluations used.
+
+        The constraints are linear in (key, bias): a separation of each query from the negatives with
+        margins. They need no model forward, so L-BFGS on squared hinges (aiming a little past each
+        bound) settles them in a few dozen evaluations of two small products, where Adam steps on the
+        joint loss took hundreds of model forwards for the same.
+        """
+        evals = 0
+        slack = 0.1
+        opt = torch.optim.LBFGS([key, bias], lr=1, max_iter=self.max_key_steps, history_size=20,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+
+        def closure() -> Tensor:
+            nonlocal evals
+            evals += 1
+            opt.zero_grad(set_to_none=True)
+            a_edit, a_neg = _pre_activations(q, neg_t, valid, key, bias)
+            loss = (F.relu(self.edit_activation + slack - a_edit).pow(2).sum()
+                    + F.relu(a_neg - self.memory_margin + slack).pow(2).sum()
+                    + F.relu(a_neg - a_edit[:, None] + self.gap_margin + slack).pow(2).sum())
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        return evals
+
+    def make_edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                  loc_batch: Mapping[str, Tensor] | None = None) -> PatchEdit:
+        """New neurons that make ``model`` produce ``batch``'s labels (``model`` is not modified);
+        an empty edit when ``model`` already gets every row right.
+
+        1. Queries: the patched FFN's input at each wrong token's position (see :meth:`_positions`).
+        2. Init: key ``q / |q|^2`` (pre-activation 1 on its query), bias 0, value 0.
+        3. Key and bias are fitted to the activation constraints, which need no model forward
+           (:meth:`_fit_keys`).
+        4. Adam on edit NLL + activation loss, with a model forward per step, until the edit is right
+           and the constraints hold, or ``max_steps``. Only the value is trained here when step 3 met
+           the constraints (training the key on the NLL would undo them); key and bias too otherwise.
+        """
+        from transformers.activations import ACT2FN
+
+        site = self.site
+        labels = batch["labels"]
+        self.last_steps = self.last_key_steps = 0
+        x, logits = self._layer_inputs(model, batch, family, logits=True)
+        neurons, stored = self._positions(logits, labels, family)
+        self.last_neurons, self.last_right, self.last_constraints = len(neurons), not neurons, True
+        if not neurons:
+            return PatchEdit.empty(site)
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # the patch is trained in float32 at least
+        q = torch.stack([x[i, t] for i, t in neurons]).to(dt)                       # [n, d]
+        stored_q = torch.stack([x[i, t] for i, t in stored]).to(dt)
+        dev = q.device
+        negatives = [self.memory_queries(model, family).to(dt)]
+        installed = getattr(model.get_submodule(site.layer), PATCH_ATTR, None)
+        if installed is not None:
+            negatives.append(installed.queries.to(dt))
+        # each neuron's negatives: the memory, the earlier edits, and this edit's other target positions
+        # (so that a neuron fixes its own token and leaves the others to theirs)
+        n_shared = sum(t.shape[0] for t in negatives)
+        neg_t = torch.cat(negatives + [stored_q]).T.contiguous()                    # [d, N]
+        valid = torch.ones(q.shape[0], neg_t.shape[1], dtype=torch.bool, device=dev)  # [n, N]
+        for j, pos in enumerate(neurons):
+            valid[j, n_shared + stored.index(pos)] = False
+
+        key = (q / q.pow(2).sum(-1, keepdim=True)).T.contiguous()                  # [d, n]
+        bias = torch.zeros(q.shape[0], device=dev, dtype=dt)
+        value = torch.zeros(q.shape[0], site.d_model, device=dev, dtype=dt, requires_grad=True)
+        fits = self._fits(*_pre_activations(q, neg_t, valid, key, bias))
+        if self.train_key and not fits and self.max_key_steps:
+            key.requires_grad_(True)
+            bias.requires_grad_(True)
+            self.last_key_steps = self._fit_keys(q, neg_t, valid, key, bias)
+            with torch.no_grad():
+                fits = self._fits(*_pre_activations(q, neg_t, valid, key, bias))
+        trained = [value] + ([key, bias] if self.train_key and not fits else [])
+        for t in (key, bias):
+            t.requires_grad_(any(t is u for u in trained))
+        opt = torch.optim.Adam(trained, lr=self.lr)
+        act = ACT2FN[site.activation]
+        steps, last_loss, best_act, stalled = 0, float("inf"), float("inf"), 0
+        with _base_frozen(model), torch.enable_grad(), _extra_neurons(model, site, act, key, bias, value):
+            while True:
+                out = forward_logits(model, batch, family)
+                right = bool(scores(out.detach(), labels, family)[0].all())
+                if key.requires_grad:  # otherwise the activations, and whether they fit, cannot change
+                    a_edit, a_neg = _pre_activations(q, neg_t, valid, key, bias)
+                    fits = self._fits(a_edit, a_neg)
+                # fixed key and bias: the constraints cannot change, so being right is enough
+                done = fits or not key.requires_grad or stalled >= self.patience
+                if (right and done) or steps >= self.max_steps:
+                    break
+                loss = nll(out, labels, family)
+                if key.requires_grad:
+                    act_loss = self._activation_loss(a_edit, a_neg)
+                    loss = loss + act_loss
+                    # constraints that cannot all be met (a negative query next to the edit's): stop once
+                    # the edit is right and the activation loss has stopped improving
+                    stalled = 0 if float(act_loss.detach()) < 0.99 * best_act else stalled + 1
+                    best_act = min(best_act, float(act_loss.detach()))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.lr_growth != 1.0 and steps:  # grow the step while the loss keeps falling, halve it when not
+                    factor = self.lr_growth if float(loss.detach()) < last_loss else 0.5
+                    for group in opt.param_groups:
+                        group["lr"] = min(group["lr"] * factor, self.lr * self.max_lr_factor)
+                last_loss = float(loss.detach())
+                opt.step()
+                steps += 1
+        self.last_steps, self.last_right, self.last_constraints = steps, right, fits
+        return PatchEdit(site, key, bias, value, stored_q)
+
+
+# ---------------------------------------------------------------- a real, wider Hugging Face model
+@torch.no_grad()
+def widen_ffn(model: nn.Module) -> nn.Module:
+    """A plain Hugging Face model (same class, wider FFN in its config) equal to the patched ``model``.
+
+    Each patch's neurons are appended to its FFN; every other FFN sharing that config width gets
+    zero neurons (key, bias and value 0: ``act(0) * 0 = 0``), so ``save_pretrained`` /
+    ``from_pretrained`` work unchanged. Supported: GPT-2 (``n_inner``), BERT/RoBERTa
+    (``intermediate_size``), BART (``encoder_ffn_dim`` / ``decoder_ffn_dim``) and LLaMA. A LLaMA
+    patch neuron ``act(x k + b) v`` is written in the gated form ``act(gate x) * (up x)`` exactly:
+    gate row ``k`` with bias ``b``, up row 0 with bias 1; so the wider LLaMA has ``mlp_bias=True``
+    (zero biases for every original neuron and for ``down_proj``). Other model types are refused.
+    """
+    cfg = getattr(model, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in _WIDTH_RULES:
+        raise NotImplementedError(f"widening is implemented for {sorted(_WIDTH_RULES)}, not {mtype!r}; "
+                                  f"use the patched model or save_patches instead")
+    patches = installed_patches(model)
+    new_cfg = copy.deepcopy(cfg)
+    state = {k: v for k, v in model.state_dict().items() if f".{PATCH_ATTR}." not in f".{k}"}
+    covered: set[str] = set()
+    gated = False
+    for rx, field in _WIDTH_RULES[mtype]:
+        members = [n for n, m in model.named_modules() if re.fullmatch(rx, n) and _layout(m) is not None]
+        if not members:
+            continue
+        covered.update(members)
+        extra = max((patches[n].n_neurons for n in members if n in patches), default=0)
+        if extra == 0:
+            continue
+        widths = set()
+        for name in members:
+            container = model.get_submodule(name)
+            inp, out, up = _layout(container)  # type: ignore[misc]
+            gated |= up is not None
+            widths.add(_widen_one(state, name, container, inp, out, up, patches.get(name), extra))
+        if len(widths) != 1:
+            raise ValueError(f"FFNs matching {rx} have different widths {sorted(widths)}; cannot widen via {field}")
+        setattr(new_cfg, field, widths.pop() + extra)
+    stray = set(patches) - covered
+    if stray:
+        raise NotImplementedError(f"patches at {sorted(stray)} are not in an FFN group that {mtype} configures")
+    if gated:
+        if not hasattr(new_cfg, "mlp_bias"):
+            raise NotImplementedError(f"{mtype} has no mlp_bias option: a gated patch neuron cannot be written exactly")
+        new_cfg.mlp_bias = True
+    ref = next(model.parameters())
+    wide = type(model)(new_cfg).to(device=ref.device, dtype=ref.dtype)  # before loading: no round trip through float32
+    missing, unexpected = wide.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"the widened state does not fit {type(model).__name__}: missing {missing}, "
+                           f"unexpected {unexpected}")
+    if hasattr(wide, "tie_weights"):
+        wide.tie_weights()
+    return wide.train(model.training)
+
+
+def _widen_one(state: dict[str, Tensor], name: str, container: nn.Module, inp: str, out: str, up: str | None,
+               patch: FFNPatch | None, extra: int) -> int:
+    """Append ``extra`` neurons (``patch``'s, then zeros) to one FFN's tensors in ``state``; returns its old width."""
+    in_mod, out_mod = container.get_submodule(inp), container.get_submodule(out)
+    conv = _is_conv1d(in_mod)
+    d, width = in_mod.weight.shape if conv else in_mod.weight.shape[::-1]
+    dt, dev = in_mod.weight.dtype, in_mod.weight.device
+    key, bias, value = torch.zeros(d, extra, dtype=dt, device=dev), torch.zeros(extra, dtype=dt, device=dev), \
+        torch.zeros(extra, d, dtype=dt, device=dev)
+    real = torch.zeros(extra, dtype=dt, device=dev)
+    if patch is not None and patch.n_neurons:
+        n = patch.n_neurons
+        key[:, :n], bias[:n], value[:n], real[:n] = patch.key.to(dt), patch.bias.to(dt), patch.value.to(dt), 1
+    p_in, p_out = f"{name}.{inp}", f"{name}.{out}"
+    if conv:  # Conv1D: weight [in, out]
+        state[f"{p_in}.weight"] = torch.cat([state[f"{p_in}.weight"], key], 1)
+        state[f"{p_out}.weight"] = torch.cat([state[f"{p_out}.weight"], value], 0)
+    else:     # Linear: weight [out, in]
+        state[f"{p_in}.weight"] = torch.cat([state[f"{p_in}.weight"], key.T], 0)
+        state[f"{p_out}.weight"] = torch.cat([state[f"{p_out}.weight"], value.T], 1)
+    if f"{p_in}.bias" in state:
+        state[f"{p_in}.bias"] = torch.cat([state[f"{p_in}.bias"], bias])
+    elif up is not None:
+        state[f"{p_in}.bias"] = torch.cat([torch.zeros(width, dtype=dt, device=dev), bias])
+    elif bool((bias != 0).any()):
+        raise NotImplementedError(f"{p_in} has no bias: the patch's bias cannot be written into it")
+    if up is not None:  # gated: up row 0 with bias 1 turns act(gate) * up into act(x k + b) for a patch neuron
+        p_up = f"{name}.{up}"
+        state[f"{p_up}.weight"] = torch.cat([state[f"{p_up}.weight"], torch.zeros(extra, d, dtype=dt, device=dev)], 0)
+        old = state.get(f"{p_up}.bias", torch.zeros(width, dtype=dt, device=dev))
+        state[f"{p_up}.bias"] = torch.cat([old, real])
+        state.setdefault(f"{p_out}.bias", torch.zeros(d, dtype=dt, device=dev))
+    return int(width)
+
+
+# ---------------------------------------------------------------- patch files
+def _header_layers(model: nn.Module, sites: list[FFNSite]) -> list[LayerSpec]:
+    return select_layers(model, [re.escape(n) for s in sites for n in s.matrices])
+
+
+def save_patches(path: str | Path, model: nn.Module) -> Path:
+    """Write ``model``'s installed patches to a safetensors file; the JSON header (in the file's
+    metadata) records the class, format version, patched layers and the base model's fingerprint."""
+    from safetensors.torch import save_file
+
+    patches = installed_patches(model)
+    if not patches:
+        raise ValueError("the model carries no patches to save")
+    sites, tensors = [], {}
+    for layer, p in patches.items():
+        site = resolve_site(model, layer, p.activation)
+        sites.append(site)
+        for t in ("key", "bias", "value", "queries"):
+            tensors[f"{layer}.{t}"] = getattr(p, t).detach().cpu().contiguous()
+    header = {"class": "Patcher", "format_version": FORMAT_VERSION,
+              "patches": [asdict(s) for s in sites],
+              "fingerprint": fingerprint(model, _header_layers(model, sites))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={HEADER_KEY: json.dumps(header)})
+    return path
+
+
+def load_patches(path: str | Path, base_model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``base_model`` with the patches of ``path`` (saved by :func:`save_patches`) installed.
+
+    Refuses (ValueError) a file of another kind or version, a base model other than the one the
+    patches were made for, and a model that already carries patches. Reads tensors and JSON only
+    (nothing is unpickled). By default the result is a structural copy sharing ``base_model``'s
+    tensors; ``inplace=True`` installs into ``base_model`` itself.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if HEADER_KEY not in meta:
+            raise ValueError(f"{path} is not a hypedit patch file (no '{HEADER_KEY}' header)")
+        header = json.loads(meta[HEADER_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if header.get("class") != "Patcher" or header.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} holds {header.get('class')} format {header.get('format_version')}; "
+                         f"this code reads Patcher format {FORMAT_VERSION}")
+    saved = [FFNSite(**s) for s in header["patches"]]
+    missing = [s.layer for s in saved if not _has(base_model, s.layer)]
+    if missing:
+        raise ValueError(f"patch file {path} was made for a model with FFN layers {missing}, which "
+                         f"{type(base_model).__name__} does not have")
+    sites = [resolve_site(base_model, s.layer, s.activation) for s in saved]
+    check_fingerprint(header["fingerprint"], base_model, _header_layers(base_model, sites), f"patch file {path}")
+    if installed_patches(base_model):
+        raise ValueError("the model already carries patches: load patch files onto the unpatched base model")
+    target = base_model if inplace else _shared_copy(base_model)
+    for s in sites:
+        t = {k: tensors[f"{s.layer}.{k}"] for k in ("key", "bias", "value", "queries")}
+        PatchEdit(s, **t).merge_(target)
+        if t["key"].shape[1] == 0:  # keep stored queries even without neurons
+            install_patch(target, s).queries = t["queries"].to(next(target.parameters()).device)
+    return target

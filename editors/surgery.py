@@ -1,0 +1,305 @@
+"""Neural network surgery: edits that change at most ``n_params`` scalar weights.
+
+After Zhang et al., NAACL 2021, "Neural Network Surgery: Injecting Data Patterns into Pre-trained
+Models with Minimal Instance-wise Side Effects": the side effects of an edit on individual inputs
+grow with *how many* weights it changes, so the change is restricted to a budget of ``n`` entries of
+the candidate matrices (the family defaults of :func:`editors.layers.select_layers`, or the given
+patterns). The budget is global: at most ``n`` nonzero entries over all candidate matrices together.
+Methods (``method``):
+
+- ``random``: ``n`` entries drawn at random (a fixed subset for a given ``seed``), then tuned;
+- ``grad``: the ``n`` entries with the largest |gradient| of the edit loss at the base weights, then tuned;
+- ``delta``: a short unconstrained probe fine-tune (``probe_steps``) that is then discarded; the ``n``
+  entries it moved most are tuned from the base weights;
+- ``dynamic`` (the paper's Dyn-Delta, its best): every candidate entry is tuned, and every
+  ``shrink_every`` steps (or as soon as the edit is right) only the ``count`` entries with the largest
+  |change| are kept, the others reset to their base values, with ``count`` shrinking geometrically
+  (``shrink_factor``) down to ``n``; the ``n`` survivors are then tuned (Adam) until the edit is right;
+- ``l1``: the edit loss plus ``lambda * ||change||_1``, minimised by Adam followed after every step by a
+  proximal soft-threshold in Adam's own per-entry metric (an entry whose gradient stays below
+  ``lambda`` never leaves zero, so untouched weights keep exactly their base values); then the ``n``
+  largest |changes| are kept and tuned further (masked) until the edit is right.
+
+The dense phases (``delta``'s probe, ``dynamic`` before the budget holds) take gradient steps scaled
+so that the largest entry moves by ``dense_lr`` by default: under Adam, every entry moves by about the
+learning rate at first, and since an edit is often right after two or three steps, ranking by
+|change| then picks almost at random. The selected entries are always tuned with Adam.
+
+Every tuning phase follows FT's stopping rule (:mod:`editors.ft`): stop as soon as every edit input in
+the batch is an exact match, or after a cap on the steps. Like FT, the trainable variables are the
+weight changes, applied functionally, so the base model is never modified; the result is a dict of
+changes to add to the weights, with at most ``n`` nonzero entries in total. Plain torch: no Lightning.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from datamodules.encoding import Family
+from editors.base import DeltaEditor, WeightDelta
+from editors.layers import LayerSpec, select_layers
+from editors.losses import forward_logits, nll, scores
+
+METHODS = ("random", "grad", "delta", "dynamic", "l1")
+
+
+class Surgery(DeltaEditor):
+    """Edits under a budget of ``n_params`` changed scalar weights over the candidate matrices ``layers``.
+
+    Args:
+        layers: the candidate matrices.
+        n_params: the budget: how many scalar weights may differ from the base model (global over ``layers``).
+        method: how the entries are selected (see the module docstring): one of :data:`METHODS`.
+        lr: Adam's learning rate for every tuning phase.
+        max_steps: cap on the optimiser steps of the tuning phase (for ``dynamic``: of the whole edit,
+            shrinking included; for ``l1``: of the masked tuning after the L1 phase).
+        seed: the seed of ``random``'s selection (the same subset for every edit of this editor).
+        probe_steps, probe_lr: ``delta``'s probe fine-tune (``probe_lr`` defaults to ``dense_lr``).
+        shrink_every, shrink_factor: ``dynamic``'s schedule: the active count is multiplied by
+            ``shrink_factor`` every ``shrink_every`` steps (or when the edit is right), never below ``n_params``.
+        l1_lambda: the L1 weight (in units of the edit loss's gradient). ``None``: ``l1_scale`` times the
+            ``n_params``-th largest |gradient| of the edit loss at the base weights.
+        l1_scale: see ``l1_lambda``.
+        l1_steps: cap on the steps of ``l1``'s penalised phase (it stops earlier once the edit is right).
+        dense_optimizer, dense_lr: how the dense phases (``delta``'s probe, ``dynamic`` until the budget
+            holds) step: ``"ngd"`` (default), the gradient scaled so that its largest entry moves by
+            ``dense_lr``, which keeps |change| proportional to the accumulated gradient; or ``"adam"``
+            (learning rate ``dense_lr``), whose first steps move every entry by about the learning rate,
+            so that ranking by |change| after a few steps is close to random.
+        name: the report name (default ``surgery_<method>``).
+    """
+
+    def __init__(self, layers: list[LayerSpec], n_params: int = 1000, method: str = "dynamic", lr: float = 1e-2,
+                 max_steps: int = 50, seed: int = 0, probe_steps: int = 5, probe_lr: float | None = None,
+                 shrink_every: int = 3, shrink_factor: float = 0.5, l1_lambda: float | None = None,
+                 l1_scale: float = 0.5, l1_steps: int = 25, dense_optimizer: str = "ngd",
+                 dense_lr: float = 0.1, name: str | None = None) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown surgery method {method!r}; choose one of {list(METHODS)}")
+        if not layers:
+            raise ValueError("surgery needs at least one candidate matrix")
+        total = sum(l.d_in * l.d_out for l in layers)
+        if int(n_params) != n_params or n_params <= 0:
+            raise ValueError(f"n_params must be a positive integer (the number of weights allowed to change), "
+                             f"got {n_params}")
+        if n_params > total:
+            raise ValueError(f"n_params={n_params} is more than the {total} entries of the candidate matrices "
+                             f"({len(layers)} matrices)")
+        if max_steps < 0 or probe_steps < 0 or l1_steps < 0:
+            raise ValueError("max_steps, probe_steps and l1_steps must be >= 0")
+        if shrink_every < 1 or not 0.0 < shrink_factor < 1.0:
+            raise ValueError("shrink_every must be >= 1 and shrink_factor in (0, 1)")
+        if dense_optimizer not in ("ngd", "adam"):
+            raise ValueError(f"unknown dense_optimizer {dense_optimizer!r}; choose 'ngd' or 'adam'")
+        if (l1_lambda is not None and l1_lambda < 0) or l1_scale < 0:
+            raise ValueError("l1_lambda and l1_scale must be >= 0")
+        self.layers = layers
+        self.n_params, self.method, self.n_candidates = int(n_params), method, total
+        self.name = name or f"surgery_{method}"
+        self.config = {"class": "Surgery", "name": self.name, "method": method, "n_params": self.n_params,
+                       "n_candidates": total, "lr": lr, "max_steps": max_steps, "seed": seed,
+                       "probe_steps": probe_steps, "probe_lr": dense_lr if probe_lr is None else probe_lr,
+                       "shrink_every": shrink_every, "shrink_factor": shrink_factor, "l1_lambda": l1_lambda,
+                       "l1_scale": l1_scale, "l1_steps": l1_steps,
+                       "dense_optimizer": dense_optimizer, "dense_lr": dense_lr, "layers": [l.name for l in layers]}
+        self.last_steps = 0     # optimiser steps the last edit took, all phases (0: it was already right)
+        self.last_changed = 0   # scalar weights the last edit changes, measured in the model's dtype
+        self.last_right = False  # whether every edit input of the last batch was right under the returned change
+        self.last_l1_nonzero: int | None = None  # l1: nonzero entries after the penalised phase, before the top-n cut
+
+    @classmethod
+    def for_model(cls, model: nn.Module, edit_params: list[str] | None = None, **kw: Any) -> "Surgery":
+        """A surgery editor over ``model``'s default (or given) candidate matrices."""
+        return cls(select_layers(model, edit_params), **kw)
+
+    # ------------------------------------------------------------------ helpers
+    def _split(self, flat: Tensor) -> dict[str, Tensor]:
+        """The flat change vector as per-matrix views in each weight's stored layout."""
+        out, off = {}, 0
+        for name, shape in self._shapes.items():
+            n = math.prod(shape)
+            out[name] = flat[off:off + n].view(shape)
+            off += n
+        return out
+
+    def _forward(self, flat: Tensor) -> Tensor:
+        params = dict(self._base)
+        for k, d in self._split(flat).items():
+            params[k] = self._base[k] + d.to(self._base[k].dtype)
+        return forward_logits(self._model, self._batch, self._family, params)
+
+    def _right(self, logits: Tensor) -> bool:
+        right, _ = scores(logits.detach(), self._batch["labels"], self._family)
+        return bool(right.all())
+
+    def _loss(self, logits: Tensor) -> Tensor:
+        return nll(logits, self._batch["labels"], self._family)
+
+    def _zeros(self) -> Tensor:
+        return torch.zeros(self.n_candidates, device=self._device, dtype=self._dtype)
+
+    def _top(self, score: Tensor, k: int) -> Tensor:
+        """Indices (into the flat vector) of the ``k`` largest scores, ascending."""
+        return torch.topk(score.float(), k, sorted=False).indices.sort().values
+
+    def _base_grad(self) -> Tensor:
+        flat = self._zeros().requires_grad_(True)
+        (g,) = torch.autograd.grad(self._loss(self._forward(flat)), flat)
+        return g
+
+    def _tune_entries(self, idx: Tensor, init: Tensor | None, max_steps: int) -> tuple[Tensor, int]:
+        """Adam on the entries ``idx`` only (from ``init``, else 0) until right or ``max_steps``; the flat change."""
+        values = (init.clone() if init is not None else torch.zeros(len(idx), device=self._device,
+                                                                    dtype=self._dtype)).requires_grad_(True)
+        opt = torch.optim.Adam([values], lr=self.config["lr"])
+        steps = 0
+        while True:
+            flat = self._zeros().index_put((idx,), values)
+            logits = self._forward(flat)
+            if self._right(logits) or steps >= max_steps:
+                return flat.detach(), steps
+            opt.zero_grad(set_to_none=True)
+            self._loss(logits).backward()
+            opt.step()
+            steps += 1
+
+    # ------------------------------------------------------------------ methods
+    def _static(self, select: Callable[[], tuple[Tensor, int]]) -> tuple[Tensor, int]:
+        idx, pre_steps = select()
+        flat, steps = self._tune_entries(idx, None, self.config["max_steps"])
+        return flat, pre_steps + steps
+
+    def _select_random(self) -> tuple[Tensor, int]:
+        gen = torch.Generator().manual_seed(int(self.config["seed"]))
+        idx = torch.randperm(self.n_candidates, generator=gen)[: self.n_params]
+        return idx.sort().values.to(self._device), 0
+
+    def _select_grad(self) -> tuple[Tensor, int]:
+        return self._top(self._base_grad().abs(), self.n_params), 0
+
+    def _dense_step(self, flat: Tensor, logits: Tensor, opt: torch.optim.Optimizer | None, lr: float,
+                    mask: Tensor | None = None) -> None:
+        """One step on the dense change ``flat`` (entries outside ``mask`` get no gradient). With
+        ``dense_optimizer="ngd"`` the step is the gradient scaled so that its largest entry moves by ``lr``:
+        |change| then keeps the gradient's proportions (Adam moves every entry by about ``lr`` at first,
+        which makes |change| after a few steps nearly uninformative)."""
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            self._loss(logits).backward()
+            opt.step()
+            return
+        (g,) = torch.autograd.grad(self._loss(logits), flat)
+        with torch.no_grad():
+            if mask is not None:
+                g = g * mask
+            top = g.abs().max()
+            if top > 0:
+                flat.sub_(g, alpha=lr / float(top))
+
+    def _dense_opt(self, flat: Tensor, lr: float) -> torch.optim.Optimizer | None:
+        return torch.optim.Adam([flat], lr=lr) if self.config["dense_optimizer"] == "adam" else None
+
+    def _select_delta(self) -> tuple[Tensor, int]:
+        lr = self.config["probe_lr"]
+        flat = self._zeros().requires_grad_(True)
+        opt = self._dense_opt(flat, lr)
+        for _ in range(self.config["probe_steps"]):
+            self._dense_step(flat, self._forward(flat), opt, lr)
+        # the probe itself is discarded: only which entries it moved most is kept
+        return self._top(flat.detach().abs(), self.n_params), self.config["probe_steps"]
+
+    def _dynamic(self) -> tuple[Tensor, int]:
+        cfg, n = self.config, self.n_params
+        lr = cfg["dense_lr"]
+        flat = self._zeros().requires_grad_(True)
+        mask = torch.ones_like(flat, dtype=torch.bool)
+        opt = self._dense_opt(flat, lr)
+        count, steps, since = self.n_candidates, 0, 0
+        while count > n:
+            logits = self._forward(flat * mask)
+            if self._right(logits) or since >= cfg["shrink_every"] or steps >= cfg["max_steps"]:
+                # keep the largest |change|; the rest go back to their base values (and lose Adam's memory)
+                count = n if steps >= cfg["max_steps"] else max(n, int(count * cfg["shrink_factor"]))
+                keep = self._top((flat.detach() * mask).abs(), count)
+                mask = torch.zeros_like(mask).index_fill_(0, keep, True)
+                with torch.no_grad():
+                    flat.mul_(mask)
+                    for st in (opt.state.get(flat, {}) if opt is not None else {}).values():
+                        if isinstance(st, Tensor) and st.shape == flat.shape:
+                            st.mul_(mask)
+                since = 0
+                continue
+            self._dense_step(flat, logits, opt, lr, mask)
+            steps, since = steps + 1, since + 1
+        # the budget holds: tune the n kept entries (Adam) until right, within what is left of the cap
+        idx = mask.nonzero().squeeze(1)
+        out, more = self._tune_entries(idx, flat.detach()[idx], cfg["max_steps"] - steps)
+        return out, steps + more
+
+    def _l1(self) -> tuple[Tensor, int]:
+        cfg, n = self.config, self.n_params
+        lam = cfg["l1_lambda"]
+        if lam is None:  # relative to the gradient scale of this edit at the base weights
+            lam = cfg["l1_scale"] * float(torch.topk(self._base_grad().abs().float(), n).values[-1])
+        lr, (b1, b2), eps = cfg["lr"], (0.9, 0.999), 1e-8
+        w = self._zeros()
+        m, v = torch.zeros_like(w), torch.zeros_like(w)
+        steps = 0
+        while True:
+            wg = w.clone().requires_grad_(True)
+            logits = self._forward(wg)
+            if self._right(logits) or steps >= cfg["l1_steps"]:
+                break
+            (g,) = torch.autograd.grad(self._loss(logits), wg)
+            steps += 1
+            with torch.no_grad():
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                s = (v / (1 - b2 ** steps)).sqrt_().add_(eps)
+                w.addcdiv_(m, s, value=-lr / (1 - b1 ** steps))
+                # proximal step of lam * ||w||_1 in Adam's metric: soft threshold lr * lam / s per entry
+                w = w.sign() * (w.abs() - lr * lam / s).clamp_min(0)
+        self.last_l1_nonzero = int((w != 0).sum())
+        idx = self._top(w.abs(), n)
+        flat, more = self._tune_entries(idx, w[idx], cfg["max_steps"])
+        return flat, steps + more
+
+    # ------------------------------------------------------------------ the edit
+    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+               loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Weight changes (to add to the weights), at most ``n_params`` nonzero entries in all, that make
+        ``model`` produce ``batch``'s labels (within the step caps)."""
+        # detached base weights: no .grad is ever written on the model, only on the changes
+        self._base = {k: v.detach() for k, v in model.named_parameters()}
+        first = self._base[self.layers[0].name]
+        self._shapes = {l.name: tuple(self._base[l.name].shape) for l in self.layers}
+        self._device, self._dtype = first.device, (first.dtype if first.is_floating_point() else torch.float32)
+        self._model, self._batch, self._family = model, batch, family
+        self.last_l1_nonzero = None
+        try:
+            with torch.enable_grad():
+                with torch.no_grad():
+                    already = self._right(self._forward(self._zeros()))
+                if already:  # FT's rule: an edit the model already gets right changes nothing
+                    flat, steps = self._zeros(), 0
+                elif self.method == "dynamic":
+                    flat, steps = self._dynamic()
+                elif self.method == "l1":
+                    flat, steps = self._l1()
+                else:
+                    flat, steps = self._static({"random": self._select_random, "grad": self._select_grad,
+                                                "delta": self._select_delta}[self.method])
+                with torch.no_grad():
+                    self.last_right = self._right(self._forward(flat))
+        finally:
+            del self._base, self._model, self._batch
+        nz = int((flat != 0).sum())
+        if nz > self.n_params:  # cannot happen by construction; never return an edit over budget
+            raise RuntimeError(f"surgery produced {nz} nonzero changes, over the budget {self.n_params}")
+        out = {k: d.clone() for k, d in self._split(flat).items()}
+        self.last_steps = steps
+        self.last_changed = WeightDelta(out).params_changed(model)
+        return out

@@ -1,0 +1,356 @@
+"""Transformer-Patcher (Huang et al., ICLR 2023): patch neurons, the functional and permanent edits,
+a sequential stream, the wider Hugging Face model, patch files, and refusals. Tiny random models."""
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from datamodules.encoding import collate, encode
+from editors.losses import forward_logits, model_inputs, scores
+from editors.patcher import (HEADER_KEY, PATCH_ATTR, Patcher, PatchEdit, installed_patches, load_patches, save_patches,
+                             widen_ffn)
+from lightning_modules.evaluation import count_differing
+from lightning_modules.models import build_tiny, decoder_start_id
+
+FAMILIES = ("causal", "seq2seq", "classifier", "llama")
+DEFAULT_LAYER = {"causal": "transformer.h.2.mlp", "seq2seq": "model.decoder.layers.1",
+                 "classifier": "bert.encoder.layer.2", "llama": "model.layers.1.mlp"}
+WIDTH_FIELD = {"causal": "n_inner", "seq2seq": "decoder_ffn_dim", "classifier": "intermediate_size",
+               "llama": "intermediate_size"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_llama(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def models(tiny_models, tokenizer):
+    """The three tiny family models plus a tiny LLaMA (gated FFN), keyed by family (LLaMA: 'llama')."""
+    return {**tiny_models, "llama": tiny_llama(tokenizer)}
+
+
+def fam_of(key: str) -> str:
+    return "causal" if key == "llama" else key
+
+
+@pytest.fixture(scope="module")
+def rows(small_world):
+    return {f: [json.loads(l) for l in open(small_world / f"{f}-train.jsonl")] for f in ("zsre", "fever")}
+
+
+def make_batch(tokenizer, model, family, prompts, targets):
+    return collate(encode(tokenizer, family, prompts, targets), tokenizer.pad_token_id, family, decoder_start_id(model))
+
+
+def edit_batches(tokenizer, model, family, rows, idx):
+    """One edit per row index; classifier labels are the opposite of the model's current answer (so it is wrong)."""
+    out = []
+    for i in idx:
+        if family == "classifier":
+            r = rows["fever"][i]
+            b = make_batch(tokenizer, model, family, [r["input"]], ["SUPPORTS"])
+            with torch.no_grad():
+                now = forward_logits(model, b, family) > 0
+            b["labels"] = (~now).float()
+        else:
+            r = rows["zsre"][i]
+            b = make_batch(tokenizer, model, family, [r["input"]], [r["alternatives"][0]])
+        out.append(b)
+    return out
+
+
+def memory_batch(tokenizer, model, family, rows, idx=range(40, 80)):
+    src = rows["fever" if family == "classifier" else "zsre"]
+    rs = [src[i] for i in idx]
+    return make_batch(tokenizer, model, family, [r["input"] for r in rs], [r["output"][0]["answer"] for r in rs])
+
+
+@torch.no_grad()
+def right(model, batch, family) -> bool:
+    return bool(scores(forward_logits(model, batch, family), batch["labels"], family)[0].all())
+
+
+@torch.no_grad()
+def layer_inputs(model, name, batch):
+    seen = {}
+    h = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    try:
+        model(**model_inputs(batch))
+    finally:
+        h.remove()
+    return seen["x"]
+
+
+@torch.no_grad()
+def neuron_queries(model, site, batch, family, cap=5):
+    """The queries the patch should be keyed on, found independently of the editor."""
+    x = layer_inputs(model, site.in_name, batch)
+    if family == "classifier":
+        return x[:, 0]
+    logits, labels = forward_logits(model, batch, family), batch["labels"]
+    if family == "causal":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    wrong = (logits.argmax(-1) != labels) & (labels != -100)
+    return torch.cat([x[i, wrong[i].nonzero().flatten()[:cap]] for i in range(len(x))])
+
+
+# ---------------------------------------------------------------- construction
+def test_default_layers_and_refusals(models):
+    for key, model in models.items():
+        ed = Patcher(model)
+        assert ed.site.layer == DEFAULT_LAYER[key]
+        assert ed.config["layer"] == DEFAULT_LAYER[key] and ed.name == "patcher" and not ed.uses_locality
+        assert {l.name for l in ed.layers} == set(ed.site.matrices)
+        assert all(n.startswith(DEFAULT_LAYER[key]) for n in ed.site.matrices)
+    assert Patcher(models["llama"]).site.gated and len(Patcher(models["llama"]).layers) == 3
+    gpt2 = models["causal"]
+    assert Patcher(gpt2, layer="transformer.h.1").site.layer == "transformer.h.1.mlp"  # a block: its FFN
+    assert Patcher(gpt2).site.activation == "gelu_new" and Patcher(models["classifier"]).site.activation == "gelu"
+    with pytest.raises(ValueError, match="not a submodule"):
+        Patcher(gpt2, layer="transformer.h.9.mlp")
+    with pytest.raises(ValueError, match="not a feed-forward layer"):
+        Patcher(gpt2, layer="transformer.h.1.attn")
+    with pytest.raises(ValueError, match="differs from the one"):
+        Patcher(gpt2, activation="relu")
+
+
+# ---------------------------------------------------------------- one edit
+@pytest.mark.parametrize("key", FAMILIES)
+def test_fresh_patch_is_right_fires_on_its_query_and_not_on_memory(models, tokenizer, rows, key):
+    model, family = models[key], fam_of(key)
+    mem = memory_batch(tokenizer, model, family, rows)
+    ed = Patcher(model, memory=mem)
+    (batch,) = edit_batches(tokenizer, model, family, rows, [0])
+    assert not right(model, batch, family)
+    edit = ed.make_edit(model, batch, family)
+    assert isinstance(edit, PatchEdit) and edit.n_neurons == ed.last_neurons >= 1
+    assert ed.last_right and ed.last_constraints
+    edited = edit.apply(model)
+    assert right(edited, batch, family)
+    patch = installed_patches(edited)[ed.site.layer]
+    # one neuron per wrong token (classifier: per wrong input), keyed on that token's query
+    q = neuron_queries(model, ed.site, batch, family)
+    assert patch.n_neurons == len(q) <= ed.max_neurons_per_edit
+    own = torch.diagonal(patch.pre_activations(q))
+    assert bool((own >= ed.edit_activation - 1e-3).all()), own
+    # the memory's queries (every real token; [CLS] for the classifier) stay below the margin
+    mem_q = ed.memory_queries(model, family)
+    n_mem = 40 if family == "classifier" else int(mem["decoder_attention_mask" if family == "seq2seq"
+                                                       else "attention_mask"].sum())
+    assert mem_q.shape == (n_mem, ed.site.d_model)
+    assert float(patch.pre_activations(mem_q).max()) <= ed.memory_margin + 1e-3
+    assert float((own - patch.pre_activations(mem_q).amax(0)).min()) >= ed.gap_margin - 1e-3
+    # params_changed: the added scalars, as evaluation counts them
+    d = ed.site.d_model
+    assert edit.params_changed(model) == patch.n_neurons * (2 * d + 1) == count_differing(edited, model)
+    assert edit.params_changed(model) == count_differing(edit.merged(model), model)
+
+
+def test_right_model_gives_empty_edit(models, tokenizer, rows):
+    model = models["causal"]
+    (batch,) = edit_batches(tokenizer, model, "causal", rows, [0])
+    with torch.no_grad():
+        pred = forward_logits(model, batch, "causal")[:, :-1].argmax(-1)
+    batch["labels"][:, 1:] = torch.where(batch["labels"][:, 1:] != -100, pred, -100)  # what the model says already
+    ed = Patcher(model)
+    edit = ed.make_edit(model, batch, "causal")
+    assert edit.n_neurons == 0 and edit.params_changed(model) == 0 and ed.last_steps == 0
+    assert edit.apply(model) is model and edit.merge_(model) is model and not installed_patches(model)
+
+
+def test_zero_valued_patch_is_bit_identical_to_the_base(models, tokenizer, rows):
+    for key in ("causal", "classifier"):
+        model, family = models[key], fam_of(key)
+        batches = edit_batches(tokenizer, model, family, rows, [0, 1])
+        edit = Patcher(model, memory=memory_batch(tokenizer, model, family, rows)).make_edit(model, batches[0], family)
+        zero = PatchEdit(edit.site, edit.key, edit.bias, torch.zeros_like(edit.value), edit.queries)
+        probe = make_batch(tokenizer, model, family, [r["input"] for r in rows["zsre"][:6]], ["x"] * 6)
+        with torch.no_grad():
+            for b in (probe, batches[1]):
+                base = forward_logits(model, b, family)
+                assert torch.equal(forward_logits(zero.apply(model), b, family), base)
+                assert torch.equal(forward_logits(zero.merged(model), b, family), base)
+        assert zero.params_changed(model) == edit.params_changed(model) > 0
+
+
+def test_base_tensors_are_never_modified(models, tokenizer, rows):
+    model = models["causal"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    ed = Patcher(model, memory=memory_batch(tokenizer, model, "causal", rows))
+    batches = edit_batches(tokenizer, model, "causal", rows, [0, 1])
+    e1 = ed.make_edit(model, batches[0], "causal")
+    view = e1.apply(model)
+    with torch.no_grad():
+        view(**model_inputs(batches[0]))
+    work = e1.merge_(copy.deepcopy(model))
+    e2 = ed.make_edit(work, batches[1], "causal")  # an edit of the working model; its view shares work's tensors
+    work_before = {k: v.clone() for k, v in work.state_dict().items()}
+    e2.apply(work)
+    e2.merged(work)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not installed_patches(model)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert all(torch.equal(work.state_dict()[k], v) for k, v in work_before.items())
+    # the view shares the base tensors (no copy of the model's weights)
+    params = dict(model.named_parameters())
+    assert all(p is params[n] for n, p in view.named_parameters() if n in params)
+    assert not any(p.requires_grad is False for p in model.parameters())  # flags restored after editing
+
+
+# ---------------------------------------------------------------- sequential stream
+@pytest.mark.parametrize("key", ("causal", "seq2seq", "classifier"))
+def test_sequential_stream_keeps_earlier_edits(models, tokenizer, rows, key):
+    original, family = models[key], fam_of(key)
+    ed = Patcher(original, memory=memory_batch(tokenizer, original, family, rows))
+    batches = edit_batches(tokenizer, original, family, rows, range(5))
+    work = copy.deepcopy(original)
+    added, n_queries, made = 0, 0, 0
+    for i, b in enumerate(batches):
+        edit = ed.make_edit(work, b, family)  # empty when an earlier patch already made it right
+        assert edit.n_neurons >= 1 or right(work, b, family)
+        made += edit.n_neurons > 0
+        work = edit.merge_(work)
+        added += edit.params_changed(work)
+        n_queries += edit.queries.shape[0]
+        assert all(right(work, bb, family) for bb in batches[:i + 1]), f"an earlier edit broke after edit {i}"
+    assert made >= 3
+    patch = installed_patches(work)[ed.site.layer]
+    assert patch.queries.shape == (n_queries, ed.site.d_model)  # the edits' queries travel as buffers
+    if family != "classifier":  # every target position of an edited input
+        assert n_queries == sum(int((b["labels"] != -100).sum()) for b in batches)
+    assert count_differing(work, original) == added == sum(p.numel() for n, p in work.named_parameters()
+                                                           if PATCH_ATTR in n)
+    # an edit the working model already gets right changes nothing
+    again = ed.make_edit(work, batches[0], family)
+    assert again.n_neurons == 0 and again.merge_(work) is work
+    # a deep copy of the working model carries the patch (its hooks follow the copied patch)
+    twin = copy.deepcopy(work)
+    probe = make_batch(tokenizer, original, family, [r["input"] for r in rows["zsre"][:6]], ["SUPPORTS"] * 6)
+    with torch.no_grad():
+        assert torch.equal(forward_logits(twin, probe, family), forward_logits(work, probe, family))
+        installed_patches(twin)[ed.site.layer].value.zero_()
+        assert torch.equal(forward_logits(twin, probe, family), forward_logits(original, probe, family))
+
+
+def test_batch_of_edits_gets_one_neuron_per_wrong_input(models, tokenizer, rows):
+    model = models["classifier"]
+    batch = make_batch(tokenizer, model, "classifier", [r["input"] for r in rows["fever"][:4]], ["SUPPORTS"] * 4)
+    with torch.no_grad():
+        batch["labels"] = (forward_logits(model, batch, "classifier") <= 0).float()  # every row wrong...
+    batch["labels"][3] = 1 - batch["labels"][3]                                      # ...but the last
+    ed = Patcher(model, memory=memory_batch(tokenizer, model, "classifier", rows))
+    edit = ed.make_edit(model, batch, "classifier")
+    assert edit.n_neurons == 3 and edit.queries.shape[0] == 3 and right(edit.apply(model), batch, "classifier")
+
+
+# ---------------------------------------------------------------- a real, wider model
+@pytest.mark.parametrize("key", FAMILIES)
+def test_widened_model_round_trips_through_save_pretrained(models, tokenizer, rows, key, tmp_path):
+    model, family = models[key], fam_of(key)
+    # The random tiny BART's decoder queries are near-duplicates (its cross-attention barely varies
+    # with the input), so a key that separates them is thousands of times longer than q / |q|^2 and
+    # float32 summation order alone moves the logits by ~1e-4. In float64 the widened model is exact
+    # to 1e-9 like the others are in float32 to 1e-5: the widening itself is exact.
+    tol = 1e-9 if family == "seq2seq" else 1e-5
+    if family == "seq2seq":
+        model = model.double()
+    ed = Patcher(model, memory=memory_batch(tokenizer, model, family, rows))
+    work = copy.deepcopy(model)
+    batches = edit_batches(tokenizer, model, family, rows, [0, 1])
+    for b in batches:
+        work = ed.make_edit(work, b, family).merge_(work)
+    n = installed_patches(work)[ed.site.layer].n_neurons
+    wide = widen_ffn(work)
+    assert not installed_patches(wide) and type(wide) is type(model)
+    assert getattr(wide.config, WIDTH_FIELD[key]) == ed.site.width + n
+    wide.save_pretrained(tmp_path)
+    back = type(model).from_pretrained(tmp_path, dtype=wide.dtype).eval()
+    targets = ["SUPPORTS"] * 6 if family == "classifier" else [r["output"][0]["answer"] for r in rows["zsre"][:6]]
+    probe = make_batch(tokenizer, model, family, [r["input"] for r in rows["zsre"][:6]], targets)
+    with torch.no_grad():
+        for b in [probe, *batches]:
+            ref = forward_logits(work, b, family)
+            assert torch.allclose(forward_logits(wide, b, family), ref, rtol=tol, atol=tol)
+            assert torch.allclose(forward_logits(back, b, family), ref, rtol=tol, atol=tol)
+    assert all(right(back, b, family) for b in batches)
+
+
+# ---------------------------------------------------------------- patch files
+def test_patch_files_load_onto_the_same_base_only(models, tokenizer, rows, tmp_path):
+    model = models["causal"]
+    ed = Patcher(model, memory=memory_batch(tokenizer, model, "causal", rows))
+    work = copy.deepcopy(model)
+    for b in edit_batches(tokenizer, model, "causal", rows, [0, 1]):
+        work = ed.make_edit(work, b, "causal").merge_(work)
+    path = save_patches(tmp_path / "patches.safetensors", work)
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()[HEADER_KEY])
+        assert set(f.keys()) == {f"{ed.site.layer}.{t}" for t in ("key", "bias", "value", "queries")}
+    assert header["class"] == "Patcher" and header["format_version"] == 1
+    assert header["patches"][0]["layer"] == ed.site.layer and "edited_weights_sha256" in header["fingerprint"]
+
+    loaded = load_patches(path, model)
+    assert not installed_patches(model)  # a view by default; the base stays unpatched
+    probe = make_batch(tokenizer, model, "causal", [r["input"] for r in rows["zsre"][:6]], ["x"] * 6)
+    with torch.no_grad():
+        assert torch.equal(forward_logits(loaded, probe, "causal"), forward_logits(work, probe, "causal"))
+    assert count_differing(loaded, model) == count_differing(work, model)
+    torch.testing.assert_close(installed_patches(loaded)[ed.site.layer].queries,
+                               installed_patches(work)[ed.site.layer].queries, rtol=0, atol=0)
+
+    other = build_tiny("tiny-gpt2", tokenizer, dict(n_layer=3, n_embd=32, n_head=2)).eval()  # other random weights
+    with pytest.raises(ValueError, match="was trained for base model"):
+        load_patches(path, other)
+    with pytest.raises(ValueError, match="does not have"):
+        load_patches(path, models["classifier"])
+    with pytest.raises(ValueError, match="already carries patches"):
+        load_patches(path, work)
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a hypedit patch file"):
+        load_patches(tmp_path / "plain.safetensors", model)
+    with pytest.raises(ValueError, match="no patches"):
+        save_patches(tmp_path / "none.safetensors", model)
+
+
+# ---------------------------------------------------------------- speed
+def test_seconds_per_edit_on_the_default_tiny_gpt2(tokenizer, rows):
+    torch.manual_seed(0)
+    model = build_tiny("tiny-gpt2", tokenizer).eval()  # 4 layers, n_embd 128
+    ed = Patcher(model, memory=memory_batch(tokenizer, model, "causal", rows))
+    ed.memory_queries(model, "causal")  # computed once per editor, not per edit
+    work = copy.deepcopy(model)
+    secs = []
+    for b in edit_batches(tokenizer, model, "causal", rows, range(5)):
+        t0 = time.perf_counter()
+        with torch.no_grad():  # as evaluation calls it
+            edit = ed.make_edit(work, b, "causal")
+        secs.append(time.perf_counter() - t0)
+        work = edit.merge_(work)
+        assert right(work, b, "causal")
+    print(f"patcher: median {statistics.median(secs):.3f} s per edit on tiny-gpt2 (4x128), all {secs}")
+    assert statistics.median(secs) < 5.0  # about 0.1 s here; a loose bound for a shared machine

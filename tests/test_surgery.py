@@ -1,0 +1,147 @@
+"""Neural network surgery (Zhang et al., NAACL 2021): every selector makes the edit right on tiny
+random models while changing at most ``n_params`` weights, counted on the merged model; the L1
+method leaves exact base values outside its selection; the base model is untouched; random
+selection is deterministic per seed; bad budgets and methods are refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules.encoding import collate, encode
+from editors.base import EditedModel, WeightDelta
+from editors.layers import select_layers
+from editors.losses import forward_logits, scores
+from editors.surgery import METHODS, Surgery
+from lightning_modules.models import decoder_start_id
+
+PROMPT = "Where was Foo born?"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def edit_batch(model, tokenizer, family: str, prompt: str = PROMPT, target: str = "Arvenna"):
+    """One edit; for the classifier the verdict the model does not give yet."""
+    if family == "classifier":
+        probe = collate(encode(tokenizer, family, [prompt], ["SUPPORTS"]), tokenizer.pad_token_id, family)
+        target = "REFUTES" if forward_logits(model, probe, family).item() > 0 else "SUPPORTS"
+    return collate(encode(tokenizer, family, [prompt], [target]), tokenizer.pad_token_id, family,
+                   decoder_start_id(model))
+
+
+def right(model, batch, family) -> bool:
+    with torch.no_grad():
+        return bool(scores(forward_logits(model, batch, family), batch["labels"], family)[0].all())
+
+
+def n_differ(a, b) -> int:
+    """Scalar weights of ``a`` that differ from ``b``'s, over every parameter (counted, not assumed)."""
+    pb = dict(b.named_parameters())
+    return sum(int((p != pb[k]).sum()) for k, p in a.named_parameters())
+
+
+CASES = [(m, "causal") for m in METHODS] + [("dynamic", "classifier"), ("dynamic", "seq2seq")]
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_edit_is_right_within_budget_and_base_untouched(tiny_models, tokenizer, method, family):
+    model = tiny_models[family]
+    batch = edit_batch(model, tokenizer, family)
+    assert not right(model, batch, family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n = 1000
+    ed = Surgery.for_model(model, n_params=n, method=method)
+    assert ed.name == f"surgery_{method}" and ed.config["method"] == method and ed.config["n_params"] == n
+    d = ed.deltas(model, batch, family)
+    assert set(d) == {l.name for l in select_layers(model)}
+    assert sum(int((x != 0).sum()) for x in d.values()) <= n, "the budget is global over the candidates"
+    merged = WeightDelta(d).merged(model)
+    changed = n_differ(merged, model)
+    assert 0 < changed <= n
+    assert changed == ed.last_changed == WeightDelta(d).params_changed(model)
+    assert right(merged, batch, family) and right(EditedModel(model, d), batch, family) and ed.last_right
+    assert 0 < ed.last_steps
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the base model is untouched"
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method,dense", [(m, "ngd") for m in METHODS] + [("delta", "adam"), ("dynamic", "adam")])
+def test_tiny_budget_holds_for_every_method(tiny_models, tokenizer, method, dense):
+    """n=3: the edit need not become right, but at most 3 weights change, whatever the step caps."""
+    model = tiny_models["causal"]
+    batch = edit_batch(model, tokenizer, "causal")
+    ed = Surgery.for_model(model, n_params=3, method=method, max_steps=4, l1_steps=4, probe_steps=2,
+                           dense_optimizer=dense)
+    d = ed.deltas(model, batch, "causal")
+    assert n_differ(WeightDelta(d).merged(model), model) == ed.last_changed <= 3
+    assert ed.last_steps <= 4 + 4  # probe / L1 phase + tuning
+
+
+def test_an_edit_already_right_changes_nothing(tiny_models, tokenizer):
+    model = tiny_models["causal"]
+    batch = edit_batch(model, tokenizer, "causal")
+    ed = Surgery.for_model(model, n_params=500, method="dynamic")
+    merged = WeightDelta(ed.deltas(model, batch, "causal")).merged(model)
+    again = ed.deltas(merged, batch, "causal")
+    assert ed.last_steps == 0 and ed.last_changed == 0 and all(not x.any() for x in again.values())
+
+
+def test_l1_leaves_exact_base_values_outside_its_selection(tiny_models, tokenizer):
+    model = tiny_models["causal"]
+    batch = edit_batch(model, tokenizer, "causal")
+    params = dict(model.named_parameters())
+    n = 1000
+    # no masked tuning after the cut: what is returned is the proximal solution's top n
+    ed = Surgery.for_model(model, n_params=n, method="l1", max_steps=0, l1_steps=10)
+    d = ed.deltas(model, batch, "causal")
+    merged = dict(WeightDelta(d).merged(model).named_parameters())
+    kept = 0
+    for k, x in d.items():
+        outside = x == 0
+        kept += int((~outside).sum())
+        assert torch.equal(merged[k][outside], params[k][outside]), "untouched weights keep their exact base values"
+    assert 0 < kept <= n and ed.last_changed == kept
+    # the soft threshold itself keeps most candidates exactly at zero change (before the top-n cut)
+    assert ed.last_l1_nonzero is not None and 0 < ed.last_l1_nonzero < ed.n_candidates // 2
+    # a penalty above every gradient moves nothing at all
+    frozen = Surgery.for_model(model, n_params=n, method="l1", l1_lambda=1e6, max_steps=0, l1_steps=5)
+    assert all(not x.any() for x in frozen.deltas(model, batch, "causal").values())
+    assert frozen.last_l1_nonzero == 0 and frozen.last_changed == 0
+
+
+def test_random_selection_is_deterministic_per_seed(tiny_models, tokenizer):
+    model = tiny_models["causal"]
+    batch = edit_batch(model, tokenizer, "causal")
+    kw = dict(n_params=200, method="random", max_steps=3)
+
+    def pattern(seed: int) -> tuple[dict, dict]:
+        d = Surgery.for_model(model, seed=seed, **kw).deltas(model, batch, "causal")
+        return d, {k: x != 0 for k, x in d.items()}
+
+    (d1, p1), (d2, p2), (_, p3) = pattern(0), pattern(0), pattern(1)
+    assert all(torch.equal(d1[k], d2[k]) and torch.equal(p1[k], p2[k]) for k in d1)
+    assert any(not torch.equal(p1[k], p3[k]) for k in p1), "another seed draws another subset"
+    # the subset is spread over the candidate matrices (one global draw, not per matrix)
+    assert sum(bool(p.any()) for p in p1.values()) > 1
+
+
+def test_refusals(tiny_models):
+    model = tiny_models["causal"]
+    layers = select_layers(model)
+    total = sum(l.d_in * l.d_out for l in layers)
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match="positive"):
+            Surgery(layers, n_params=bad)
+    with pytest.raises(ValueError, match=f"more than the {total} entries"):
+        Surgery(layers, n_params=total + 1)
+    with pytest.raises(ValueError, match="unknown surgery method"):
+        Surgery(layers, method="prune")
+    with pytest.raises(ValueError, match="unknown dense_optimizer"):
+        Surgery(layers, dense_optimizer="sgd")
+    assert Surgery(layers, n_params=total).n_candidates == total
