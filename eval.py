@@ -6,6 +6,8 @@ fine-tuning baselines, and a report (JSON, Markdown, PNG plots, TensorBoard).
     python eval.py --config ... --ckpt_path ... --mode sequential --folds 2 --edit_only_when_wrong
     python eval.py --config ... --editor ft_kl --mode single                  # baselines need no checkpoint
     python eval.py --config ... --ckpt_path ... --editor mend mend_until_right   # MEND under FT's stopping rule
+    python eval.py --config ... --editor surgery_dynamic --surgery_n_params 1000  # neural-network surgery
+    python eval.py --config ... --editor patcher --mode sequential --edit_only_when_wrong  # Transformer-Patcher
     python eval.py --config ... --ckpt_path ... --mode all --report runs/default/report.json
     python eval.py --config ... --ckpt_path ... --mode single --devices 2 --strategy ddp --accelerator cpu
 
@@ -34,6 +36,9 @@ from editors.base import Editor
 from editors.ft import FineTune
 from editors.layers import fingerprint, select_layers
 from editors.mend import MEND
+from editors.patcher import Patcher
+from editors.surgery import METHODS as SURGERY_METHODS
+from editors.surgery import Surgery
 from editors.until_right import DEFAULT_SCALES, UntilRight
 from lightning_modules.evaluation import (DEFINITIONS, EditData, EditEvalModule, LocalitySampler, peak_memory,
                                           reset_peak_memory, run_batch, run_sequential, subset_split)
@@ -41,7 +46,8 @@ from lightning_modules.models import load_model
 from lightning_modules.report import table, write_report
 
 MODES = ("single", "batch", "sequential")
-EDITORS = ("mend", "mend_until_right", "ft", "ft_kl")
+SURGERY = tuple(f"surgery_{m}" for m in SURGERY_METHODS)
+EDITORS = ("mend", "mend_until_right", "ft", "ft_kl", *SURGERY, "patcher")
 BATCH_SIZES = (1, 5, 25, 125)  # the published MEND batch-editing table
 
 
@@ -82,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ft_optimizer", choices=("adam", "sgd"), default="adam")
     g.add_argument("--ft_kl_weight", type=float, default=1.0, help="ft_kl: weight of KL(original || edited)")
     g.add_argument("--ft_kl_inputs", type=int, default=4, help="ft_kl: locality inputs sampled per edit step")
+    g = p.add_argument_group("surgery selectors and Transformer-Patcher")
+    g.add_argument("--surgery_n_params", type=int, default=1000,
+                   help="surgery_*: scalar weights an edit may change (global budget over the edited matrices)")
+    g.add_argument("--patcher_layer", help="patcher: FFN (module name) to patch; default the last block's")
+    g.add_argument("--patcher_memory", type=int, default=1000,
+                   help="patcher: training-split inputs whose queries every patch must stay silent on")
     g = p.add_argument_group("devices")
     g.add_argument("--accelerator", default="auto")
     g.add_argument("--devices", default=1, type=lambda s: int(s) if s.isdigit() else s, help="single mode runs through Lightning: >1 evaluates data-parallel")
@@ -146,7 +158,9 @@ def build_data(cfg: dict, args: argparse.Namespace, family: str) -> EditDataModu
         raise EvalError(f"data.init_args.family is {init['family']!r} but the base model's family is {family!r}")
     # the loader batches edits only for throughput: the evaluation module still edits them one by one
     every = args.loc_per_edit == "all"
-    init.update(family=family, n_edits=8, loc_per_edit=1 if every else args.loc_per_edit, shuffle=False, seed=args.seed)
+    # (8 per batch, one problem each: a batch keeps whole problems only, so a larger problem count per
+    # batch would drop a ragged tail of edits)
+    init.update(family=family, n_edits=8, batch_size=1, loc_per_edit=1 if every else args.loc_per_edit, shuffle=False, seed=args.seed)
     dm = cls(**init)
     dm.eval_split = args.split
     try:
@@ -177,9 +191,17 @@ def load_base(cfg: dict) -> tuple[torch.nn.Module, str, str]:
     return model.eval().requires_grad_(False), path, family
 
 
-def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: argparse.Namespace) -> Editor:
+def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: argparse.Namespace,
+                 dm: EditDataModule | None = None) -> Editor:
     if name == "mend_until_right":
         return UntilRight(build_editor("mend", model, cfg, args), args.until_right_scales)
+    if name == "patcher":  # negatives: training inputs beyond the TrainR probe, never an evaluated input
+        memory = None
+        if dm is not None and "train" in dm.splits:
+            data = EditData(dm, args.split, "cpu", args.seed, args.n_train_probe)
+            pool = data.kl_pool()
+            memory = data.collate(random.Random(args.seed).sample(pool, min(args.patcher_memory, len(pool))))
+        return Patcher(model, args.patcher_layer, memory)
     if name == "mend":
         if not args.ckpt_path:
             raise EvalError("mend and mend_until_right need --ckpt_path (a trained editor); ft and ft_kl need none")
@@ -192,6 +214,11 @@ def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: argparse.Na
             raise EvalError(str(e)) from None
     # the baselines tune the matrices MEND edits under this config
     layers = select_layers(model, (cfg["model"].get("init_args") or {}).get("edit_params"))
+    if name in SURGERY:
+        try:
+            return Surgery(layers, n_params=args.surgery_n_params, method=name.removeprefix("surgery_"), seed=args.seed)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
     return FineTune(layers, lr=args.ft_lr, max_steps=args.ft_steps, optimizer=args.ft_optimizer,
                     c_loc=args.ft_kl_weight if name == "ft_kl" else 0.0, name=name)
 
@@ -281,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     modes = list(MODES) if args.mode == "all" else [args.mode]
     names = args.editor or ((["mend", "mend_until_right"] if args.ckpt_path else []) + ["ft", "ft_kl"] if args.mode == "all"
                             else ["mend" if args.ckpt_path else "ft"])
-    editors = {n: build_editor(n, model, cfg, args) for n in names}
+    editors = {n: build_editor(n, model, cfg, args, dm) for n in names}
     n_train = len(dm.splits["train"].records) if "train" in dm.splits else 0
     if "ft_kl" in names and n_train <= args.n_train_probe:
         raise EvalError("ft_kl samples its locality inputs from the training split beyond the first --n_train_probe "

@@ -377,3 +377,17 @@ def test_split_val_scores_validation_edits_on_the_validation_pool(setup_eval):
     assert val["split"] == "val" and test["split"] == "test"
     assert val["n_edits"] == val["n_edits_available"] == 20  # 4 validation subjects x 5 relations
     assert val["n_locality_inputs"] % 20 == 0 and val["n_locality_inputs"] > 20 * 20  # the whole validation pool
+
+
+def test_surgery_and_patcher_run_under_every_protocol(setup_eval):
+    """The new editors through eval.py: a surgery selector never reports more changed weights than its
+    budget; the patcher adds neurons (counted as added parameters) and keeps a stream."""
+    args = ("--config", setup_eval["zsre_config"], "--n_edits", 4, "--loc_per_edit", 3)
+    rep = _run(*args, "--editor", "surgery_dynamic", "surgery_l1", "patcher", "--mode", "single",
+               "--surgery_n_params", 50)
+    by = {e["editor"]: e for e in rep["entries"]}
+    for name in ("surgery_dynamic", "surgery_l1"):
+        assert 0 < by[name]["params_changed"] <= 50 and by[name]["edit_success"] > 0
+    assert by["patcher"]["edit_success"] == 1.0 and by["patcher"]["params_changed"] > 0
+    seq = _run(*args, "--editor", "patcher", "--mode", "sequential", "--edit_only_when_wrong")["entries"][0]
+    assert seq["edit_retention"] == 1.0 and seq["params_changed"] > 0
