@@ -37,6 +37,7 @@ from editors.ft import FineTune
 from editors.layers import fingerprint, select_layers
 from editors.mend import MEND
 from editors.patcher import Patcher
+from editors.selector import Selector
 from editors.surgery import METHODS as SURGERY_METHODS
 from editors.surgery import Surgery
 from editors.until_right import DEFAULT_SCALES, UntilRight
@@ -47,7 +48,7 @@ from lightning_modules.report import table, write_report
 
 MODES = ("single", "batch", "sequential")
 SURGERY = tuple(f"surgery_{m}" for m in SURGERY_METHODS)
-EDITORS = ("mend", "mend_until_right", "ft", "ft_kl", *SURGERY, "patcher")
+EDITORS = ("mend", "mend_until_right", "ft", "ft_kl", *SURGERY, "selector", "patcher")
 BATCH_SIZES = (1, 5, 25, 125)  # the published MEND batch-editing table
 
 
@@ -91,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("surgery selectors and Transformer-Patcher")
     g.add_argument("--surgery_n_params", type=int, default=1000,
                    help="surgery_*: scalar weights an edit may change (global budget over the edited matrices)")
+    g.add_argument("--selector_ckpt_path", help="selector: a meta-trained selector (train.py --config "
+                   "configs/selector_*.yaml writes OUTPUT_DIR/editor.safetensors)")
+    g.add_argument("--selector_until_right_steps", type=int,
+                   help="selector: masked steps on its own mask until the edit input is right (default: the file's)")
     g.add_argument("--patcher_layer", help="patcher: FFN (module name) to patch; default the last block's")
     g.add_argument("--patcher_memory", type=int, default=1000,
                    help="patcher: training-split inputs whose queries every patch must stay silent on")
@@ -214,6 +219,17 @@ def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: argparse.Na
             raise EvalError(str(e)) from None
     # the baselines tune the matrices MEND edits under this config
     layers = select_layers(model, (cfg["model"].get("init_args") or {}).get("edit_params"))
+    if name == "selector":
+        if not args.selector_ckpt_path or not Path(args.selector_ckpt_path).exists():
+            raise EvalError("selector needs --selector_ckpt_path, an existing meta-trained selector file")
+        try:
+            sel = Selector.load(args.selector_ckpt_path, model)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+        if args.selector_until_right_steps is not None:
+            sel.until_right_steps = args.selector_until_right_steps
+            sel.config = {**sel.config, "until_right_steps": sel.until_right_steps}
+        return sel
     if name in SURGERY:
         try:
             return Surgery(layers, n_params=args.surgery_n_params, method=name.removeprefix("surgery_"), seed=args.seed)
