@@ -102,7 +102,7 @@ class InputPreconditioner(nn.Module):
     editor. ``K`` is recomputed only when the number of inputs seen has doubled since it was last
     computed (a ``D x D`` inversion per step would double a CPU run's time; this is about 20 in all),
     so a step uses statistics of at least half the inputs seen so far. The default zsRE editor uses
-    it (README "Results": more edit success and generality, and less drawdown).
+    it (docs/experiments.md: more edit success and generality, and less drawdown).
     """
 
     def __init__(self, n_layers: int, dim: int, ridge: float) -> None:

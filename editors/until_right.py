@@ -2,7 +2,7 @@
 
 FT (:mod:`editors.ft`) stops as soon as every edit in the batch is an exact match, so it changes
 the model no more than the edit input needs. MEND takes one step whose size was meta-trained for
-the paraphrases too, and a larger step moves unrelated inputs more (README "Results": at full size
+the paraphrases too, and a larger step moves unrelated inputs more (docs/experiments.md: at full size
 the default editor breaks 10% of the questions that share the edit's old answer). ``UntilRight``
 gives a one-step editor FT's rule: it computes the change once, tries it at ``scales`` in
 increasing order, and keeps the first scaled change under which every edit in the batch is right

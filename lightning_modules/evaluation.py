@@ -1,7 +1,8 @@
 """Evaluation of editors on held-out edits: metric definitions, the three protocols, and a
 LightningModule that runs the single-edit protocol data-parallel.
 
-Protocols (REFERENCE.md sections 1, 4 and 6):
+Protocols (metrics and protocols as described in docs/methods.md; sequential metrics after
+Huang et al., ICLR 2023):
 
 - ``single``: every held-out edit applied alone, functionally, to the unedited model
   (:class:`EditEvalModule`, run by ``trainer.test`` over the DataModule's test loader).

@@ -1,4 +1,4 @@
-"""Meta-training of a MEND editor around a frozen base model (REFERENCE.md section 2).
+"""Meta-training of a MEND editor around a frozen base model (Mitchell et al., ICLR 2022; docs/methods.md).
 
 One step, per batch from :mod:`datamodules.edit_data`:
 

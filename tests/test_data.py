@@ -1,5 +1,5 @@
 """Data layer: file-format readers, encoding/batching per model family, locality hygiene, the
-synthetic world generator and DDP sharding (REFERENCE.md section 5)."""
+synthetic world generator and DDP sharding (formats: docs/methods.md)."""
 from __future__ import annotations
 
 import json
