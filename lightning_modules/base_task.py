@@ -16,6 +16,7 @@ from datamodules.atomic import write_text
 from datamodules.encoding import Family, collate, encode, load_tokenizer
 from datamodules.world import RELATIONS, read_jsonl_plain, write_jsonl
 from editors.losses import forward_logits, nll, scores
+from lightning_modules.callbacks import ProgressLog
 from lightning_modules.models import build_tiny, decoder_start_id, load_model
 from lightning_modules.schedules import warmup_cosine
 
@@ -85,6 +86,9 @@ class BaseTaskModule(L.LightningModule):
             em.append(e)
             tok.append(t)
         return torch.cat(em).mean().item(), torch.cat(tok).mean().item()
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [ProgressLog()]
 
     def export(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> dict:
         """Save the model and tokenizer, write the annotated edit data; return the accuracy summary."""

@@ -2,7 +2,9 @@
 (:class:`LocalityDrift`), and a guard against non-finite steps (:class:`NonFiniteGuard`)."""
 from __future__ import annotations
 
-from typing import Any
+import sys
+import time
+from typing import Any, TextIO
 
 import lightning as L
 import torch
@@ -92,6 +94,32 @@ class NonFiniteGuard(L.Callback):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped, self.in_a_row = state["skipped"], state["in_a_row"]
+
+
+class ProgressLog(L.Callback):
+    """One plain progress line every ``every_seconds`` when the output is not a terminal (a cluster job's
+    log file shows no progress bar until the run ends): step, epoch, elapsed time and the logged
+    training metrics. Added by every training module (``configure_callbacks``); silent on terminals."""
+
+    def __init__(self, every_seconds: float = 60.0, stream: TextIO | None = None) -> None:
+        self.every, self.stream = every_seconds, stream
+        self.start = self.last = 0.0
+
+    def _out(self) -> TextIO:
+        return self.stream or sys.stdout
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = self.last = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every or self._out().isatty() or not trainer.is_global_zero:
+            return
+        self.last = now
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        metrics = " ".join(f"{k} {float(v):.4g}" for k, v in trainer.callback_metrics.items() if k.startswith("train/"))
+        print(f"[hypedit] step {trainer.global_step}/{total} epoch {trainer.current_epoch} "
+              f"{now - self.start:.0f}s {metrics}", file=self._out(), flush=True)
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:

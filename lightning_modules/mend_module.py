@@ -38,7 +38,7 @@ from datamodules.encoding import Family
 from editors.layers import check_fingerprint, fingerprint, low_rank_edit
 from editors.losses import forward_logits, model_inputs, kl_pre_post, nll, scores, top1_agreement
 from editors.mend import CHECKPOINT_KEY, MEND, save_blob
-from lightning_modules.callbacks import NonFiniteGuard, check_finite
+from lightning_modules.callbacks import NonFiniteGuard, ProgressLog, check_finite
 from lightning_modules.models import load_model
 from lightning_modules.schedules import warmup_cosine
 
@@ -188,7 +188,7 @@ class MENDModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [NonFiniteGuard()]
+        return [NonFiniteGuard(), ProgressLog()]
 
     # -- checkpoints: editor only, fingerprinted
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ from editors.layers import check_fingerprint
 from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement
 from editors.mend import CHECKPOINT_KEY
 from editors.selector import Selector, dense_edit
-from lightning_modules.callbacks import NonFiniteGuard
+from lightning_modules.callbacks import NonFiniteGuard, ProgressLog
 from lightning_modules.mend_module import VAL_METRICS, MENDModule, _has_label, _join, _split
 from lightning_modules.models import load_model
 from lightning_modules.schedules import warmup_cosine
@@ -143,7 +143,7 @@ class SelectorModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [NonFiniteGuard()]
+        return [NonFiniteGuard(), ProgressLog()]
 
     # -- checkpoints: the selector only, fingerprinted (the same entries as MEND's)
     on_save_checkpoint = MENDModule.on_save_checkpoint

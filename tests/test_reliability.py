@@ -109,3 +109,25 @@ def test_every_reader_refuses_corrupted_files_with_a_data_format_error(name, tmp
     check()
     assert outcomes["refused"] > 0
     print(f"{name}: {sum(outcomes.values())} corrupted files, {outcomes['refused']} refused, {outcomes['read']} read")
+
+
+def test_progress_lines_go_to_logs_but_not_to_terminals():
+    import io
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_modules.callbacks import ProgressLog
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    trainer = SimpleNamespace(global_step=7, max_steps=100, current_epoch=1, is_global_zero=True,
+                              callback_metrics={"train/loss": torch.tensor(0.25), "val/loss": torch.tensor(1.0)})
+    for stream, printed in ((io.StringIO(), True), (Terminal(), False)):
+        cb = ProgressLog(every_seconds=0, stream=stream)
+        cb.on_train_start(trainer, None)
+        cb.on_train_batch_end(trainer)
+        assert ("step 7/100 epoch 1" in stream.getvalue() and "train/loss 0.25" in stream.getvalue()) is printed
+        assert "val/loss" not in stream.getvalue()
