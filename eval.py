@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="locality inputs scored per edit (single, batch); default 'all': every input of the test "
                         "locality pool for every edit, so drawdown's noise is that of the edits, not of a sample "
                         "of inputs (the report gives its standard error, drawdown_stderr)")
+    p.add_argument("--stream_state", help="sequential: save each editor's stream state under DIR/<editor> every "
+                   "--save_every edits, and continue an interrupted stream from there")
+    p.add_argument("--save_every", type=int, default=100, help="sequential: edits between saved stream states")
     p.add_argument("--n_test_probe", type=int, default=100, help="sequential: held-out locality inputs for TestR and drift")
     p.add_argument("--n_train_probe", type=int, default=100, help="sequential: held-in training inputs for TrainR")
     p.add_argument("--until_right_scales", type=float, nargs="+",
@@ -106,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--chunk", type=int, default=64, help="rows per forward pass when scoring")
     g.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("edits_per_step", "n_edits", "folds", "loc_per_edit", "n_test_probe", "chunk"):
+    for name in ("edits_per_step", "n_edits", "folds", "loc_per_edit", "n_test_probe", "chunk", "save_every"):
         if getattr(args, name) not in (None, "all") and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if any(s <= 0 for s in args.until_right_scales or []):
@@ -302,7 +305,8 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, dm: EditDataModule, 
             runs.append(run_sequential(editor, model, data, ids, edits_per_step=args.edits_per_step or 1,
                                        folds=args.folds, only_when_wrong=args.edit_only_when_wrong,
                                        n_test_probe=args.n_test_probe, sampler=sampler, chunk=args.chunk,
-                                       progress=progress))
+                                       progress=progress, save_every=args.save_every,
+                                       state_dir=Path(args.stream_state) / editor.name if args.stream_state else None))
         if mode != "batch":
             runs[-1]["wall_seconds"] = time.perf_counter() - t0
         results += [{"mode": mode, **r, **peak_memory(device)} for r in runs]

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from datamodules.atomic import atomic_path
 from datamodules.encoding import Family
 
 
@@ -105,6 +107,31 @@ class Editor(ABC):
     def make_edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
                   loc_batch: Mapping[str, Tensor] | None = None) -> Edit:
         """The edit that makes ``model`` produce ``batch``'s labels (``model`` is not modified)."""
+
+    def save_working(self, path: str | Path, work: nn.Module, original: nn.Module) -> None:
+        """Save a stream's working model (``original`` plus merged edits) so that :meth:`load_working`
+        rebuilds it exactly: the parameters that differ from ``original``'s, as safetensors. Editors
+        whose edits add parameters override both methods."""
+        from safetensors.torch import save_file
+
+        orig = dict(original.named_parameters())
+        params = dict(work.named_parameters())
+        if set(params) != set(orig):
+            raise NotImplementedError(f"{type(self).__name__} edits add parameters: it must override save_working")
+        changed = {k: p.detach().cpu().contiguous() for k, p in params.items() if not torch.equal(p, orig[k])}
+        with atomic_path(path) as tmp:
+            save_file(changed, str(tmp))
+
+    def load_working(self, path: str | Path, original: nn.Module) -> nn.Module:
+        """The working model saved by :meth:`save_working` (a copy; ``original`` untouched)."""
+        from safetensors.torch import load_file
+
+        work = copy.deepcopy(original)
+        params = dict(work.named_parameters())
+        with torch.no_grad():
+            for k, v in load_file(str(path)).items():
+                params[k].copy_(v)
+        return work
 
     def edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
              loc_batch: Mapping[str, Tensor] | None = None) -> nn.Module:

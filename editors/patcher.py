@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datamodules.atomic import atomic_path
 from datamodules.encoding import Family
 from editors.base import Edit, Editor
 from editors.layers import LayerSpec, check_fingerprint, fingerprint, select_layers
@@ -567,6 +568,23 @@ class Patcher(Editor):
         with torch.enable_grad():
             opt.step(closure)
         return evals
+
+    def save_working(self, path: str | Path, work: nn.Module, original: nn.Module) -> None:
+        """A stream's working model is the base plus its patches: save those (a patch file)."""
+        if installed_patches(work):
+            with atomic_path(path) as tmp:
+                save_patches(tmp, work)
+        else:
+            super().save_working(path, work, original)
+
+    def load_working(self, path: str | Path, original: nn.Module) -> nn.Module:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            patched = HEADER_KEY in (f.metadata() or {})
+        if not patched:
+            return super().load_working(path, original)
+        return load_patches(path, copy.deepcopy(original), inplace=True)
 
     def make_edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
                   loc_batch: Mapping[str, Tensor] | None = None) -> PatchEdit:

@@ -17,12 +17,14 @@ definition is in :data:`DEFINITIONS`, which every report carries.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import resource
 import statistics
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import lightning as L
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 from torchmetrics import CatMetric, MeanMetric, SumMetric
 from tqdm.auto import tqdm
 
+from datamodules.atomic import write_text
 from datamodules.edit_data import EditDataModule, EncodedSplit
 from datamodules.encoding import Family, collate, encode
 from editors.base import Edit, Editor
@@ -444,7 +447,8 @@ def _accuracy(model: nn.Module, batch: Mapping[str, Tensor] | None, family: Fami
 
 def run_sequential(editor: Editor, original: nn.Module, data: EditData, ids: Sequence[int], *,
                    edits_per_step: int = 1, folds: int = 1, only_when_wrong: bool = False, n_test_probe: int = 100,
-                   sampler: LocalitySampler | None = None, chunk: int = 64, progress: bool = True) -> dict[str, Any]:
+                   sampler: LocalitySampler | None = None, chunk: int = 64, progress: bool = True,
+                   state_dir: str | Path | None = None, save_every: int = 100) -> dict[str, Any]:
     """Stream the edits ``ids`` into a working copy of ``original``, ``edits_per_step`` per step.
 
     The edits are split into ``folds`` equal streams (the remainder is left out), each starting from
@@ -452,6 +456,11 @@ def run_sequential(editor: Editor, original: nn.Module, data: EditData, ids: Seq
     ``only_when_wrong``) are merged, then its edits and their paraphrases are scored (SR, GR). At
     each checkpoint all earlier edits are re-scored (ER), and held-in training data (TrainR), a
     held-out locality probe (TestR) and locality against the original are measured.
+
+    With ``state_dir``, the stream's state (working model via the editor's ``save_working``, scores
+    and curves so far) is saved there every ``save_every`` edits, and a call with the same arguments
+    continues from the last saved state instead of from edit 0 (an interrupted 1,000-edit stream
+    resumes at its last save). Its results equal an unbroken run's, timings aside.
     """
     fam = data.family
     fold_len = len(ids) // folds
@@ -464,8 +473,13 @@ def run_sequential(editor: Editor, original: nn.Module, data: EditData, ids: Seq
     after: dict[str, list[Tensor]] = {"es": [], "es_tok": [], "gs": [], "gs_tok": []}
     seconds: list[float] = []
     applied = 0
+    stream_key = {"ids": list(ids), "edits_per_step": edits_per_step, "folds": folds, "only_when_wrong": only_when_wrong,
+           "editor": editor.config}
+    saved = _load_stream(Path(state_dir), stream_key, editor, original) if state_dir else None
     bar = tqdm(total=fold_len * folds, desc="sequential", disable=not progress, leave=False)
     for f in range(folds):
+        if saved and f < saved["fold"]:
+            continue
         stream = list(ids[f * fold_len:(f + 1) * fold_len])
         work = copy.deepcopy(original)  # the original stays untouched: every comparison is against it
         marks = stream_checkpoints(fold_len)
@@ -475,7 +489,14 @@ def run_sequential(editor: Editor, original: nn.Module, data: EditData, ids: Seq
                                                    "n_locality_labelled", "params_changed")}
         fold_es: list[Tensor] = []
         fold_gs: list[Tensor] = []
-        for start in range(0, fold_len, edits_per_step):
+        first = 0
+        if saved:  # continue the saved stream where it stopped
+            work, first, marks, curve = saved["work"], saved["start"], saved["marks"], saved["curve"]
+            curves, after, seconds, applied = saved["curves"], saved["after"], saved["seconds"], saved["applied"]
+            fold_es, fold_gs = saved["fold_es"], saved["fold_gs"]
+            bar.update(f * fold_len + first)
+            saved = None
+        for start in range(first, fold_len, edits_per_step):
             group = stream[start:start + edits_per_step]
             edits = data.edits(group)
             todo = group
@@ -514,14 +535,47 @@ def run_sequential(editor: Editor, original: nn.Module, data: EditData, ids: Seq
                          "drawdown": drawdown(loc["pre_right"][lab], loc["post_right"][lab]),
                          "flips_right_to_wrong": r2w, "flips_wrong_to_right": w2r,
                          "n_locality_labelled": int(lab.sum()), "params_changed": count_differing(work, original)}
-                for key, v in point.items():
-                    curve[key].append(v)
+                for name, v in point.items():
+                    curve[name].append(v)
+            if state_dir and (done // save_every > start // save_every) and done < fold_len:
+                _save_stream(Path(state_dir), stream_key, editor, work, original, {
+                    "fold": f, "start": done, "marks": marks, "curve": curve, "curves": curves, "after": after,
+                    "seconds": seconds, "applied": applied, "fold_es": fold_es, "fold_gs": fold_gs})
         curves.append(curve)
         del work
     bar.close()
     return _sequential_summary(curves, after, seconds, applied, total, init_train, init_test,
                                edits_per_step=edits_per_step, folds=folds, only_when_wrong=only_when_wrong,
                                n_edits=fold_len * folds, n_edits_left_out=len(ids) - fold_len * folds)
+
+
+def _save_stream(state_dir: Path, key: dict, editor: Editor, work: nn.Module, original: nn.Module,
+                 state: dict[str, Any]) -> None:
+    """The working model first (under a name of its own), then the JSON that points at it, written last
+    and atomically: a kill at any moment leaves a consistent earlier state or the new one."""
+    name = f"work-{state['fold']}-{state['start']}.safetensors"
+    editor.save_working(state_dir / name, work, original)
+    plain = {**state, "after": {k: [t.tolist() for t in v] for k, v in state["after"].items()},
+             "fold_es": [t.tolist() for t in state["fold_es"]], "fold_gs": [t.tolist() for t in state["fold_gs"]]}
+    write_text(state_dir / "stream.json", json.dumps({"key": key, "work": name, **plain}))
+    for old in state_dir.glob("work-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def _load_stream(state_dir: Path, key: dict, editor: Editor, original: nn.Module) -> dict[str, Any] | None:
+    path = state_dir / "stream.json"
+    if not path.exists():
+        return None
+    blob = json.loads(path.read_text())
+    if blob["key"] != json.loads(json.dumps(key)):
+        raise ValueError(f"{path} holds the state of another stream (other edits, editor or settings): "
+                         "use another state directory or delete this one")
+    dev = next(original.parameters()).device
+    t = lambda xs: [torch.tensor(x, device=dev) for x in xs]
+    return {**blob, "work": editor.load_working(state_dir / blob["work"], original),
+            "after": {k: t(v) for k, v in blob["after"].items()}, "fold_es": t(blob["fold_es"]),
+            "fold_gs": t(blob["fold_gs"])}
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:

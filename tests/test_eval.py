@@ -391,3 +391,35 @@ def test_surgery_and_patcher_run_under_every_protocol(setup_eval):
     assert by["patcher"]["edit_success"] == 1.0 and by["patcher"]["params_changed"] > 0
     seq = _run(*args, "--editor", "patcher", "--mode", "sequential", "--edit_only_when_wrong")["entries"][0]
     assert seq["edit_retention"] == 1.0 and seq["params_changed"] > 0
+
+
+@pytest.mark.parametrize("editor,cls", [("ft", "editors.ft.FineTune"), ("patcher", "editors.patcher.Patcher")])
+def test_an_interrupted_stream_resumes_from_its_saved_state(setup_eval, tmp_path, monkeypatch, editor, cls):
+    """A stream killed after its 5th edit continues from the state saved at edit 4, not from zero, and
+    ends with the figures of an unbroken stream (timings aside)."""
+    import importlib
+
+    args = ("--config", setup_eval["zsre_config"], "--editor", editor, "--mode", "sequential", "--n_edits", 8,
+            "--n_test_probe", 10, "--n_train_probe", 10, "--save_every", 2)
+    unbroken = _run(*args, "--stream_state", tmp_path / "a")["entries"][0]
+    module, name = cls.rsplit(".", 1)
+    klass = getattr(importlib.import_module(module), name)
+    real, calls = klass.make_edit, []
+
+    def dies_at_the_fifth(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(klass, "make_edit", dies_at_the_fifth)
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(*args, "--stream_state", tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / editor / "stream.json").read_text())
+    assert saved["start"] == 4 and len(list((tmp_path / "b" / editor).glob("work-*"))) == 1
+    calls.clear()
+    resumed = _run(*args, "--stream_state", tmp_path / "b")["entries"][0]
+    assert len(calls) <= 4, "only the edits after the saved state were made again"
+    for k in ("edit_success", "generality", "edit_retention", "train_retention", "test_retention", "locality_kl",
+              "params_changed", "n_edits_applied", "er", "sr"):
+        assert resumed[k] == (None if unbroken[k] is None else pytest.approx(unbroken[k], rel=1e-5, abs=1e-7)), k
