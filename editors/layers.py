@@ -91,7 +91,7 @@ def _short(names: list[str], k: int = 40) -> str:
 
 
 @contextlib.contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
+def frozen(model: nn.Module) -> Iterator[None]:
     """Temporarily stop autograd from tracking the base parameters (restored afterwards)."""
     live = [p for p in model.parameters() if p.requires_grad]
     for p in live:
@@ -125,7 +125,7 @@ def gradient_pieces(model: nn.Module, layers: list[LayerSpec], loss_fn: Callable
 
     handles = [model.get_submodule(l.module_name).register_forward_hook(hook(l.name)) for l in layers]
     try:
-        with _frozen(model), torch.enable_grad():
+        with frozen(model), torch.enable_grad():
             loss = loss_fn()
             missing = [l.name for l in layers if l.name not in outputs]
             if missing:

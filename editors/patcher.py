@@ -76,7 +76,7 @@ from torch import Tensor, nn
 from datamodules.atomic import atomic_path
 from datamodules.encoding import Family
 from editors.base import Edit, Editor
-from editors.layers import LayerSpec, check_fingerprint, fingerprint, select_layers
+from editors.layers import LayerSpec, check_fingerprint, fingerprint, frozen, select_layers
 from editors.losses import forward_logits, model_inputs, nll, scores
 
 PATCH_ATTR = "hypedit_patch"
@@ -344,19 +344,6 @@ class PatchEdit(Edit):
 # ---------------------------------------------------------------- the editor
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the patched layer's input is recorded."""
-
-
-@contextlib.contextmanager
-def _base_frozen(model: nn.Module) -> Iterator[None]:
-    """No autograd on any of ``model``'s parameters for a while (flags restored afterwards)."""
-    live = [p for p in model.parameters() if p.requires_grad]
-    for p in live:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in live:
-            p.requires_grad_(True)
 
 
 @contextlib.contextmanager
@@ -641,7 +628,7 @@ class Patcher(Editor):
         opt = torch.optim.Adam(trained, lr=self.lr)
         act = ACT2FN[site.activation]
         steps, last_loss, best_act, stalled = 0, float("inf"), float("inf"), 0
-        with _base_frozen(model), torch.enable_grad(), _extra_neurons(model, site, act, key, bias, value):
+        with frozen(model), torch.enable_grad(), _extra_neurons(model, site, act, key, bias, value):
             while True:
                 out = forward_logits(model, batch, family)
                 right = bool(scores(out.detach(), labels, family)[0].all())

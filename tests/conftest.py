@@ -46,3 +46,12 @@ def tiny_models(tokenizer):
              "tiny-bert": dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64)}
     fam = {"tiny-gpt2": "causal", "tiny-bart": "seq2seq", "tiny-bert": "classifier"}
     return {fam[k]: build_tiny(k, tokenizer, v).eval() for k, v in small.items()}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads on a shared 2-core machine (the editor tests' modules)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

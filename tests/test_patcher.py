@@ -25,13 +25,7 @@ WIDTH_FIELD = {"causal": "n_inner", "seq2seq": "decoder_ffn_dim", "classifier": 
                "llama": "intermediate_size"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(tokenizer, seed: int = 0):

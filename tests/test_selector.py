@@ -32,13 +32,7 @@ PROMPTS = ["Where was Foo born?", "What is the occupation of Bar?", "Which langu
            "Where was Qux born?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def edit_batch(model, tokenizer, family: str, k: int = 2):

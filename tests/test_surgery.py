@@ -17,13 +17,7 @@ from lightning_modules.models import decoder_start_id
 PROMPT = "Where was Foo born?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def edit_batch(model, tokenizer, family: str, prompt: str = PROMPT, target: str = "Arvenna"):

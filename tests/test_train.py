@@ -156,13 +156,13 @@ def test_resume_mid_epoch_equals_uninterrupted_run(bases, tmp_path):
     run(full)
     with pytest.raises(RuntimeError, match="killed"):
         run(part, {"class_path": "test_train.KillAfter", "init_args": {"step": 5}})
-    last = torch.load(part / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(part / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 4 and last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
     args = mend_args("causal", bases, part, *common, "--ckpt_path", str(part / "ck" / "last.ckpt"),
                      "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false")
     train.main(args)
     resumed, unbroken = _editor_state(part / "editor.safetensors"), _editor_state(full / "editor.safetensors")
-    groups = torch.load(full / "ck" / "last.ckpt", weights_only=False)["optimizer_states"][0]["param_groups"]
+    groups = torch.load(full / "ck" / "last.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"]
     assert [g["lr"] for g in groups] == pytest.approx([0.0, 0.0], abs=1e-12), "cosine decay ends at 0 at max_steps"
     assert not torch.equal(last["state_dict"]["editor.edit_lrs"], resumed["edit_lrs"]), "the resumed run trained"
     for k in unbroken:
@@ -188,7 +188,7 @@ def test_base_training_resumes_from_the_last_finished_epoch(tmp_path):
     kill = {"class_path": "test_train.KillAfter", "init_args": {"epoch": 2}}
     with pytest.raises(RuntimeError, match="killed"):
         train.main(args + ["--trainer.callbacks", json.dumps([*cbs, kill])])
-    last = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
     per_epoch = last["global_step"] // 2
     assert last["epoch"] == 1 and per_epoch > 0, "the end of the second epoch was saved"
     assert not (tmp_path / "base_causal" / "model" / "config.json").exists(), "the killed run exported nothing"
@@ -196,7 +196,7 @@ def test_base_training_resumes_from_the_last_finished_epoch(tmp_path):
     summary = train.main(args + ["--ckpt_path", "last", "--trainer.callbacks",
                                  json.dumps([*cbs, {"class_path": "test_train.CountBatches"}])])
     assert CountBatches.seen == per_epoch, "the resumed run trained the third epoch only"
-    final = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    final = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
     assert final["global_step"] == 3 * per_epoch and final["epoch"] == 2
     assert 0.0 <= summary["exact_match_on_training_questions"] <= 1.0
 
@@ -264,8 +264,8 @@ def test_early_stopping_keeps_the_best_editor_and_a_resumable_latest_state(bases
     summary = train.main(mend_args("causal", bases, out, "--trainer.enable_checkpointing", "true",
                                    "--trainer.callbacks", json.dumps(cbs), "--trainer.max_steps", "40",
                                    "--trainer.val_check_interval", "1", "--model.init_args.lr", "1e-3"))
-    latest = torch.load(out / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
-    best = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=False)
+    latest = torch.load(out / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
     assert latest["global_step"] < 40, "early stopping fired before max_steps"
     assert best["global_step"] < latest["global_step"], "the best validation was not the last one"
     assert latest["global_step"] == best["global_step"] + 2, "last.ckpt is the state the run stopped in"
