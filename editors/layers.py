@@ -27,8 +27,9 @@ DEFAULT_RULES: dict[str, list[tuple[str, int]]] = {
     "bert": [(r"(?:.*\.)?encoder\.layer\.(\d+)\.(?:intermediate|output)\.dense\.weight", 3)],
     "roberta": [(r"(?:.*\.)?encoder\.layer\.(\d+)\.(?:intermediate|output)\.dense\.weight", 3)],
     "bart": [(r"(?:.*\.)?encoder\.layers\.(\d+)\.fc[12]\.weight", 2), (r"(?:.*\.)?decoder\.layers\.(\d+)\.fc[12]\.weight", 2)],
-    "t5": [(r"(?:.*\.)?encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.w[io]\.weight", 2),
-           (r"(?:.*\.)?decoder\.block\.(\d+)\.layer\.2\.DenseReluDense\.w[io]\.weight", 2)],
+    # every FFN matrix: wi, wo (original T5); wi_0, wi_1, wo (v1.1's gated FFN, e.g. t5-xl-lm-adapt)
+    "t5": [(r"(?:.*\.)?encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(?:wi|wi_0|wi_1|wo)\.weight", 2),
+           (r"(?:.*\.)?decoder\.block\.(\d+)\.layer\.2\.DenseReluDense\.(?:wi|wi_0|wi_1|wo)\.weight", 2)],
 }
 
 
@@ -81,6 +82,9 @@ def select_layers(model: nn.Module, patterns: list[str] | None = None) -> list[L
     chosen = []
     for rx, last in DEFAULT_RULES[mtype]:
         hits = [(int(m.group(1)), n) for n in names if (m := re.fullmatch(rx, n))]
+        if not hits:  # a variant named otherwise (e.g. one stack only): refuse, rather than edit the rest silently
+            raise ValueError(f"the default rule {rx!r} for model type {mtype!r} matches no matrix of this model: "
+                             f"give edit_params explicitly. Candidate matrices: {_short(names)}")
         blocks = sorted({b for b, _ in hits})[-last:]
         chosen += [n for b, n in hits if b in blocks]
     return [_spec(model, n) for n in chosen]
@@ -180,7 +184,12 @@ def weight_update(spec: LayerSpec, u: Tensor, delta: Tensor) -> Tensor:
 
 
 def fingerprint(model: nn.Module, layers: list[LayerSpec]) -> dict[str, str]:
-    """Identify a base model: its name, a hash of its config and a hash of the edited weights."""
+    """Identify a base model: its name, a hash of its config and a hash of the edited weights.
+
+    Every value of every edited weight is hashed (as float32 bytes), so any change is seen: about
+    0.2 s per 4096 x 16384 matrix on one CPU core (docs/real_models.md). Meta-training computes it
+    once per run (the base is frozen), not on every checkpoint save.
+    """
     cfg = getattr(model, "config", None)
     cfg_d = {k: v for k, v in (cfg.to_dict() if cfg is not None else {}).items()
              if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")}
@@ -189,19 +198,28 @@ def fingerprint(model: nn.Module, layers: list[LayerSpec]) -> dict[str, str]:
     for l in layers:
         h.update(l.name.encode())
         w = params.get(l.name)  # a model without this layer gets a hash that matches nothing
-        h.update(w.detach().float().cpu().contiguous().numpy().tobytes() if w is not None else b"missing")
+        # the array's own buffer (no bytes copy of a weight that may be 1 GB): the same bytes as before
+        h.update(w.detach().float().cpu().contiguous().numpy() if w is not None else b"missing")
+    dtypes = sorted({str(params[l.name].dtype).removeprefix("torch.") for l in layers if l.name in params})
     return {"name": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
             "config_sha256": hashlib.sha256(json.dumps(cfg_d, sort_keys=True, default=str).encode()).hexdigest()[:16],
             "edited_weights_sha256": h.hexdigest()[:16],
+            "weights_dtype": ",".join(dtypes),  # informational: explains a mismatch, never compared
             "layers": json.dumps([asdict(l) for l in layers])}
 
 
-def check_fingerprint(saved: Mapping[str, str], model: nn.Module, layers: list[LayerSpec], source: str) -> None:
-    """Refuse to use an editor on a base model other than the one it was trained for."""
-    cur = fingerprint(model, layers)
+def check_fingerprint(saved: Mapping[str, str], model: nn.Module, layers: list[LayerSpec], source: str,
+                      current: Mapping[str, str] | None = None) -> None:
+    """Refuse to use an editor on a base model other than the one it was trained for (``current``:
+    the model's fingerprint when already computed)."""
+    cur = current if current is not None else fingerprint(model, layers)
     bad = [k for k in ("config_sha256", "edited_weights_sha256") if saved.get(k) != cur[k]]
     if bad:
+        # the same checkpoint loaded in another dtype has other weight values (older editor files lack the entry)
+        dt = saved.get("weights_dtype")
+        hint = (f"; the editor's base had {dt} weights and this one has {cur.get('weights_dtype')}: "
+                f"load the base with the same base_dtype" if dt and dt != cur.get("weights_dtype") else "")
         raise ValueError(
             f"{source} was trained for base model '{saved.get('name')}' (config {saved.get('config_sha256')}, "
             f"edited weights {saved.get('edited_weights_sha256')}), but the model given is '{cur['name']}' "
-            f"(config {cur['config_sha256']}, edited weights {cur['edited_weights_sha256']}); mismatch in {', '.join(bad)}")
+            f"(config {cur['config_sha256']}, edited weights {cur['edited_weights_sha256']}); mismatch in {', '.join(bad)}{hint}")

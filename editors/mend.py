@@ -316,10 +316,12 @@ class MEND(nn.Module, DeltaEditor):
         return {k: v[0] for k, v in self.batched_deltas(model, batch, family, 1).items()}
 
     # -- editor files: the editor only, with a fingerprint of its base model
-    def export(self, model: nn.Module) -> dict[str, Any]:
+    def export(self, model: nn.Module, base_fingerprint: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The editor as plain data (class, config, fingerprint, tensors): what an editor file holds and
-        what meta-training checkpoints carry under :data:`CHECKPOINT_KEY`."""
-        return {"class": "MEND", "config": self.config, "fingerprint": fingerprint(model, self.layers),
+        what meta-training checkpoints carry under :data:`CHECKPOINT_KEY` (``base_fingerprint``:
+        ``model``'s, when already computed)."""
+        fp = dict(base_fingerprint) if base_fingerprint is not None else fingerprint(model, self.layers)
+        return {"class": "MEND", "config": self.config, "fingerprint": fp,
                 "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
     def save(self, path: str | Path, model: nn.Module) -> Path:

@@ -224,10 +224,11 @@ class Selector(nn.Module, DeltaEditor):
         return change
 
     # -- editor files: the selector only, with a fingerprint of its base model
-    def export(self, model: nn.Module) -> dict[str, Any]:
+    def export(self, model: nn.Module, base_fingerprint: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The selector as plain data (class, config, fingerprint, tensors): what an editor file holds and
-        what meta-training checkpoints carry."""
-        return {"class": "Selector", "config": self.config, "fingerprint": fingerprint(model, self.layers),
+        what meta-training checkpoints carry (``base_fingerprint``: ``model``'s, when already computed)."""
+        fp = dict(base_fingerprint) if base_fingerprint is not None else fingerprint(model, self.layers)
+        return {"class": "Selector", "config": self.config, "fingerprint": fp,
                 "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
     def save(self, path: str | Path, model: nn.Module) -> Path:

@@ -39,7 +39,7 @@ from editors.layers import check_fingerprint, fingerprint, low_rank_edit
 from editors.losses import forward_logits, model_inputs, kl_pre_post, nll, scores, top1_agreement
 from editors.mend import CHECKPOINT_KEY, MEND, save_blob
 from lightning_modules.callbacks import NonFiniteGuard, ProgressLog, check_finite
-from lightning_modules.models import load_model
+from lightning_modules.models import BaseDtype, load_model
 from lightning_modules.schedules import warmup_cosine
 
 VAL_METRICS = ("edit_success", "edit_success_token_acc", "generality", "generality_token_acc",
@@ -51,7 +51,10 @@ class MENDModule(L.LightningModule):
     """Wraps a frozen base model (``self.model``) and a trainable :class:`MEND` (``self.editor``).
 
     Checkpoints hold the editor only (plus optimizer state for resuming) and a fingerprint of the
-    base model; loading one against another base model fails with both names.
+    base model; loading one against another base model fails with both names. ``base_dtype``
+    ("bf16", "fp16", "fp32"; default: the loader's) loads the base in that dtype, e.g. a 6-7B base
+    in bf16 under ``bf16-mixed``; the editor stays fp32, and an editor is tied to the dtype its base
+    was loaded in (the fingerprint hashes the loaded values).
     """
 
     def __init__(self, base_model: str = "runs/base_zsre_gpt2_tiny/model", family: Family = "causal",
@@ -59,11 +62,17 @@ class MENDModule(L.LightningModule):
                  init_edit_lr: float = 1e-4, lr: float = 1e-6, edit_lr_lr: float = 1e-4,
                  c_edit: float = 0.1, c_loc: float = 1.0, cosine_decay: bool = False,
                  precondition_ridge: float | None = None, until_right_scales: list[float] | None = None,
-                 output_dir: str = "runs/default") -> None:
+                 output_dir: str = "runs/default", base_dtype: BaseDtype | None = None) -> None:
         super().__init__()
+        # Adam checks only its default rate, not a group's: a negative one would train uphill unnoticed,
+        # and rank 0 leaves the editor networks nothing to train
+        if rank < 1 or min(lr, edit_lr_lr) < 0:
+            raise ValueError(f"rank must be at least 1 and lr, edit_lr_lr not negative; got rank {rank}, "
+                             f"lr {lr}, edit_lr_lr {edit_lr_lr}")
         self.save_hyperparameters()
-        self.model = load_model(base_model, family).eval()
+        self.model = load_model(base_model, family, base_dtype).eval()
         self.model.requires_grad_(False)
+        self._base_fingerprint: dict[str, str] | None = None
         self.editor = MEND.for_model(self.model, edit_params, rank=rank, n_hidden=n_hidden, init_edit_lr=init_edit_lr,
                                     precondition_ridge=precondition_ridge)
         if until_right_scales is not None and (not until_right_scales or min(until_right_scales) <= 0):
@@ -191,15 +200,22 @@ class MENDModule(L.LightningModule):
         return [NonFiniteGuard(), ProgressLog()]
 
     # -- checkpoints: editor only, fingerprinted
+    def base_fingerprint(self) -> dict[str, str]:
+        """The base model's fingerprint, computed once: the base is frozen, and hashing a 6B base's
+        edited weights takes about a second, which every checkpoint save would otherwise pay again."""
+        if self._base_fingerprint is None:
+            self._base_fingerprint = fingerprint(self.model, self.editor.layers)
+        return self._base_fingerprint
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
-        checkpoint[CHECKPOINT_KEY] = self.editor.export(self.model)
+        checkpoint[CHECKPOINT_KEY] = self.editor.export(self.model, self.base_fingerprint())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         blob = checkpoint.get(CHECKPOINT_KEY)
         if blob is None:
             raise ValueError("not a hypedit MEND checkpoint: no editor entry")
-        check_fingerprint(blob["fingerprint"], self.model, self.editor.layers, "checkpoint")
+        check_fingerprint(blob["fingerprint"], self.model, self.editor.layers, "checkpoint", self.base_fingerprint())
         # the base weights are not stored: take them from the model this module was built with
         checkpoint["state_dict"].update({f"model.{k}": v for k, v in self.model.state_dict().items()})
 
@@ -216,13 +232,13 @@ class MENDModule(L.LightningModule):
         # the best validation's editor (this run's own checkpoint, read without unpickling arbitrary
         # objects), else the final one
         blob = (torch.load(best, map_location="cpu", weights_only=True)[CHECKPOINT_KEY] if best
-                else self.editor.export(self.model))
+                else self.editor.export(self.model, self.base_fingerprint()))
         check_finite(blob["state_dict"], "the trained editor")
         save_blob(out / "editor.safetensors", blob)
         summary = {"editor": str(out / "editor.safetensors"), "best_checkpoint": best or None,
                    "best_score": float(cb.best_model_score) if best and cb.best_model_score is not None else None,
                    "monitor": getattr(cb, "monitor", None),
-                   "base_model": fingerprint(self.model, self.editor.layers)["name"]}
+                   "base_model": self.base_fingerprint()["name"]}
         return summary
 
 

@@ -8,11 +8,15 @@ initialised model from a config (no download), sized by ``tiny_config``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from datamodules.encoding import Family
+
+BaseDtype = Literal["bf16", "fp16", "fp32"]
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 TINY_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny-gpt2": dict(n_layer=4, n_embd=128, n_head=4, n_positions=128),
@@ -50,9 +54,15 @@ def build_tiny(name: str, tokenizer, overrides: dict[str, Any] | None = None) ->
                                                     pad_token_id=tokenizer.pad_token_id, **kw))
 
 
-def load_model(name_or_path: str | Path, family: Family) -> nn.Module:
-    """Load a pretrained model (local dir or hub name) with the head for ``family``."""
-    kw = {"num_labels": 1} if family == "classifier" else {}
+def load_model(name_or_path: str | Path, family: Family, base_dtype: BaseDtype | None = None) -> nn.Module:
+    """Load a pretrained model (local dir or hub name) with the head for ``family``, in ``base_dtype``
+    (a 7B base in bf16 takes half the memory of fp32) or, when None, in the loader's default dtype
+    (transformers 5: as saved; 4.x: fp32)."""
+    kw: dict[str, Any] = {"num_labels": 1} if family == "classifier" else {}
+    if base_dtype is not None:
+        if base_dtype not in DTYPES:
+            raise ValueError(f"base_dtype must be one of {sorted(DTYPES)} or None, got {base_dtype!r}")
+        kw["torch_dtype"] = DTYPES[base_dtype]  # the name transformers 4.44+ and 5 both accept
     return _auto_class(family).from_pretrained(str(name_or_path), **kw)
 
 

@@ -40,7 +40,7 @@ from editors.mend import CHECKPOINT_KEY
 from editors.selector import Selector, dense_edit
 from lightning_modules.callbacks import NonFiniteGuard, ProgressLog
 from lightning_modules.mend_module import VAL_METRICS, MENDModule, _has_label, _join, _split
-from lightning_modules.models import load_model
+from lightning_modules.models import BaseDtype, load_model
 from lightning_modules.schedules import warmup_cosine
 
 SELECTOR_VAL_METRICS = VAL_METRICS + ("params_changed",)
@@ -59,11 +59,13 @@ class SelectorModule(L.LightningModule):
                  edit_params: list[str] | None = None, n_params: int = 1000, hidden: int = 16,
                  init_edit_lr: float = 1.0, tau: float = 1.0, until_right_steps: int = 0,
                  lr: float = 1e-2, edit_lr_lr: float = 1e-2, c_edit: float = 0.1, c_loc: float = 1.0,
-                 cosine_decay: bool = False, output_dir: str = "runs/default") -> None:
+                 cosine_decay: bool = False, output_dir: str = "runs/default",
+                 base_dtype: BaseDtype | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = load_model(base_model, family).eval()
+        self.model = load_model(base_model, family, base_dtype).eval()
         self.model.requires_grad_(False)
+        self._base_fingerprint: dict[str, str] | None = None
         self.editor = Selector.for_model(self.model, edit_params, n_params=n_params, hidden=hidden,
                                          init_edit_lr=init_edit_lr, tau=tau, until_right_steps=until_right_steps)
         self.val = torch.nn.ModuleDict({k: MeanMetric() for k in SELECTOR_VAL_METRICS})
@@ -146,13 +148,14 @@ class SelectorModule(L.LightningModule):
         return [NonFiniteGuard(), ProgressLog()]
 
     # -- checkpoints: the selector only, fingerprinted (the same entries as MEND's)
+    base_fingerprint = MENDModule.base_fingerprint  # computed once per run: the base is frozen
     on_save_checkpoint = MENDModule.on_save_checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         blob = checkpoint.get(CHECKPOINT_KEY)
         if blob is None or blob.get("class") != "Selector":
             raise ValueError("not a hypedit Selector checkpoint: no Selector editor entry")
-        check_fingerprint(blob["fingerprint"], self.model, self.editor.layers, "checkpoint")
+        check_fingerprint(blob["fingerprint"], self.model, self.editor.layers, "checkpoint", self.base_fingerprint())
         checkpoint["state_dict"].update({f"model.{k}": v for k, v in self.model.state_dict().items()})
 
     # the best monitored checkpoint's selector (read with weights_only) or the last one, to
