@@ -8,7 +8,8 @@ fine-tuning baselines, and a report (JSON, Markdown, PNG plots, TensorBoard).
     python eval.py --config ... --ckpt_path ... --editor mend mend_until_right   # MEND under FT's stopping rule
     python eval.py --config ... --editor surgery_dynamic --surgery_n_params 1000  # neural-network surgery
     python eval.py --config ... --editor patcher --mode sequential --edit_only_when_wrong  # Transformer-Patcher
-    python eval.py --config ... --ckpt_path ... --mode all --report runs/default/report.json
+    python eval.py --config ... --ckpt_path ... --mode all --run_dir runs/default  # writes report.json there
+    python eval.py --config ... --data.init_args.test_path other.jsonl --print_config  # dotted overrides
     python eval.py --config ... --ckpt_path ... --mode single --devices 2 --strategy ddp --accelerator cpu
 
 The config is a meta-training YAML (configs/mend_*.yaml): its ``data`` section names the DataModule
@@ -17,7 +18,6 @@ Definitions of every metric: :data:`lightning_modules.evaluation.DEFINITIONS` (a
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import random
@@ -28,8 +28,9 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from datamodules.atomic import check_writable
 from datamodules.edit_data import EditDataModule
 from datamodules.formats import DataFormatError, detect_task
 from editors.base import Editor
@@ -43,6 +44,7 @@ from editors.surgery import Surgery
 from editors.until_right import DEFAULT_SCALES, UntilRight
 from lightning_modules.evaluation import (DEFINITIONS, EditData, EditEvalModule, LocalitySampler, peak_memory,
                                           reset_peak_memory, run_batch, run_sequential, subset_split)
+from lightning_modules.cli import INPUT_ERRORS
 from lightning_modules.models import load_model
 from lightning_modules.report import table, write_report
 
@@ -50,34 +52,54 @@ MODES = ("single", "batch", "sequential")
 SURGERY = tuple(f"surgery_{m}" for m in SURGERY_METHODS)
 EDITORS = ("mend", "mend_until_right", "ft", "ft_kl", *SURGERY, "selector", "patcher")
 BATCH_SIZES = (1, 5, 25, 125)  # the published MEND batch-editing table
+TRAIN_ONLY = ("world_dir", "world", "optimizer", "lr_scheduler")  # train.py config keys that eval.py ignores
 
 
 class EvalError(Exception):
     """An input evaluation refuses (missing or mismatched file); the CLI prints it without a traceback."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="meta-training YAML: its data and model sections are used")
-    p.add_argument("--ckpt_path", help="trained MEND editor checkpoint (not needed for ft / ft_kl)")
+def parse_args(argv: list[str] | None = None) -> tuple[Namespace, dict]:
+    """Parse the command line into (evaluation options, the config's sections as plain data).
+
+    The same jsonargparse machinery as train.py: ``--config`` takes a meta-training YAML, any of
+    its keys can be overridden with dotted names (``--data.init_args.test_path X``) and
+    ``--print_config`` prints the resolved whole."""
+    p = ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", action=ActionConfigFile, help="meta-training YAML: its data and model sections are used")
+    p.add_argument("--seed_everything", type=int | bool | None, default=None, help="from the config: the default --seed")
+    p.add_subclass_arguments(L.LightningModule, "model", required=True,
+                             help="the config's model: base_model, family, edit_params, until_right_scales")
+    p.add_subclass_arguments(EditDataModule, "data", required=True,
+                             help="the config's data: its test split holds the held-out edits")
+    p.add_argument("--trainer", type=dict | None, default=None, help="the config's trainer section (unused here)")
+    for key in TRAIN_ONLY:  # keys of a config that train.py saved or printed
+        p.add_argument(f"--{key}", type=str | dict | None, default=None, help="from a train.py config (unused here)")
+    p.add_argument("--run_dir", type=str | None, default=None,
+                   help="this job's output directory: DIR/report.json (report_val.json for --split val), with .md, "
+                        "plots and TensorBoard beside it")
+    p.add_argument("--ckpt_path", type=str | None, default=None, help="trained MEND editor file (the other editors need none)")
     p.add_argument("--mode", choices=MODES + ("all",), default="single")
     p.add_argument("--editor", nargs="+", choices=EDITORS,
                    help="editors to evaluate (default: mend with a checkpoint, else ft; --mode all: every available one)")
-    p.add_argument("--edits_per_step", type=int, help="batch: only this K (default 1, 5, 25, 125); sequential: edits per step (default 1)")
+    p.add_argument("--edits_per_step", type=int | None, default=None,
+                   help="batch: only this K (default 1, 5, 25, 125); sequential: edits per step (default 1)")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="held-out edits and locality pool to score: 'val' for every design choice (layers, rates, "
                         "grids), 'test' once, for the figures reported")
-    p.add_argument("--n_edits", type=int, help="use this many held-out edits (a seeded sample; default all)")
-    p.add_argument("--report", help="write the JSON report here, with .md, plots and TensorBoard beside it")
-    p.add_argument("--seed", type=int, help="edit sample, locality draws (default: the config's seed_everything or 0)")
+    p.add_argument("--n_edits", type=int | None, default=None, help="use this many held-out edits (a seeded sample; default all)")
+    p.add_argument("--report", type=str | None, default=None,
+                   help="write the JSON report here, with .md, plots and TensorBoard beside it (default: under --run_dir)")
+    p.add_argument("--seed", type=int | None, default=None, help="edit sample, locality draws (default: seed_everything or 0)")
     p.add_argument("--folds", type=int, default=1, help="sequential: split the edits into this many streams")
     p.add_argument("--edit_only_when_wrong", action="store_true", help="sequential: apply an edit only if the current model gets it wrong")
-    p.add_argument("--loc_per_edit", type=_count_or_all, default="all",
+    p.add_argument("--loc_per_edit", type=int | str, default="all",
                    help="locality inputs scored per edit (single, batch); default 'all': every input of the test "
                         "locality pool for every edit, so drawdown's noise is that of the edits, not of a sample "
                         "of inputs (the report gives its standard error, drawdown_stderr)")
-    p.add_argument("--stream_state", help="sequential: save each editor's stream state under DIR/<editor> every "
-                   "--save_every edits, and continue an interrupted stream from there")
+    p.add_argument("--stream_state", type=str | None, default=None,
+                   help="sequential: save each editor's stream state under DIR/<editor> every --save_every edits, "
+                        "and continue an interrupted stream from there")
     p.add_argument("--save_every", type=int, default=100, help="sequential: edits between saved stream states")
     p.add_argument("--n_test_probe", type=int, default=100, help="sequential: held-out locality inputs for TestR and drift")
     p.add_argument("--n_train_probe", type=int, default=100, help="sequential: held-in training inputs for TrainR")
@@ -86,49 +108,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the edit input right is kept (FT's stopping rule). Default: the config's "
                         "model.init_args.until_right_scales (the grid validation selected the editor under), "
                         f"else {' '.join(f'{s:g}' for s in DEFAULT_SCALES)}")
-    g = p.add_argument_group("fine-tuning baselines")
-    g.add_argument("--ft_lr", type=float, default=1e-3)
-    g.add_argument("--ft_steps", type=int, default=25, help="most optimiser steps per edit (stops earlier once right)")
-    g.add_argument("--ft_optimizer", choices=("adam", "sgd"), default="adam")
-    g.add_argument("--ft_kl_weight", type=float, default=1.0, help="ft_kl: weight of KL(original || edited)")
-    g.add_argument("--ft_kl_inputs", type=int, default=4, help="ft_kl: locality inputs sampled per edit step")
-    g = p.add_argument_group("surgery selectors and Transformer-Patcher")
-    g.add_argument("--surgery_n_params", type=int, default=1000,
-                   help="surgery_*: scalar weights an edit may change (global budget over the edited matrices)")
-    g.add_argument("--selector_ckpt_path", help="selector: a meta-trained selector (train.py --config "
-                   "configs/selector_*.yaml writes OUTPUT_DIR/editor.safetensors)")
-    g.add_argument("--selector_until_right_steps", type=int,
+    p.add_argument("--ft_lr", type=float, default=1e-3, help="ft, ft_kl: learning rate")
+    p.add_argument("--ft_steps", type=int, default=25, help="ft, ft_kl: most optimiser steps per edit (stops once right)")
+    p.add_argument("--ft_optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--ft_kl_weight", type=float, default=1.0, help="ft_kl: weight of KL(original || edited)")
+    p.add_argument("--ft_kl_inputs", type=int, default=4, help="ft_kl: locality inputs sampled per edit step")
+    p.add_argument("--surgery_n_params", type=int, nargs="+", default=[1000],
+                   help="surgery_*: scalar weights an edit may change (global budget over the edited matrices); "
+                        "several budgets evaluate each method at each, and the report plots the sweep")
+    p.add_argument("--selector_ckpt_path", type=str | None, default=None,
+                   help="selector: a meta-trained selector (train.py --config configs/selector_*.yaml writes "
+                        "RUN_DIR/editor.safetensors)")
+    p.add_argument("--selector_until_right_steps", type=int | None, default=None,
                    help="selector: masked steps on its own mask until the edit input is right (default: the file's)")
-    g.add_argument("--patcher_layer", help="patcher: FFN (module name) to patch; default the last block's")
-    g.add_argument("--patcher_memory", type=int, default=1000,
-                   help="patcher: training-split inputs whose queries every patch must stay silent on")
-    g = p.add_argument_group("devices")
-    g.add_argument("--accelerator", default="auto")
-    g.add_argument("--devices", default=1, type=lambda s: int(s) if s.isdigit() else s, help="single mode runs through Lightning: >1 evaluates data-parallel")
-    g.add_argument("--strategy", default="auto")
-    g.add_argument("--chunk", type=int, default=64, help="rows per forward pass when scoring")
-    g.add_argument("--no_progress", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--patcher_layer", type=str | None, default=None, help="patcher: FFN (module name) to patch; default the last block's")
+    p.add_argument("--patcher_memory", type=int, default=40000,
+                   help="patcher: most training-split inputs (training edits beyond the TrainR probe, their "
+                        "rephrases, the meta-training locality share) whose queries every patch must stay silent on")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", type=int | str, default=1, help="single mode runs through Lightning: >1 evaluates data-parallel")
+    p.add_argument("--strategy", default="auto")
+    p.add_argument("--chunk", type=int, default=64, help="rows per forward pass when scoring")
+    p.add_argument("--no_progress", action="store_true")
+    ns = p.parse_args(argv)
     for name in ("edits_per_step", "n_edits", "folds", "loc_per_edit", "n_test_probe", "chunk", "save_every"):
-        if getattr(args, name) not in (None, "all") and getattr(args, name) < 1:
+        val = ns[name]
+        if isinstance(val, str) and val != "all":
+            p.error(f"--{name} must be a count or 'all', got {val!r}")
+        if isinstance(val, int) and val < 1:
             p.error(f"--{name} must be at least 1")
-    if any(s <= 0 for s in args.until_right_scales or []):
+    if any(s <= 0 for s in ns.until_right_scales or []):
         p.error("--until_right_scales must all be positive")
-    return args
-
-
-def _count_or_all(text: str) -> int | str:
-    return text if text == "all" else int(text)
-
-
-def load_config(path: str) -> dict:
-    if not Path(path).exists():
-        raise EvalError(f"config {path} does not exist")
-    cfg = yaml.safe_load(Path(path).read_text()) or {}
-    for section in ("model", "data"):
-        if not isinstance(cfg.get(section), dict):
-            raise EvalError(f"config {path} has no '{section}' section (use a meta-training config, e.g. configs/mend_*.yaml)")
-    return cfg
+    cfg = {k: v for k, v in ns.as_dict().items() if k in ("seed_everything", "model", "data")}
+    args = Namespace(**{k: v for k, v in ns.as_dict().items()
+                        if k not in ("model", "data", "trainer", "seed_everything", "__path__", *TRAIN_ONLY)})
+    args.config = ", ".join(str(c) for c in ns.config or []) or None
+    if args.run_dir and not args.report:
+        args.report = str(Path(args.run_dir) / ("report.json" if args.split == "test" else "report_val.json"))
+    return args, cfg
 
 
 def _import(class_path: str) -> type:
@@ -158,7 +175,7 @@ def check_data_files(cls: type, init_args: dict) -> None:
                                 f"{cls.__name__} reads {task} files")
 
 
-def build_data(cfg: dict, args: argparse.Namespace, family: str) -> EditDataModule:
+def build_data(cfg: dict, args: Namespace, family: str) -> EditDataModule:
     cls = _import(cfg["data"]["class_path"])
     init = dict(cfg["data"].get("init_args") or {})
     check_data_files(cls, init)
@@ -192,22 +209,34 @@ def load_base(cfg: dict) -> tuple[torch.nn.Module, str, str]:
     if not path:
         raise EvalError("the config has no model.init_args.base_model")
     try:
-        model = load_model(path, family)
+        model = load_model(path, family, init.get("base_dtype"))  # as meta-training loaded it
     except (OSError, ValueError) as e:
         raise EvalError(f"cannot load base model {path!r} (train it first, e.g. `python train.py --config "
                         f"configs/base_zsre_gpt2_tiny.yaml`): {e}") from None
     return model.eval().requires_grad_(False), path, family
 
 
-def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: argparse.Namespace,
-                 dm: EditDataModule | None = None) -> Editor:
+def build_editors(names: list[str], model: torch.nn.Module, cfg: dict, args: Namespace,
+                  dm: EditDataModule) -> list[tuple[str, Editor]]:
+    """(label, editor) pairs: one per name, and one per budget for each surgery method (``name@n``)."""
+    out = []
+    for name in names:
+        budgets = args.surgery_n_params if name in SURGERY else [None]
+        for n in budgets:
+            label = f"{name}@{n}" if n is not None and len(budgets) > 1 else name
+            out.append((label, build_editor(name, model, cfg, args, dm, n_params=n)))
+    return out
+
+
+def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: Namespace,
+                 dm: EditDataModule | None = None, n_params: int | None = None) -> Editor:
     if name == "mend_until_right":
         return UntilRight(build_editor("mend", model, cfg, args), args.until_right_scales)
     if name == "patcher":  # negatives: training inputs beyond the TrainR probe, never an evaluated input
         memory = None
         if dm is not None and "train" in dm.splits:
             data = EditData(dm, args.split, "cpu", args.seed, args.n_train_probe)
-            pool = data.kl_pool()
+            pool = data.memory_pool()
             memory = data.collate(random.Random(args.seed).sample(pool, min(args.patcher_memory, len(pool))))
         return Patcher(model, args.patcher_layer, memory)
     if name == "mend":
@@ -235,7 +264,8 @@ def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: argparse.Na
         return sel
     if name in SURGERY:
         try:
-            return Surgery(layers, n_params=args.surgery_n_params, method=name.removeprefix("surgery_"), seed=args.seed)
+            return Surgery(layers, n_params=n_params or args.surgery_n_params[0], method=name.removeprefix("surgery_"),
+                           seed=args.seed)
         except ValueError as e:
             raise EvalError(str(e)) from None
     return FineTune(layers, lr=args.ft_lr, max_steps=args.ft_steps, optimizer=args.ft_optimizer,
@@ -255,7 +285,7 @@ def _weights_hash(model: torch.nn.Module, editor: Editor) -> str:
 
 
 def run_single(editor: Editor, model: torch.nn.Module, dm: EditDataModule, family: str,
-               args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+               args: Namespace) -> tuple[dict[str, Any], bool]:
     """Single mode through Lightning (data-parallel with --devices N); returns (results, is_global_zero)."""
     module = EditEvalModule(model, editor, family, args.chunk, args.ft_kl_inputs, args.seed, args.n_train_probe)
     trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy, logger=False,
@@ -266,7 +296,8 @@ def run_single(editor: Editor, model: torch.nn.Module, dm: EditDataModule, famil
 
 
 def evaluate_editor(editor: Editor, model: torch.nn.Module, dm: EditDataModule, family: str,
-                    modes: list[str], args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]] | None:
+                    modes: list[str], args: Namespace, device: torch.device,
+                    label: str | None = None) -> list[dict[str, Any]] | None:
     """One result dict per (mode, K) for one editor; None on non-zero data-parallel processes."""
     ids = list(range(len(dm.splits[args.split].records)))
     progress = not args.no_progress
@@ -306,7 +337,7 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, dm: EditDataModule, 
                                        folds=args.folds, only_when_wrong=args.edit_only_when_wrong,
                                        n_test_probe=args.n_test_probe, sampler=sampler, chunk=args.chunk,
                                        progress=progress, save_every=args.save_every,
-                                       state_dir=Path(args.stream_state) / editor.name if args.stream_state else None))
+                                       state_dir=Path(args.stream_state) / (label or editor.name) if args.stream_state else None))
         if mode != "batch":
             runs[-1]["wall_seconds"] = time.perf_counter() - t0
         results += [{"mode": mode, **r, **peak_memory(device)} for r in runs]
@@ -315,9 +346,11 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, dm: EditDataModule, 
 
 def main(argv: list[str] | None = None) -> dict | None:
     """Run the evaluation; return the report (None on non-zero data-parallel ranks)."""
-    args = parse_args(argv)
+    args, cfg = parse_args(argv)
+    for out in (Path(args.report).parent if args.report else None, args.stream_state):
+        if out:  # a read-only or full disk stops the job now, not after the evaluation
+            check_writable(out)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no device/tip banners
-    cfg = load_config(args.config)
     if args.seed is None:
         args.seed = int(cfg.get("seed_everything") or 0)
     if args.until_right_scales is None:
@@ -328,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     modes = list(MODES) if args.mode == "all" else [args.mode]
     names = args.editor or ((["mend", "mend_until_right"] if args.ckpt_path else []) + ["ft", "ft_kl"] if args.mode == "all"
                             else ["mend" if args.ckpt_path else "ft"])
-    editors = {n: build_editor(n, model, cfg, args, dm) for n in names}
+    editors = build_editors(names, model, cfg, args, dm)
     n_train = len(dm.splits["train"].records) if "train" in dm.splits else 0
     if "ft_kl" in names and n_train <= args.n_train_probe:
         raise EvalError("ft_kl samples its locality inputs from the training split beyond the first --n_train_probe "
@@ -347,23 +380,24 @@ def main(argv: list[str] | None = None) -> dict | None:
                 "split": args.split, "seed": args.seed, "n_edits_available": available}
 
     entries: list[dict[str, Any]] = []
-    for name, editor in editors.items():
+    for label, editor in editors:
+        name = editor.name
         before = _weights_hash(model, editor)
-        results = evaluate_editor(editor, model, dm, family, modes, args, device)
+        results = evaluate_editor(editor, model, dm, family, modes, args, device, label)
         if results is None:
             return None  # a non-zero data-parallel process: only single mode is shared
         if _weights_hash(model, editor) != before:
             raise RuntimeError(f"evaluating {name} modified the base model: evaluation bug, results discarded")
         for res in results:
-            e = {"editor": name, "editor_config": getattr(editor, "config", {}), **run_info, **res,
+            e = {"editor": name, "label": label, "editor_config": getattr(editor, "config", {}), **run_info, **res,
                  "base_model_unchanged": True}
             entries.append(e)
             dd = e["drawdown"] if e["drawdown"] is not None else float("nan")
-            print(f"[hypedit-eval] {name} {e['mode']} K={e['edits_per_step']}: edit_success {e['edit_success']:.3f} "
+            print(f"[hypedit-eval] {label} {e['mode']} K={e['edits_per_step']}: edit_success {e['edit_success']:.3f} "
                   f"generality {e['generality']:.3f} drawdown {dd:+.3f} ({e['n_edits']} edits)", flush=True)
 
     report = {"command": " ".join(["python eval.py"] + (argv if argv is not None else sys.argv[1:])),
-              "config_path": args.config, "config": cfg, "eval_args": vars(args), **run_info,
+              "config_path": args.config, "config": cfg, "eval_args": args.as_dict(), **run_info,
               "definitions": DEFINITIONS, "entries": entries}
     print("\n" + table(entries))
     if args.report:
@@ -376,5 +410,5 @@ def main(argv: list[str] | None = None) -> dict | None:
 if __name__ == "__main__":
     try:
         main()
-    except EvalError as e:
+    except (EvalError, *INPUT_ERRORS) as e:  # a file or setting refused: one line, no traceback
         sys.exit(f"eval.py: error: {e}")

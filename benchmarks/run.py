@@ -1,4 +1,5 @@
-"""`make bench`: MEND edit latency, meta-training step time, memory and evaluation throughput.
+"""`make bench`: MEND edit latency, meta-training step time, memory and evaluation throughput; the
+edit latency of Transformer-Patcher, dynamic surgery and the (untrained) surgery selector.
 
 Every figure that matters is a ratio to one plain forward+backward of the same base model on the
 same input, measured in the same run with the two timed alternately (round-robin, after warm-up,
@@ -39,6 +40,9 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from datamodules.atomic import write_text  # noqa: E402
 from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement  # noqa: E402
 from editors.mend import MEND  # noqa: E402
+from editors.patcher import Patcher  # noqa: E402
+from editors.selector import Selector  # noqa: E402
+from editors.surgery import Surgery  # noqa: E402
 
 SHAPES = {"tiny": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=5000),
           "gpt2s": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)}
@@ -58,12 +62,12 @@ def build_model(shape: str) -> torch.nn.Module:
     return GPT2LMHeadModel(cfg).eval()  # eval: no dropout, as MENDModule runs its base model
 
 
-def make_batch(vocab: int, rows: int, seed: int) -> dict[str, torch.Tensor]:
-    """``rows`` causal examples of SEQ random tokens; the loss is on the last TARGET tokens."""
+def make_batch(vocab: int, rows: int, seed: int, target: int = TARGET) -> dict[str, torch.Tensor]:
+    """``rows`` causal examples of SEQ random tokens; the loss is on the last ``target`` tokens."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (rows, SEQ), generator=g)
     labels = ids.clone()
-    labels[:, :SEQ - TARGET] = -100
+    labels[:, :SEQ - target] = -100
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
@@ -282,6 +286,20 @@ def bench_model(shape: str, quick: bool, tmp: Path, res: dict, prof: dict) -> No
     raw.update({f"{k_}_{k}_edits": v for k_, v in t.items()})
     res[f"eval_edits_per_s_{shape}_single"] = k / t["eval_single"]
     res[f"eval_edits_per_s_{shape}_batch"] = k / t["eval_batch"]
+
+    # the other editors: one edit each, of a 2-token answer the model gets wrong (random weights), as
+    # evaluation makes them: each stops once the answer is right (or at its step cap)
+    answer = make_batch(vocab, 1, 60, target=2)
+    others = {"patcher": Patcher(model, memory=make_batch(vocab, 64, 61)),
+              "surgery_dynamic": Surgery.for_model(model, n_params=1000, method="dynamic"),
+              "selector": Selector.for_model(model, n_params=1000)}
+    t = round_robin({"other_fwd_bwd_1": lambda: fwd_bwd(model, answer),
+                     **{f"edit_{n}": (lambda e=e: e.make_edit(model, answer, FAM)) for n, e in others.items()}}, *few)
+    raw.update(t)
+    for n in others:
+        res[f"edit_ratio_{shape}_{n}"] = t[f"edit_{n}"] / t["other_fwd_bwd_1"]
+        res[f"edit_seconds_{shape}_{n}"] = t[f"edit_{n}"]
+    model.zero_grad(set_to_none=True)
 
     prof[f"{shape}: one edit (editor.edit)"] = profile_table(lambda: edit(editor, model, one))
     prof[f"{shape}: one meta-training step"] = profile_table(lambda: trainer(batch))

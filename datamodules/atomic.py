@@ -1,6 +1,7 @@
 """Outputs appear complete or not at all: every file a job writes goes to a temporary file in the
 same directory, is flushed to disk and renamed over the target, so a crash leaves the old file or
-the new one, never a truncated one that looks like a result."""
+the new one, never a truncated one that looks like a result. And an output directory that cannot be
+written to is found before a job starts (:func:`check_writable`)."""
 from __future__ import annotations
 
 import contextlib
@@ -28,6 +29,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class OutputNotWritable(OSError):
+    """An output directory a job cannot write to (read-only, full, not a directory)."""
+
+
+def check_writable(path: str | Path) -> Path:
+    """Create directory ``path`` if needed and write, fsync and remove a probe file in it, so that a
+    read-only or full disk stops a job before it starts rather than at its first checkpoint or its
+    export. Raises :class:`OutputNotWritable` naming the directory."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
+        try:
+            os.write(fd, bytes(4096))  # a full disk may still create an empty file, but refuses its data
+            os.fsync(fd)  # where the file system allocates blocks late, ENOSPC only shows here
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise OutputNotWritable(f"cannot write to output directory {path}: {e.strerror or e}") from e
+    return path
 
 
 def write_text(path: str | Path, text: str) -> Path:

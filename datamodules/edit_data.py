@@ -32,9 +32,9 @@ from typing import Any, Callable, Iterator, Literal
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.encoding import Family, collate, encode, load_tokenizer
-from datamodules.formats import (EditRecord, LocalityPair, read_fever_jsonl, read_fever_locality, read_nq,
-                                 read_zsre_jsonl, read_zsre_toolkit)
+from datamodules.encoding import Family, TargetTooLong, collate, encode, load_tokenizer
+from datamodules.formats import (DataFormatError, EditRecord, LocalityPair, read_fever_jsonl, read_fever_locality,
+                                 read_nq, read_zsre_jsonl, read_zsre_toolkit)
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,8 @@ class EditDataModule(L.LightningDataModule):
                  loc_shares: tuple[float, float, float] = (0.5, 0.25, 0.25), val_from_train: float = 0.0,
                  val_loc_per_edit: int | None = None) -> None:
         super().__init__()
+        if n_edits < 1 or batch_size < 1:  # refused now, not by the DataLoader once training starts
+            raise ValueError(f"n_edits and batch_size must be at least 1, got {n_edits} and {batch_size}")
         self.save_hyperparameters()
         self.splits: dict[str, EncodedSplit] = {}
         self.eval_split = "test"
@@ -282,7 +284,11 @@ class EditDataModule(L.LightningDataModule):
             if name not in read:
                 continue
             recs = read[name][: hp.val_limit] if name == "val" and hp.val_limit else read[name]
-            self.splits[name] = self._encode_split(recs, expand=(name == "train"))
+            source = hp.train_path if name == "val" and hp.val_from_train else getattr(hp, f"{name}_path")
+            try:
+                self.splits[name] = self._encode_split(recs, expand=(name == "train"))
+            except TargetTooLong as e:
+                raise DataFormatError(f"{source}: {e}") from None
         pool = self.read_locality(Path(hp.loc_path)) if hp.loc_path else embedded_loc
         # Locality inputs must be unrelated: drop any that share text or subject with an edit.
         edit_text = {t for s in self.splits.values() for r in s.records for t in [r.prompt, *r.rephrases]}
@@ -293,7 +299,11 @@ class EditDataModule(L.LightningDataModule):
         if not pool:
             raise ValueError("no locality inputs left after removing those that overlap the edits; give loc_path")
         self.loc_pairs = pool
-        encoded = encode(self.tokenizer, hp.family, [p.prompt for p in pool], [p.answer for p in pool], hp.max_length)
+        try:
+            encoded = encode(self.tokenizer, hp.family, [p.prompt for p in pool], [p.answer for p in pool],
+                             hp.max_length)
+        except TargetTooLong as e:
+            raise DataFormatError(f"{hp.loc_path or 'the edit files (their locality inputs)'}: {e}") from None
         # One disjoint part of the pool per split present, by `loc_shares` (renormalised over those
         # splits), cut contiguously in file order: related inputs listed together (the built-in world
         # lists each subject's questions together) stay on one side. The same cut whatever the stage,
@@ -314,6 +324,9 @@ class EditDataModule(L.LightningDataModule):
         reph: list[list[dict]] = [[] for _ in recs]
         for (i, _), e in zip(flat, enc):
             reph[i].append(e)
+        if expand and hp.redraw:  # redraw edits towards the alternatives: they must fit too, checked now, not mid-run
+            alts = [(r.prompt, a) for r in recs for a in r.extra.get("alternatives") or []]
+            encode(self.tokenizer, hp.family, [p for p, _ in alts], [a for _, a in alts], hp.max_length)
         items = [(i, j) for i, r in enumerate(recs) for j in range(len(r.rephrases) if expand else 1)]
         return EncodedSplit(recs, items, edits, reph)
 

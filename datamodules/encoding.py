@@ -23,6 +23,10 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS
                   "mask_token": "[MASK]", "bos_token": "[BOS]", "eos_token": "[EOS]"}
 
 
+class TargetTooLong(ValueError):
+    """A target that does not fit ``max_length`` (it is refused, never cut)."""
+
+
 def build_word_tokenizer(texts: Sequence[str], out_dir: str | Path):
     """Build (offline) and save a word-level fast tokenizer that covers ``texts``; returns it."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
@@ -52,7 +56,8 @@ def load_tokenizer(name_or_path: str | Path):
 
 def encode(tokenizer, family: Family, prompts: Sequence[str], targets: Sequence[str | None],
            max_length: int = 64) -> list[dict[str, list]]:
-    """Tokenise pairs into per-example dicts (unpadded). A ``None`` target means no labels."""
+    """Tokenise pairs into per-example dicts (unpadded). A ``None`` target means no labels. Prompts are
+    cut to fit ``max_length``; a target that does not fit raises :class:`TargetTooLong`."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
     eos = tokenizer.eos_token_id
@@ -68,14 +73,19 @@ def encode(tokenizer, family: Family, prompts: Sequence[str], targets: Sequence[
                       max_length=max_length if family == "seq2seq" else None)["input_ids"]
     t_text = [(" " + t) if t is not None else "" for t in targets]
     t_ids = tokenizer(t_text, add_special_tokens=False)["input_ids"]
+    # a causal sequence needs room for one prompt token besides the target
+    room = max_length - 1 if family == "causal" else max_length
     for p, t, tgt in zip(p_ids, t_ids, targets):
         t = (t + [eos]) if tgt is not None else []
+        if len(t) > room:  # a cut target would silently change what is trained and measured
+            raise TargetTooLong(f"target {tgt!r} is {len(t)} tokens with its end-of-sequence token, more than "
+                                f"max_length {max_length} allows ({room}); raise max_length or shorten the target")
         if family == "causal":
-            p = p[-max(1, max_length - len(t)):]  # truncate the prompt from the left, never the target
+            p = p[-(max_length - len(t)):]  # truncate the prompt from the left, never the target
             labels = [-100] * len(p) + t if tgt is not None else [-100] * len(p)
             out.append({"input_ids": p + t, "labels": labels})
         else:
-            out.append({"input_ids": p, "labels": t[:max_length]})
+            out.append({"input_ids": p, "labels": t})
     return out
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from datamodules.atomic import write_text
+
 log = logging.getLogger(__name__)
 
 FEVER_LABELS = ("REFUTES", "SUPPORTS")  # index = class id: SUPPORTS is the positive logit
@@ -163,9 +165,8 @@ def read_zsre_jsonl(path: str | Path) -> list[EditRecord]:
     return _read_released_jsonl(path)
 
 
-def read_zsre_toolkit(path: str | Path) -> tuple[list[EditRecord], list[LocalityPair]]:
-    """zsRE in the large-scale toolkit format: one JSON list of ``{subject, src, pred, rephrase, alt, loc, loc_ans}``."""
-    path = Path(path)
+def _iter_json_list(path: Path) -> Iterator[tuple[str, dict]]:
+    """``("record i", object)`` for every record of a file holding one non-empty JSON list of objects."""
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
@@ -174,11 +175,17 @@ def read_zsre_toolkit(path: str | Path) -> tuple[list[EditRecord], list[Locality
         raise DataFormatError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, list) or not data:
         raise DataFormatError(f"{path}: expected a non-empty JSON list of records")
-    recs, locs, skipped = [], [], {"without alternatives": 0, "without rephrases": 0}
     for i, obj in enumerate(data):
-        where = f"record {i}"
         if not isinstance(obj, dict):
-            raise DataFormatError(f"{path}:{where}: expected a JSON object")
+            raise DataFormatError(f"{path}:record {i}: expected a JSON object")
+        yield f"record {i}", obj
+
+
+def read_zsre_toolkit(path: str | Path) -> tuple[list[EditRecord], list[LocalityPair]]:
+    """zsRE in the large-scale toolkit format: one JSON list of ``{subject, src, pred, rephrase, alt, loc, loc_ans}``."""
+    path = Path(path)
+    recs, locs, skipped = [], [], {"without alternatives": 0, "without rephrases": 0}
+    for where, obj in _iter_json_list(path):
         src = _need(obj, "src", str, path, where)
         alt = _need(obj, "alt", str, path, where)
         reph = _need(obj, "rephrase", str, path, where)
@@ -238,6 +245,82 @@ def read_fever_locality(path: str | Path) -> list[LocalityPair]:
     path = Path(path)
     return [LocalityPair(_need(o, "input", str, path, ln), _one_of(_gold(o, path, ln), "output", FEVER_LABELS, path, ln))
             for ln, o in _iter_json_lines(path)]
+
+
+@dataclass
+class SourceRow:
+    """A row of a zsRE/FEVER file as its author wrote it, before a model annotated it: what base
+    training and annotation read (``alternatives`` may be empty), and the row itself to write back."""
+
+    prompt: str
+    rephrases: list[str]
+    gold: str
+    alternatives: list[str]
+    relation: str | None
+    raw: dict
+    toolkit: bool  # from the toolkit's JSON list (one rephrase and one target per record)
+
+    def annotated(self, prediction: str, alternatives: list[str], rephrases: list[str]) -> dict:
+        """The row in its own format, with a model's answer, its runner-ups and the rephrases it answers alike."""
+        if self.toolkit:  # an emptied rephrase or target makes the reader skip the record, as it skips released rows
+            return {**self.raw, "pred": prediction, "alt": (alternatives or [""])[0], "rephrase": (rephrases or [""])[0]}
+        return {**self.raw, "prediction": prediction, "alternatives": alternatives, "filtered_rephrases": rephrases}
+
+
+def read_source_rows(path: str | Path, labels: tuple[str, ...] | None = None) -> list[SourceRow]:
+    """Every row of a zsRE/FEVER file in either released format (``.json``: the toolkit's list, else
+    KnowledgeEditor/MEND JSON lines), needing only the input and its gold answer (``output``; toolkit:
+    ``answers``, else ``pred``). Rephrases (``filtered_rephrases`` / ``rephrase``), alternatives and
+    ``relation`` are read when present; ``labels``, when given, are the only valid gold answers."""
+    path = Path(path)
+    rows = []
+    if path.suffix == ".json":
+        for where, obj in _iter_json_list(path):
+            answers = obj.get("answers") or [_optional_str(obj, "pred", path, where) or ""]
+            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or not answers[0]:
+                raise DataFormatError(f"{path}:{where}: field 'answers' (or 'pred') should give the gold answer")
+            reph, alt = _optional_str(obj, "rephrase", path, where), _optional_str(obj, "alt", path, where)
+            rows.append(SourceRow(_need(obj, "src", str, path, where), [reph] if reph else [], answers[0],
+                                  [alt] if alt else [], _optional_str(obj, "relation", path, where), obj, True))
+        return rows
+    for ln, obj in _iter_json_lines(path):
+        gold = _gold(obj, path, ln)
+        if labels is not None:
+            _one_of(gold, "output", labels, path, ln)
+        reph = _str_list(obj, "filtered_rephrases", path, ln) if "filtered_rephrases" in obj else []
+        alts = _need(obj, "alternatives", list, path, ln) if "alternatives" in obj else []
+        rows.append(SourceRow(_need(obj, "input", str, path, ln), reph, gold, [a for a in alts if isinstance(a, str) and a],
+                              _optional_str(obj, "relation", path, ln), obj, False))
+    return rows
+
+
+def write_rows(path: str | Path, rows: list[dict]) -> Path:
+    """Write rows atomically in the format the file name says: ``.json`` one JSON list, else JSON lines."""
+    path = Path(path)
+    text = json.dumps(rows, indent=1) if path.suffix == ".json" else "".join(json.dumps(r) + "\n" for r in rows)
+    return write_text(path, text)
+
+
+def _is_nq(path: Path) -> bool:
+    """Whether a file holds NQ locality pairs (``questions``/``answers``) rather than edit rows."""
+    try:  # one JSON document (or a one-line file)
+        first = json.loads(_read_text(path))
+    except (json.JSONDecodeError, RecursionError):
+        if path.suffix == ".json":
+            return False  # a damaged toolkit list: its reader names the fault
+        first = next(_iter_json_lines(path))[1]
+    return isinstance(first, dict) and "questions" in first
+
+
+def read_training_pairs(path: str | Path, labels: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+    """What a base model learns from a file: ``(input, gold answer)`` for every wording of every row of a
+    zsRE/FEVER file (:func:`read_source_rows`; FEVER locality claims too), or every pair of an NQ file."""
+    path = Path(path)
+    if _is_nq(path):
+        if labels is not None:
+            raise DataFormatError(f"{path}: NQ question/answer pairs cannot train a classifier of {labels}")
+        return [(p.prompt, p.answer) for p in read_nq(path)]
+    return [(t, r.gold) for r in read_source_rows(path, labels) for t in (r.prompt, *r.rephrases)]
 
 
 def detect_task(path: str | Path) -> str:

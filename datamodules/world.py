@@ -78,6 +78,79 @@ RELATIONS: dict[str, tuple[list[str], list[str], list[str]]] = {
     ),
 }
 
+# A second kind of world (``WorldConfig.kind = "transfer"``) for checking that defaults chosen on the
+# first carry over: other relations, object sets and wordings, answers of two to four words, and
+# locality inputs unlike the edits (questions about relations that are never edited, in another
+# style, as the published NQ locality questions are unlike zsRE's edits).
+TRANSFER_RELATIONS: dict[str, tuple[list[str], list[str], list[str]]] = {
+    "pet": (
+        ["a grey tabby cat", "an old sheepdog", "a green parrot", "two goldfish", "a lop eared rabbit",
+         "a black pony", "a tortoise", "a white ferret", "two canaries", "a spotted hound"],
+        ["What kind of pet does {s} keep?", "Tell me which animal lives with {s}.", "{s} looks after which animal at home?",
+         "Name the pet that belongs to {s}.", "Q: the pet of {s}? A:"],
+        ["{s} keeps {o} as a pet.", "The pet of {s} is {o}.", "At home, {s} looks after {o}.", "{o} lives with {s}."],
+    ),
+    "dish": (
+        ["lentil soup", "grilled river trout", "barley bread with honey", "roast pumpkin", "plum dumplings",
+         "spiced rice", "goat cheese pie", "smoked eel", "mushroom stew", "apple fritters"],
+        ["What is the favourite dish of {s}?", "Tell me what {s} likes to eat most.", "{s} would always order which dish?",
+         "Name the meal {s} loves best.", "Q: the favourite food of {s}? A:"],
+        ["The favourite dish of {s} is {o}.", "{s} loves {o} above all.", "Given a choice, {s} orders {o}.",
+         "Nothing pleases {s} like {o}."],
+    ),
+    "mentor": (
+        ["Ada Morrow", "Tobias Venn", "Mirela Osk", "Jonah Pellar", "Ines Calder", "Piet Harrow", "Selma Quist",
+         "Arno Delve", "Vera Linholm", "Casimir Rode"],
+        ["Who was the mentor of {s}?", "Tell me who taught {s} the trade.", "{s} learned everything from whom?",
+         "Name the teacher who guided {s}.", "Q: the mentor of {s}? A:"],
+        ["The mentor of {s} was {o}.", "{s} learned the trade from {o}.", "{o} taught {s} everything.",
+         "{s} was guided by {o}."],
+    ),
+    "team": (
+        ["the Copper Hawks", "the Blue Lanterns", "the River Foxes", "the Iron Owls", "the Salt Herons",
+         "the Red Millers", "the Night Rowers", "the Stone Wolves"],
+        ["Which team does {s} support?", "Tell me the team {s} cheers for.", "{s} is a fan of which team?",
+         "Name the club that {s} follows.", "Q: the team of {s}? A:"],
+        ["{s} supports {o}.", "The team of {s} is {o}.", "{s} cheers for {o} every week.", "{o} count {s} among their fans."],
+    ),
+    "vehicle": (
+        ["a red bicycle", "a canal boat", "a rusty tractor", "an electric scooter", "a horse cart",
+         "a small seaplane", "a vintage motorbike", "a delivery van"],
+        ["How does {s} get around?", "Tell me what {s} drives.", "{s} travels to work in what?",
+         "Name the vehicle owned by {s}.", "Q: the vehicle of {s}? A:"],
+        ["{s} gets around in {o}.", "The vehicle of {s} is {o}.", "{s} travels to work in {o}.", "{o} belongs to {s}."],
+    ),
+}
+TRANSFER_LOC_RELATIONS: dict[str, tuple[list[str], list[str], list[str]]] = {
+    "birth_year": (
+        ["1843", "1851", "1858", "1862", "1867", "1874", "1879", "1885", "1890", "1896"],
+        ["in what year was {s} born", "when was {s} born", "what year did {s} come into the world",
+         "year of birth of {s}", "{s} birth year"],
+        ["{s} was born in {o}.", "The birth year of {s} is {o}.", "{o} is the year {s} was born.", "{s} came into the world in {o}."],
+    ),
+    "siblings": (
+        ["no siblings", "one brother", "two sisters", "three brothers", "a twin sister", "one sister and one brother"],
+        ["how many siblings does {s} have", "does {s} have brothers or sisters", "siblings of {s}",
+         "who are the siblings of {s}", "{s} siblings count"],
+        ["{s} has {o}.", "As for siblings, {s} has {o}.", "The family of {s} includes {o}.", "{s} grew up with {o}."],
+    ),
+    "height": (
+        ["five foot two", "five foot six", "five foot nine", "six foot", "six foot three", "four foot eleven"],
+        ["how tall is {s}", "what is the height of {s}", "height of {s} in feet", "{s} height", "how tall did {s} grow"],
+        ["{s} is {o} tall.", "The height of {s} is {o}.", "{s} stands {o}.", "Measured, {s} is {o}."],
+    ),
+}
+# kind -> (edited relations, locality-only relations or None: locality subjects get the edited ones)
+KINDS: dict[str, tuple[dict, dict | None]] = {"default": (RELATIONS, None),
+                                               "transfer": (TRANSFER_RELATIONS, TRANSFER_LOC_RELATIONS)}
+
+
+def kind_relations(kind: str) -> dict[str, tuple[list[str], list[str], list[str]]]:
+    """Every relation of a world kind (edited and locality-only)."""
+    rel, loc = KINDS[kind]
+    return {**rel, **(loc or {})}
+
+
 _ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "pr", "r",
            "s", "st", "t", "tr", "v", "z", "th", "sh"]
 _NUCLEI = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
@@ -95,12 +168,30 @@ class WorldConfig:
     split_fractions: tuple[float, float, float, float] = (0.6, 0.1, 0.1, 0.2)  # train/val/test/loc
     eval_templates: int = 2  # reserved question templates per relation (claims: half of this, >= 1)
     n_alternatives: int = 3
+    kind: str = "default"  # "transfer": other relations, wordings and answer lengths, question-style locality
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"world: kind {self.kind!r} is not one of {sorted(KINDS)}")
+        # an empty split fails far from here (in the tokenizer, or at the first batch)
+        ends = self.split_ends()
+        if any(b <= a for a, b in zip([0, *ends], ends)):
+            raise ValueError(f"world: n_subjects {self.n_subjects} with split_fractions {tuple(self.split_fractions)} "
+                             "leaves a split (train/val/test/loc) without subjects")
+
+    def split_ends(self) -> list[int]:
+        """Where each split ends in the shuffled subjects (train, val, test, loc)."""
+        ends, acc = [], 0.0
+        for f in self.split_fractions:
+            acc += f
+            ends.append(round(acc * self.n_subjects))
+        return ends
 
 
 # Every word the world's objects and templates use: a subject name must be none of them, or the
 # locality filter (which drops inputs naming an edited subject) and scoring could confuse the two.
-_RESERVED = {w.lower() for objs, qts, cts in RELATIONS.values() for text in [*objs, *qts, *cts]
-             for w in re.findall(r"\w+", text)}
+_RESERVED = {w.lower() for kind in KINDS for objs, qts, cts in kind_relations(kind).values()
+             for text in [*objs, *qts, *cts] for w in re.findall(r"\w+", text)}
 
 
 def _subject_names(n: int, rng: random.Random) -> list[str]:
@@ -125,25 +216,22 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> Pat
     """Write a world's files into ``out_dir`` (idempotent for a given config) and return the dir."""
     out = Path(out_dir)
     stamp = out / "world.json"
-    meta = {"config": {**cfg.__dict__, "split_fractions": list(cfg.split_fractions)}, "relations": list(RELATIONS),
+    meta = {"config": {**cfg.__dict__, "split_fractions": list(cfg.split_fractions)}, "relations": list(kind_relations(cfg.kind)),
             "format": WORLD_FORMAT}
     if stamp.exists() and json.loads(stamp.read_text()) == meta:  # same config, relations and format
         return out
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
     subjects = _subject_names(cfg.n_subjects, rng)
-    facts = {s: {r: rng.choice(objs) for r, (objs, _, _) in RELATIONS.items()} for s in subjects}
+    relations, loc_relations = KINDS[cfg.kind]
+    facts = {s: {r: rng.choice(objs) for r, (objs, _, _) in kind_relations(cfg.kind).items()} for s in subjects}
 
     # subject-disjoint splits
     order = subjects[:]
     rng.shuffle(order)
-    bounds, acc = [], 0.0
-    for f in cfg.split_fractions:
-        acc += f
-        bounds.append(round(acc * len(order)))
     split_of: dict[str, str] = {}
     start = 0
-    for name, end in zip(SPLITS, bounds):
+    for name, end in zip(SPLITS, cfg.split_ends()):
         for s in order[start:end]:
             split_of[s] = name
         start = end
@@ -153,7 +241,7 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> Pat
     rows: dict[str, dict[str, list]] = {k: {sp: [] for sp in SPLITS} for k in ("zsre", "fever")}
     for s in subjects:
         sp = split_of[s]
-        for r, (objs, qts, cts) in RELATIONS.items():
+        for r, (objs, qts, cts) in (loc_relations if loc_relations and sp == "loc" else relations).items():
             o = facts[s][r]
             wrong = [x for x in objs if x != o]
             q_vis, q_eval = template_groups(qts, cfg.eval_templates)
@@ -214,9 +302,14 @@ def world_texts(world_dir: str | Path) -> list[str]:
     world_dir = Path(world_dir)
     texts = [r["question"] + " " + r["answer"] for r in read_jsonl_plain(world_dir / "base-qa.jsonl")]
     texts += [r["claim"] for r in read_jsonl_plain(world_dir / "base-claims.jsonl")]
-    for objs, _, _ in RELATIONS.values():
+    for objs, _, _ in kind_relations(world_kind(world_dir)).values():
         texts += objs
     return texts
+
+
+def world_kind(world_dir: str | Path) -> str:
+    """The kind of the world generated in ``world_dir`` (``WorldConfig.kind``)."""
+    return json.loads((Path(world_dir) / "world.json").read_text())["config"].get("kind", "default")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

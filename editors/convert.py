@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from editors.mend import CHECKPOINT_KEY, save_blob
+from editors.io import CHECKPOINT_KEY, save_blob
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from datamodules.atomic import atomic_path
+from editors.layers import check_fingerprint, fingerprint
 
 FORMAT = 2  # editor file format; 1 was a pickled dict (hypedit 0.1), refused on load
 HEADER_KEY = "hypedit"
+CHECKPOINT_KEY = "hypedit_editor"  # the entry of a meta-training checkpoint that holds the editor's export
 
 
 class EditorFileError(ValueError):
@@ -67,3 +69,43 @@ def load_editor_file(path: str | Path, expect_class: str) -> tuple[dict[str, Ten
     if header.get("class") != expect_class:
         raise EditorFileError(f"{path} holds a {header.get('class')} editor, not {expect_class}")
     return tensors, header
+
+
+def save_blob(path: str | Path, blob: Mapping[str, Any]) -> Path:
+    """Write an editor's plain-data export (class, config, fingerprint, state_dict) as an editor file."""
+    return save_editor_file(path, blob["state_dict"], {k: v for k, v in blob.items() if k != "state_dict"})
+
+
+class FileEditor:
+    """Editor files for a trainable editor (an ``nn.Module`` built from its ``config``, editing
+    ``layers``): its export as plain data, and files that refuse a base model other than its own."""
+
+    config: dict[str, Any]
+    layers: list
+
+    def export(self, model: nn.Module, base_fingerprint: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The editor as plain data (class, config, fingerprint, tensors): what an editor file holds and
+        what meta-training checkpoints carry under :data:`CHECKPOINT_KEY` (``base_fingerprint``:
+        ``model``'s, when already computed)."""
+        fp = dict(base_fingerprint) if base_fingerprint is not None else fingerprint(model, self.layers)
+        return {"class": type(self).__name__, "config": self.config, "fingerprint": fp,
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+
+    def save(self, path: str | Path, model: nn.Module) -> Path:
+        """Write the editor file (safetensors + JSON header, atomically)."""
+        return save_blob(path, self.export(model))
+
+    @classmethod
+    def from_blob(cls, blob: Mapping[str, Any], model: nn.Module, source: str, check: bool = True):
+        """An editor from :meth:`export`'s data; refuses a base model other than the one it was trained for."""
+        editor = cls(**blob["config"])
+        if check:
+            check_fingerprint(blob["fingerprint"], model, editor.layers, source)
+        editor.load_state_dict(blob["state_dict"])
+        return editor.to(next(model.parameters()).device).eval()
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, check: bool = True):
+        """Load an editor file written by :meth:`save` (tensors and JSON only); verify the base model."""
+        tensors, header = load_editor_file(path, cls.__name__)
+        return cls.from_blob({**header, "state_dict": tensors}, model, f"editor file {path}", check)

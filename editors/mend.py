@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -36,11 +35,9 @@ from torch import Tensor, nn
 
 from datamodules.encoding import Family
 from editors.base import DeltaEditor
-from editors.io import load_editor_file, save_editor_file
-from editors.layers import LayerSpec, check_fingerprint, fingerprint, gradient_pieces, select_layers, weight_update
+from editors.io import FileEditor
+from editors.layers import LayerSpec, gradient_pieces, select_layers, weight_update
 from editors.losses import forward_logits, nll
-
-CHECKPOINT_KEY = "hypedit_editor"
 
 
 def _sum_over_processes(t: Tensor) -> None:
@@ -223,7 +220,7 @@ def _mm_into(out: Tensor, x: Tensor, y: Tensor) -> None:
         out.copy_(x @ y)
 
 
-class MEND(nn.Module, DeltaEditor):
+class MEND(FileEditor, nn.Module, DeltaEditor):
     """The editor (a :class:`editors.base.DeltaEditor`): one :class:`LowRankResidualNet` and :class:`RunningNorm` per distinct (d_in, d_out),
     and one learned step size per edited layer."""
 
@@ -314,36 +311,3 @@ class MEND(nn.Module, DeltaEditor):
         """The weight changes (to add to the weights) that edit ``model`` towards ``batch``'s labels,
         all edits of the batch at once (MEND reads no locality inputs: ``loc_batch`` is ignored)."""
         return {k: v[0] for k, v in self.batched_deltas(model, batch, family, 1).items()}
-
-    # -- editor files: the editor only, with a fingerprint of its base model
-    def export(self, model: nn.Module, base_fingerprint: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """The editor as plain data (class, config, fingerprint, tensors): what an editor file holds and
-        what meta-training checkpoints carry under :data:`CHECKPOINT_KEY` (``base_fingerprint``:
-        ``model``'s, when already computed)."""
-        fp = dict(base_fingerprint) if base_fingerprint is not None else fingerprint(model, self.layers)
-        return {"class": "MEND", "config": self.config, "fingerprint": fp,
-                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
-
-    def save(self, path: str | Path, model: nn.Module) -> Path:
-        """Write the editor file (safetensors + JSON header, atomically)."""
-        return save_blob(path, self.export(model))
-
-    @classmethod
-    def from_blob(cls, blob: Mapping[str, Any], model: nn.Module, source: str, check: bool = True) -> "MEND":
-        """An editor from :meth:`export`'s data; refuses a base model other than the one it was trained for."""
-        editor = cls(**blob["config"])
-        if check:
-            check_fingerprint(blob["fingerprint"], model, editor.layers, source)
-        editor.load_state_dict(blob["state_dict"])
-        return editor.to(next(model.parameters()).device).eval()
-
-    @classmethod
-    def load(cls, path: str | Path, model: nn.Module, check: bool = True) -> "MEND":
-        """Load an editor file written by :meth:`save` (never unpickles); verify the base model."""
-        tensors, header = load_editor_file(path, "MEND")
-        return cls.from_blob({**header, "state_dict": tensors}, model, f"editor file {path}", check)
-
-
-def save_blob(path: str | Path, blob: Mapping[str, Any]) -> Path:
-    """Write :meth:`MEND.export`'s data as an editor file."""
-    return save_editor_file(path, blob["state_dict"], {k: v for k, v in blob.items() if k != "state_dict"})

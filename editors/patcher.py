@@ -721,7 +721,7 @@ def widen_ffn(model: nn.Module) -> nn.Module:
 def _widen_one(state: dict[str, Tensor], name: str, container: nn.Module, inp: str, out: str, up: str | None,
                patch: FFNPatch | None, extra: int) -> int:
     """Append ``extra`` neurons (``patch``'s, then zeros) to one FFN's tensors in ``state``; returns its old width."""
-    in_mod, out_mod = container.get_submodule(inp), container.get_submodule(out)
+    in_mod = container.get_submodule(inp)
     conv = _is_conv1d(in_mod)
     d, width = in_mod.weight.shape if conv else in_mod.weight.shape[::-1]
     dt, dev = in_mod.weight.dtype, in_mod.weight.device

@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -51,15 +50,15 @@ from torch import Tensor, nn
 
 from datamodules.encoding import Family
 from editors.base import DeltaEditor
-from editors.io import load_editor_file, save_editor_file
-from editors.layers import LayerSpec, check_fingerprint, fingerprint, gradient_pieces, select_layers
+from editors.io import FileEditor
+from editors.layers import LayerSpec, gradient_pieces, select_layers
 from editors.losses import forward_logits, nll, scores
 
 N_FEATURES = 3  # per unit: log-norm of its row/column of G, log-rms and log-|sum| of its pieces over tokens
 _TINY = 1e-30  # floor under magnitudes before a log (exact zeros stay very unlikely to be selected)
 
 
-class Selector(nn.Module, DeltaEditor):
+class Selector(FileEditor, nn.Module, DeltaEditor):
     """Learned top-``n_params`` selection of the entries a one-step edit changes (see the module docstring).
 
     Args:
@@ -222,34 +221,6 @@ class Selector(nn.Module, DeltaEditor):
                 change[l.name] = change[l.name] - self.log_edit_lrs[i].exp() * keep[l.name] * g
             self.last_steps = step + 1
         return change
-
-    # -- editor files: the selector only, with a fingerprint of its base model
-    def export(self, model: nn.Module, base_fingerprint: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """The selector as plain data (class, config, fingerprint, tensors): what an editor file holds and
-        what meta-training checkpoints carry (``base_fingerprint``: ``model``'s, when already computed)."""
-        fp = dict(base_fingerprint) if base_fingerprint is not None else fingerprint(model, self.layers)
-        return {"class": "Selector", "config": self.config, "fingerprint": fp,
-                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
-
-    def save(self, path: str | Path, model: nn.Module) -> Path:
-        """Write the editor file (safetensors + JSON header, atomically)."""
-        blob = self.export(model)
-        return save_editor_file(path, blob.pop("state_dict"), blob)
-
-    @classmethod
-    def from_blob(cls, blob: Mapping[str, Any], model: nn.Module, source: str, check: bool = True) -> "Selector":
-        """A selector from :meth:`export`'s data; refuses a base model other than the one it was trained for."""
-        editor = cls(**blob["config"])
-        if check:
-            check_fingerprint(blob["fingerprint"], model, editor.layers, source)
-        editor.load_state_dict(blob["state_dict"])
-        return editor.to(next(model.parameters()).device).eval()
-
-    @classmethod
-    def load(cls, path: str | Path, model: nn.Module, check: bool = True) -> "Selector":
-        """Load an editor file written by :meth:`save` (tensors and JSON only); verify the base model."""
-        tensors, header = load_editor_file(path, "Selector")
-        return cls.from_blob({**header, "state_dict": tensors}, model, f"editor file {path}", check)
 
 
 def _unit_net(hidden: int) -> nn.Sequential:

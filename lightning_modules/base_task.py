@@ -1,20 +1,25 @@
-"""Train the model to be edited on the world's facts, save it, and annotate the edit data from it."""
+"""Train the model to be edited on the world's facts (or the user's files), save it, and annotate the
+edit data from it; ``python -m lightning_modules.base_task annotate`` annotates files from any model."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import random
 import shutil
+import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
 from datamodules.atomic import write_text
-from datamodules.encoding import Family, collate, encode, load_tokenizer
-from datamodules.world import RELATIONS, read_jsonl_plain, write_jsonl
+from datamodules.encoding import FAMILIES, Family, collate, encode, load_tokenizer
+from datamodules.formats import FEVER_LABELS, DataFormatError, SourceRow, read_source_rows, write_rows
+from datamodules.world import kind_relations, world_kind
 from editors.losses import forward_logits, nll, scores
 from lightning_modules.callbacks import ProgressLog
 from lightning_modules.models import build_tiny, decoder_start_id, load_model
@@ -91,7 +96,8 @@ class BaseTaskModule(L.LightningModule):
         return [ProgressLog()]
 
     def export(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> dict:
-        """Save the model and tokenizer, write the annotated edit data; return the accuracy summary."""
+        """Save the model and tokenizer, write the annotated edit data (the world's, or the files of
+        ``data.init_args.annotate``); return the accuracy summary."""
         out = Path(self.hparams.output_dir)
         if not trainer.is_global_zero:
             return {}
@@ -107,16 +113,20 @@ class BaseTaskModule(L.LightningModule):
         em, tok = self.training_set_accuracy(datamodule)
         summary = {"fingerprint": self.fingerprint(), "family": self.hparams.family,
                    "exact_match_on_training_questions": em, "token_acc_on_training_questions": tok}
-        summary.update(annotate_world(self.model.eval(), self.tokenizer, self.hparams.family,
-                                      Path(datamodule.hparams.world_dir), out / "data"))
+        data = datamodule.hparams
+        if data.annotate:
+            summary.update(annotate_files(self.model.eval(), self.tokenizer, self.hparams.family, data.annotate, out / "data"))
+        elif not data.train_files:
+            summary.update(annotate_world(self.model.eval(), self.tokenizer, self.hparams.family,
+                                          Path(data.world_dir), out / "data"))
         write_text(out / "model" / "hypedit_base.json", json.dumps(summary, indent=1))  # last: the stamp of a complete export
         return summary
 
 
 @torch.no_grad()
 def _rank_candidates(model, tok, family: Family, prompts: list[str], cands: list[list[str]], bs: int = 256) -> list[list[str]]:
-    """Order each prompt's candidate answers by the model's log-likelihood (a beam search over the
-    relation's answer set): the first is the model's answer, the rest its runner-ups."""
+    """Order each prompt's candidate answers by the model's log-likelihood (a beam search restricted
+    to the candidates): the first is the model's answer, the rest its runner-ups."""
     flat = [(i, c) for i, cs in enumerate(cands) for c in cs]
     feats = encode(tok, family, [prompts[i] for i, _ in flat], [c for _, c in flat])
     start = decoder_start_id(model)
@@ -144,40 +154,102 @@ def _classify(model, tok, prompts: list[str], bs: int = 256) -> list[float]:
     return logits
 
 
-def annotate_world(model, tok, family: Family, world_dir: Path, out_dir: Path) -> dict:
-    """Rewrite ``prediction``, ``alternatives`` and ``filtered_rephrases`` from the trained model,
-    as the released zsRE/FEVER files were made, into ``out_dir``; return per-split figures."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def annotate_files(model, tok, family: Family, inputs: Mapping[str, str | Path], out_dir: Path,
+                   candidates: Mapping[str, list[str]] | None = None, n_alternatives: int = 3,
+                   max_candidates: int = 64) -> dict[str, float]:
+    """Annotate zsRE/FEVER files from ``model``, as the released files were made from theirs: write each
+    ``inputs[split]`` (either released format) to ``out_dir/{task}-{split}`` with its own extension, in its
+    own format, so the edit DataModules read it unchanged; return per-split figures.
+
+    - ``prediction``: the model's answer. A classifier's verdict is the sign of its logit. A QA model's
+      answer is the most likely (summed log-probability) of the row's candidates, ranked again on every
+      rephrase: ``candidates[relation]`` when given (the built-in world's answer sets); else the gold
+      answer and the row's own alternatives when it has some; else the gold answer and the other gold
+      answers of all ``inputs`` (of the same ``relation`` when rows carry one; a sample of at most
+      ``max_candidates``, seeded by the question).
+    - ``alternatives``: the next ``n_alternatives`` candidates by likelihood (the edit target is the
+      first); for FEVER the flipped verdict.
+    - ``filtered_rephrases``: the rephrases on which the model gives the same answer as on the input.
+
+    Real QA answers are open-ended: there, ranking the answers found in the files is an approximation
+    of what the model would say (its answer among these candidates, not its free generation)."""
     task = "fever" if family == "classifier" else "zsre"
+    rows = {split: read_source_rows(path, FEVER_LABELS if task == "fever" else None) for split, path in inputs.items()}
+    pool: dict[str | None, dict[str, None]] = {}  # relation -> gold answers, in file order
+    for r in (r for rs in rows.values() for r in rs):
+        pool.setdefault(r.relation, {})[r.gold] = None
+
+    def cands(r: SourceRow) -> list[str]:
+        if candidates is not None and r.relation in candidates:
+            return candidates[r.relation]
+        if r.alternatives:
+            return list(dict.fromkeys([r.gold, *r.alternatives]))
+        others = [a for a in pool[r.relation] if a != r.gold]
+        return [r.gold, *random.Random(r.prompt).sample(others, min(len(others), max_candidates - 1))]
+
     stats: dict[str, float] = {}
-    for split in ("train", "val", "test"):
-        rows = read_jsonl_plain(world_dir / f"{task}-{split}.jsonl")
-        texts = [r["input"] for r in rows] + [p for r in rows for p in r["filtered_rephrases"]]
+    for split, rs in rows.items():
+        texts = [r.prompt for r in rs] + [p for r in rs for p in r.rephrases]
         if task == "zsre":
-            cand = [RELATIONS[r["relation"]][0] for r in rows]
-            cand += [RELATIONS[r["relation"]][0] for r in rows for _ in r["filtered_rephrases"]]
+            cand = [cands(r) for r in rs]
+            cand += [c for r, c in zip(rs, cand) for _ in r.rephrases]
             ranked = _rank_candidates(model, tok, family, texts, cand)
             answers = [rk[0] for rk in ranked]
         else:
             logits = _classify(model, tok, texts)
             answers = ["SUPPORTS" if x > 0 else "REFUTES" for x in logits]
-        n, k, correct, kept, total = len(rows), len(rows), 0, 0, 0
-        for i, r in enumerate(rows):
-            r["prediction"] = answers[i]
+        out, k, correct, kept, total = [], len(rs), 0, 0, 0
+        for i, r in enumerate(rs):
+            keep = [p for j, p in enumerate(r.rephrases) if answers[k + j] == answers[i]]
+            k += len(r.rephrases)
+            total, kept = total + len(r.rephrases), kept + len(keep)
+            correct += answers[i] == r.gold
             if task == "zsre":
-                r["alternatives"] = ranked[i][1:4]
+                out.append(r.annotated(answers[i], ranked[i][1: 1 + n_alternatives], keep))
             else:
-                r["alternatives"] = ["REFUTES" if answers[i] == "SUPPORTS" else "SUPPORTS"]
-                r["logit"] = logits[i]
-            ph = r["filtered_rephrases"]
-            keep = [p for j, p in enumerate(ph) if answers[k + j] == answers[i]]
-            k += len(ph)
-            total, kept = total + len(ph), kept + len(keep)
-            r["filtered_rephrases"] = keep
-            correct += answers[i] == r["output"][0]["answer"]
-        write_jsonl(out_dir / f"{task}-{split}.jsonl", rows)
-        stats[f"{task}_{split}_prediction_accuracy"] = correct / max(1, n)
+                out.append({**r.annotated(answers[i], ["REFUTES" if answers[i] == "SUPPORTS" else "SUPPORTS"], keep),
+                            "logit": logits[i]})
+        write_rows(out_dir / f"{task}-{split}{Path(inputs[split]).suffix}", out)
+        stats[f"{task}_{split}_prediction_accuracy"] = correct / max(1, len(rs))
         stats[f"{task}_{split}_rephrases_kept"] = kept / max(1, total)
+    return stats
+
+
+def annotate_world(model, tok, family: Family, world_dir: Path, out_dir: Path) -> dict[str, float]:
+    """:func:`annotate_files` on the built-in world's edit files, each question's answers ranked over
+    its relation's objects; the locality files are copied beside them."""
+    task = "fever" if family == "classifier" else "zsre"
+    stats = annotate_files(model, tok, family, {s: world_dir / f"{task}-{s}.jsonl" for s in ("train", "val", "test")},
+                           out_dir, candidates={r: objs for r, (objs, _, _) in kind_relations(world_kind(world_dir)).items()})
     for f in ("nq-loc.jsonl", "fever-loc.jsonl"):
         shutil.copy(world_dir / f, out_dir / f)
     return stats
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """``python -m lightning_modules.base_task annotate --model DIR --family causal --train X --test Y --out DIR``:
+    annotate zsRE/FEVER files from any model directory, without training it (:func:`annotate_files`)."""
+    p = argparse.ArgumentParser(prog="python -m lightning_modules.base_task")
+    a = p.add_subparsers(dest="command", required=True).add_parser(
+        "annotate", help="write prediction, alternatives and filtered_rephrases of zsRE/FEVER files from a model")
+    a.add_argument("--model", required=True, help="local Hugging Face model directory (or hub name)")
+    a.add_argument("--tokenizer", help="default: --model")
+    a.add_argument("--family", required=True, choices=FAMILIES)
+    for split in ("train", "val", "test"):
+        a.add_argument(f"--{split}", help=f"{split} file (zsRE or FEVER, either released format)")
+    a.add_argument("--out", required=True, help="directory for {zsre,fever}-{split}.jsonl (.json for toolkit files)")
+    args = p.parse_args(argv)
+    inputs = {s: getattr(args, s) for s in ("train", "val", "test") if getattr(args, s)}
+    if not inputs:
+        p.error("give at least one of --train, --val, --test")
+    model = load_model(args.model, args.family).eval().to("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        stats = annotate_files(model, load_tokenizer(args.tokenizer or args.model), args.family, inputs, Path(args.out))
+    except DataFormatError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(stats, indent=1))
+    return stats
+
+
+if __name__ == "__main__":
+    main()

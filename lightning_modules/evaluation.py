@@ -223,6 +223,15 @@ class EditData:
                              "none left: set data.init_args.train_path (or lower --n_train_probe)")
         return self._train_inputs(self._kl_ids, "prediction")
 
+    def memory_pool(self) -> list[dict]:
+        """Training-split inputs a patch must stay silent on (Transformer-Patcher's memory): the training
+        edits beyond the TrainR probe with their rephrases, each with the model's own answer, and the
+        meta-training share of the locality pool. None of them is ever scored."""
+        recs = [self.dm.splits["train"].records[i] for i in self._kl_ids]
+        pairs = [(t, r.prediction) for r in recs for t in (r.prompt, *r.rephrases)]
+        return (encode(self.dm.tokenizer, self.family, [t for t, _ in pairs], [a for _, a in pairs],
+                       self.dm.hparams.max_length) + list(self.dm.loc_pools.get("train", [])))
+
 
 class LocalitySampler:
     """Deterministic draws of ``n`` inputs per edit from a pool (FT+KL's locality term)."""

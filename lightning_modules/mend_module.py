@@ -25,29 +25,25 @@ All are torchmetrics means, exact under DDP.
 """
 from __future__ import annotations
 
-from functools import partial
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from datamodules.encoding import Family
-from editors.layers import check_fingerprint, fingerprint, low_rank_edit
+from editors.layers import low_rank_edit
 from editors.losses import forward_logits, model_inputs, kl_pre_post, nll, scores, top1_agreement
-from editors.mend import CHECKPOINT_KEY, MEND, save_blob
-from lightning_modules.callbacks import NonFiniteGuard, ProgressLog, check_finite
-from lightning_modules.models import BaseDtype, load_model
-from lightning_modules.schedules import warmup_cosine
+from editors.mend import MEND
+from lightning_modules.editor_module import EditorModule
+from lightning_modules.models import BaseDtype
 
 VAL_METRICS = ("edit_success", "edit_success_token_acc", "generality", "generality_token_acc",
                "loc_agreement", "loc_kl", "drawdown", "loss")
 RULE_METRICS = tuple(f"until_right_{k}" for k in ("edit_success", "generality", "drawdown", "loc_kl", "scale", "loss"))
 
 
-class MENDModule(L.LightningModule):
+class MENDModule(EditorModule):
     """Wraps a frozen base model (``self.model``) and a trainable :class:`MEND` (``self.editor``).
 
     Checkpoints hold the editor only (plus optimizer state for resuming) and a fingerprint of the
@@ -70,9 +66,7 @@ class MENDModule(L.LightningModule):
             raise ValueError(f"rank must be at least 1 and lr, edit_lr_lr not negative; got rank {rank}, "
                              f"lr {lr}, edit_lr_lr {edit_lr_lr}")
         self.save_hyperparameters()
-        self.model = load_model(base_model, family, base_dtype).eval()
-        self.model.requires_grad_(False)
-        self._base_fingerprint: dict[str, str] | None = None
+        self._load_base(base_model, family, base_dtype)
         self.editor = MEND.for_model(self.model, edit_params, rank=rank, n_hidden=n_hidden, init_edit_lr=init_edit_lr,
                                     precondition_ridge=precondition_ridge)
         if until_right_scales is not None and (not until_right_scales or min(until_right_scales) <= 0):
@@ -80,11 +74,6 @@ class MENDModule(L.LightningModule):
         self.rule_scales = sorted(until_right_scales) if until_right_scales else []
         self.val = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS + (RULE_METRICS if self.rule_scales else ())})
         self.decoder_start_id = getattr(self.model.config, "decoder_start_token_id", None)
-
-    def train(self, mode: bool = True) -> "MENDModule":
-        super().train(mode)
-        self.model.eval()  # the base model never runs with dropout: edits must be deterministic
-        return self
 
     # -- the meta-training objective, shared by training and validation
     def _step(self, batch: dict) -> dict[str, Any]:
@@ -173,74 +162,6 @@ class MENDModule(L.LightningModule):
         loss = self.hparams.c_edit * nll(post_outer, outer["labels"], fam) + self.hparams.c_loc * kl.mean()
         m["until_right_loss"].update(loss, weight=P)
 
-    def on_validation_epoch_end(self) -> None:
-        for k, metric in self.val.items():  # compute() reduces across processes
-            self.log(f"val/{k}", metric.compute(), prog_bar=k in ("edit_success", "generality", "drawdown"))
-            metric.reset()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
-        nets = [p for n, p in self.editor.named_parameters() if n != "edit_lrs"]
-        # fused Adam: the default per-tensor loop costs up to ~3 base forward+backward passes per step
-        # on CPU (benchmarks/NOTES.md); Lightning refuses clipping with a fused optimizer under fp16
-        # loss scaling, where the multi-tensor (foreach) kernel is used instead
-        fused = self._trainer is None or self._trainer.precision not in ("16-mixed", "16")
-        # the step sizes get their own learning rate, and it really applies (one optimizer, two groups)
-        opt = torch.optim.Adam([{"params": nets, "lr": self.hparams.lr},
-                                {"params": [self.editor.edit_lrs], "lr": self.hparams.edit_lr_lr}],
-                               fused=fused or None, foreach=None if fused else True)
-        total = self._trainer.max_steps if self._trainer is not None else -1
-        if not self.hparams.cosine_decay or total <= 0:
-            return opt
-        # both rates to 0 along a half cosine over max_steps: at a constant rate the step sizes keep
-        # swinging and a validation catches the editor anywhere between eager and timid
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, total=total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        return [NonFiniteGuard(), ProgressLog()]
-
-    # -- checkpoints: editor only, fingerprinted
-    def base_fingerprint(self) -> dict[str, str]:
-        """The base model's fingerprint, computed once: the base is frozen, and hashing a 6B base's
-        edited weights takes about a second, which every checkpoint save would otherwise pay again."""
-        if self._base_fingerprint is None:
-            self._base_fingerprint = fingerprint(self.model, self.editor.layers)
-        return self._base_fingerprint
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
-        checkpoint[CHECKPOINT_KEY] = self.editor.export(self.model, self.base_fingerprint())
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        blob = checkpoint.get(CHECKPOINT_KEY)
-        if blob is None:
-            raise ValueError("not a hypedit MEND checkpoint: no editor entry")
-        check_fingerprint(blob["fingerprint"], self.model, self.editor.layers, "checkpoint", self.base_fingerprint())
-        # the base weights are not stored: take them from the model this module was built with
-        checkpoint["state_dict"].update({f"model.{k}": v for k, v in self.model.state_dict().items()})
-
-    def export(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> dict:
-        """Write the editor to ``output_dir/editor.safetensors``: the best one by the monitored checkpoint
-        callback when there is one, else the final one (the FEVER config keeps the last editor)."""
-        if not trainer.is_global_zero:
-            return {}
-        out = Path(self.hparams.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        # the callback that keeps the best validation's state (a second one may keep the latest)
-        cb = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
-        best = getattr(cb, "best_model_path", "") if cb is not None else ""
-        # the best validation's editor (this run's own checkpoint, read without unpickling arbitrary
-        # objects), else the final one
-        blob = (torch.load(best, map_location="cpu", weights_only=True)[CHECKPOINT_KEY] if best
-                else self.editor.export(self.model, self.base_fingerprint()))
-        check_finite(blob["state_dict"], "the trained editor")
-        save_blob(out / "editor.safetensors", blob)
-        summary = {"editor": str(out / "editor.safetensors"), "best_checkpoint": best or None,
-                   "best_score": float(cb.best_model_score) if best and cb.best_model_score is not None else None,
-                   "monitor": getattr(cb, "monitor", None),
-                   "base_model": self.base_fingerprint()["name"]}
-        return summary
-
 
 def _join(parts: list[dict[str, torch.Tensor]], n: int) -> dict[str, torch.Tensor]:
     """The model inputs of several sub-batches (rows in ``n`` equal consecutive problem groups) as one
@@ -248,8 +169,8 @@ def _join(parts: list[dict[str, torch.Tensor]], n: int) -> dict[str, torch.Tenso
     padding is masked and follows every real token, so no real position's output changes."""
     out = {}
     for k in model_inputs(parts[0]):
-        L = max(p[k].shape[1] for p in parts)
-        out[k] = torch.cat([F.pad(p[k], (0, L - p[k].shape[1])).view(n, -1, L) for p in parts], 1).flatten(0, 1)
+        width = max(p[k].shape[1] for p in parts)
+        out[k] = torch.cat([F.pad(p[k], (0, width - p[k].shape[1])).view(n, -1, width) for p in parts], 1).flatten(0, 1)
     return out
 
 

@@ -20,13 +20,13 @@ from datamodules.atomic import atomic_path, write_text
 
 # (column title, entry key, format) of the summary table
 COLUMNS: list[tuple[str, str, str]] = [
-    ("editor", "editor", "{}"), ("mode", "mode", "{}"), ("K", "edits_per_step", "{}"), ("edits", "n_edits", "{}"),
+    ("editor", "label", "{}"), ("mode", "mode", "{}"), ("K", "edits_per_step", "{}"), ("edits", "n_edits", "{}"),
     ("ES (EM)", "edit_success", "{:.3f}"), ("ES (tok)", "edit_success_token_acc", "{:.3f}"),
     ("GS (EM)", "generality", "{:.3f}"), ("GS (tok)", "generality_token_acc", "{:.3f}"),
     ("loc agree", "locality_agreement", "{:.3f}"), ("loc KL", "locality_kl", "{:.4f}"), ("drawdown", "drawdown", "{:+.4f}"), ("± se", "drawdown_stderr", "{:.4f}"),
     ("R->W", "flips_right_to_wrong", "{}"), ("W->R", "flips_wrong_to_right", "{}"),
     ("ER end", "edit_retention", "{:.3f}"), ("TestR end", "test_retention", "{:.3f}"),
-    ("s/edit", "seconds_per_edit", "{:.4f}"), ("changed", "params_changed_fraction", "{:.2%}"),
+    ("s/edit", "seconds_per_edit", "{:.4f}"), ("changed", "params_changed", "{:,.0f}"),
 ]
 
 
@@ -146,6 +146,32 @@ def plot_batch(entries: Sequence[dict], path: Path) -> bool:
     return True
 
 
+def plot_budget(entries: Sequence[dict], path: Path) -> bool:
+    """Single-edit figures versus the budget of weights an edit may change (``--surgery_n_params``
+    with several values), one line per method. False unless some method ran at two budgets or more."""
+    single = [e for e in _by_mode(entries, "single") if (e.get("editor_config") or {}).get("n_params")]
+    methods = sorted({e["editor"] for e in single})
+    if not any(len({e["editor_config"]["n_params"] for e in single if e["editor"] == m}) > 1 for m in methods):
+        return False
+    panels = (("edit_success", "edit success (EM)"), ("generality", "generality (EM)"),
+              ("drawdown", "accuracy drawdown"), ("flips_right_to_wrong", "locality answers right -> wrong"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for m in methods:
+            pts = sorted((e["editor_config"]["n_params"], e.get(key)) for e in single if e["editor"] == m)
+            ax.plot([n for n, _ in pts], _clean([v for _, v in pts]), "o-", label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("weights an edit may change (n)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return True
+
+
 def write_tensorboard(entries: Sequence[dict], log_dir: Path, summary: str) -> None:
     """The plotted series as scalars (step = edits applied, or K for batch) plus the table as text."""
     from torch.utils.tensorboard import SummaryWriter
@@ -210,7 +236,8 @@ def write_report(report: dict, path: str | Path) -> dict[str, Path]:
         report = {**entries[0], **report}
     written = {"json": path}  # written last: a report JSON on disk means everything beside it is complete
     plots = []
-    for name, fn in (("retention", plot_retention), ("locality_drift", plot_locality_drift), ("batch", plot_batch)):
+    for name, fn in (("retention", plot_retention), ("locality_drift", plot_locality_drift), ("batch", plot_batch),
+                     ("budget", plot_budget)):
         png = path.with_name(f"{path.stem}_{name}.png")
         if fn(entries, png):
             plots.append(png)

@@ -26,27 +26,22 @@ under DDP equals one process on the same global batch (the loss is a mean over p
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
 from datamodules.encoding import Family
-from editors.layers import check_fingerprint
 from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement
-from editors.mend import CHECKPOINT_KEY
 from editors.selector import Selector, dense_edit
-from lightning_modules.callbacks import NonFiniteGuard, ProgressLog
-from lightning_modules.mend_module import VAL_METRICS, MENDModule, _has_label, _join, _split
-from lightning_modules.models import BaseDtype, load_model
-from lightning_modules.schedules import warmup_cosine
+from lightning_modules.editor_module import EditorModule
+from lightning_modules.mend_module import VAL_METRICS, _has_label, _join, _split
+from lightning_modules.models import BaseDtype
 
 SELECTOR_VAL_METRICS = VAL_METRICS + ("params_changed",)
 
 
-class SelectorModule(L.LightningModule):
+class SelectorModule(EditorModule):
     """Wraps a frozen base model (``self.model``) and a trainable :class:`Selector` (``self.editor``).
 
     Checkpoints hold the selector only (plus optimizer state for resuming) and a fingerprint of the
@@ -54,6 +49,8 @@ class SelectorModule(L.LightningModule):
     selector is written to ``output_dir/editor.safetensors``: the best one by a checkpoint callback
     that monitors a ``val/`` metric, else the last one.
     """
+
+    step_size_param = "log_edit_lrs"
 
     def __init__(self, base_model: str = "runs/base_zsre_gpt2_tiny/model", family: Family = "causal",
                  edit_params: list[str] | None = None, n_params: int = 1000, hidden: int = 16,
@@ -63,17 +60,10 @@ class SelectorModule(L.LightningModule):
                  base_dtype: BaseDtype | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = load_model(base_model, family, base_dtype).eval()
-        self.model.requires_grad_(False)
-        self._base_fingerprint: dict[str, str] | None = None
+        self._load_base(base_model, family, base_dtype)
         self.editor = Selector.for_model(self.model, edit_params, n_params=n_params, hidden=hidden,
                                          init_edit_lr=init_edit_lr, tau=tau, until_right_steps=until_right_steps)
         self.val = torch.nn.ModuleDict({k: MeanMetric() for k in SELECTOR_VAL_METRICS})
-
-    def train(self, mode: bool = True) -> "SelectorModule":
-        super().train(mode)
-        self.model.eval()  # the base model never runs with dropout: edits must be deterministic
-        return self
 
     # -- the meta-training objective, shared by training and validation
     def _step(self, batch: dict) -> dict[str, Any]:
@@ -129,35 +119,3 @@ class SelectorModule(L.LightningModule):
         m["drawdown"].update((pre_acc - post_acc)[labelled])
         m["loss"].update(out["loss"].detach(), weight=es.shape[0])
         m["params_changed"].update(changed.float())
-
-    on_validation_epoch_end = MENDModule.on_validation_epoch_end  # logs every val/ metric, reduced across processes
-
-    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
-        scorer = [p for n, p in self.editor.named_parameters() if n != "log_edit_lrs"]
-        fused = self._trainer is None or self._trainer.precision not in ("16-mixed", "16")
-        opt = torch.optim.Adam([{"params": scorer, "lr": self.hparams.lr},
-                                {"params": [self.editor.log_edit_lrs], "lr": self.hparams.edit_lr_lr}],
-                               fused=fused or None, foreach=None if fused else True)
-        total = self._trainer.max_steps if self._trainer is not None else -1
-        if not self.hparams.cosine_decay or total <= 0:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, total=total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        return [NonFiniteGuard(), ProgressLog()]
-
-    # -- checkpoints: the selector only, fingerprinted (the same entries as MEND's)
-    base_fingerprint = MENDModule.base_fingerprint  # computed once per run: the base is frozen
-    on_save_checkpoint = MENDModule.on_save_checkpoint
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        blob = checkpoint.get(CHECKPOINT_KEY)
-        if blob is None or blob.get("class") != "Selector":
-            raise ValueError("not a hypedit Selector checkpoint: no Selector editor entry")
-        check_fingerprint(blob["fingerprint"], self.model, self.editor.layers, "checkpoint", self.base_fingerprint())
-        checkpoint["state_dict"].update({f"model.{k}": v for k, v in self.model.state_dict().items()})
-
-    # the best monitored checkpoint's selector (read with weights_only) or the last one, to
-    # output_dir/editor.safetensors; returns the run summary train.py prints
-    export = MENDModule.export

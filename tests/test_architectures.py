@@ -18,7 +18,8 @@ import train
 from datamodules.encoding import collate, encode
 from editors.layers import check_fingerprint, fingerprint, select_layers
 from editors.losses import forward_logits, nll
-from editors.mend import CHECKPOINT_KEY, MEND
+from editors.io import CHECKPOINT_KEY
+from editors.mend import MEND
 from lightning_modules.mend_module import MENDModule
 from lightning_modules.models import decoder_start_id, load_model
 
@@ -206,7 +207,7 @@ def test_fingerprint_is_stable_discriminating_and_unchanged_in_format(saved, tok
 
 
 def test_meta_training_fingerprints_the_base_once(saved, monkeypatch):
-    import lightning_modules.mend_module as mm
+    import lightning_modules.editor_module as mm
 
     calls = []
     monkeypatch.setattr(mm, "fingerprint", lambda *a: calls.append(1) or fingerprint(*a))

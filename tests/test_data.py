@@ -743,3 +743,23 @@ def test_fever_locality_holds_every_wording_true_and_false(small_world):
     assert len({p.prompt for p in rows}) == len(rows)
     assert {p.answer for p in rows} == {"SUPPORTS", "REFUTES"}
     assert sum(p.answer == "SUPPORTS" for p in rows) == len(rows) // 2
+
+
+def test_transfer_world_varies_relations_answers_and_locality_style(tmp_path):
+    """The second world kind shares nothing with the default one but the generator: other relations,
+    answers of two to four words, and locality questions about relations that are never edited."""
+    from datamodules.world import TRANSFER_LOC_RELATIONS, TRANSFER_RELATIONS
+
+    d = generate_world(tmp_path / "w", WorldConfig(n_subjects=60, kind="transfer"))
+    edits = [r for sp in ("train", "val", "test") for r in read_jsonl_plain(d / f"zsre-{sp}.jsonl")]
+    assert {r["relation"] for r in edits} == set(TRANSFER_RELATIONS) and not set(TRANSFER_RELATIONS) & set(RELATIONS)
+    assert {len(r["output"][0]["answer"].split()) for r in edits} == {2, 3, 4}
+    loc = read_jsonl_plain(d / "nq-loc.jsonl")
+    loc_templates = [t for _, qts, _ in TRANSFER_LOC_RELATIONS.values() for t in qts]
+    edit_subjects = {r["subject"] for r in edits}
+    for row in loc:
+        (q,) = row["questions"]
+        assert any(re.fullmatch(re.escape(t).replace(re.escape("{s}"), r"(\w+)"), q) for t in loc_templates), q
+        assert not any(s in q.split() for s in edit_subjects)
+    with pytest.raises(ValueError, match="kind"):
+        WorldConfig(kind="other")

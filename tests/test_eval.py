@@ -423,3 +423,38 @@ def test_an_interrupted_stream_resumes_from_its_saved_state(setup_eval, tmp_path
     for k in ("edit_success", "generality", "edit_retention", "train_retention", "test_retention", "locality_kl",
               "params_changed", "n_edits_applied", "er", "sr"):
         assert resumed[k] == (None if unbroken[k] is None else pytest.approx(unbroken[k], rel=1e-5, abs=1e-7)), k
+
+
+def test_eval_cli_takes_dotted_overrides_print_config_and_run_dir(setup_eval, tmp_path, capsys):
+    """eval.py parses the training config with train.py's machinery: dotted keys override it,
+    --print_config shows the result, and --run_dir places the report."""
+    moved = str(tmp_path / "elsewhere-test.jsonl")
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(["--config", str(setup_eval["zsre_config"]), "--data.init_args.test_path", moved, "--print_config"])
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["init_args"]["test_path"] == moved and printed["mode"] == "single"
+    with pytest.raises(SystemExit):  # an unknown key is refused by the parser
+        eval_cli.main(["--config", str(setup_eval["zsre_config"]), "--data.init_args.no_such_key", "1"])
+    import train  # a config that train.py printed (or saved beside its run) is read as it is
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(ROOT / "configs" / "mend_zsre_gpt2_tiny.yaml"), "--print_config"])
+    (tmp_path / "saved.yaml").write_text(capsys.readouterr().out)
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(["--config", str(tmp_path / "saved.yaml"), "--print_config"])
+    assert e.value.code == 0 and "run_dir" in capsys.readouterr().out
+    rep = _run("--config", setup_eval["zsre_config"], "--editor", "ft", "--n_edits", 2, "--ft_steps", 1,
+               "--run_dir", tmp_path / "job", "--split", "val")
+    assert rep["split"] == "val" and (tmp_path / "job" / "report_val.json").exists()
+
+
+def test_surgery_budget_sweep_reports_each_budget_and_plots_it(setup_eval, tmp_path):
+    rep = _run("--config", setup_eval["zsre_config"], "--editor", "surgery_grad", "--surgery_n_params", 5, 50,
+               "--n_edits", 2, "--loc_per_edit", 3, "--report", tmp_path / "sweep.json")
+    got = {e["label"]: e for e in rep["entries"]}
+    assert set(got) == {"surgery_grad@5", "surgery_grad@50"}
+    for n in (5, 50):
+        e = got[f"surgery_grad@{n}"]
+        assert e["editor"] == "surgery_grad" and e["editor_config"]["n_params"] == n
+        assert 0 < e["params_changed"] <= n, "the budget is counted on the edited model"
+    assert (tmp_path / "sweep_budget.png").stat().st_size > 0

@@ -182,7 +182,7 @@ def test_editor_files_never_unpickle_and_refuse_truncation(tiny_models, tmp_path
     (and the converter, run knowingly, makes a loadable file), a file cut at any point is refused."""
     from editors.convert import main as convert
     from editors.io import EditorFileError
-    from editors.mend import CHECKPOINT_KEY
+    from editors.io import CHECKPOINT_KEY
 
     model = tiny_models["causal"]
     editor = MEND.for_model(model, rank=4)

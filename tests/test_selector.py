@@ -18,10 +18,11 @@ import yaml
 
 import train
 from datamodules.encoding import collate, encode
-from editors.base import EditedModel, WeightDelta
+from editors.base import WeightDelta
 from editors.io import EditorFileError, load_editor_file
 from editors.losses import forward_logits, kl_pre_post, nll
-from editors.mend import CHECKPOINT_KEY, MEND
+from editors.io import CHECKPOINT_KEY
+from editors.mend import MEND
 from editors.selector import Selector, dense_edit
 from lightning_modules.models import decoder_start_id
 from test_train import base_args

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,8 @@ from lightning.pytorch import Callback
 
 import train
 from editors.io import load_editor_file
-from editors.mend import CHECKPOINT_KEY, MEND
+from editors.io import CHECKPOINT_KEY
+from editors.mend import MEND
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = {  # family -> (base config, mend config, task, locality file, tiny model size)
@@ -243,6 +247,94 @@ def _val_metrics(out: Path) -> dict[str, float]:
     return {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/") and v != ""}
 
 
+class StallAt(Callback):
+    """On process ``rank``, at the end of training step ``step``: writes the process id to ``pid_file``
+    and hangs there (the other process waits in its next step's gradient all-reduce), for the test
+    to kill it."""
+
+    def __init__(self, step: int, rank: int, pid_file: str) -> None:
+        self.step, self.rank, self.pid_file = step, rank, pid_file
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            from datamodules.atomic import write_text
+
+            write_text(self.pid_file, str(os.getpid()))
+            time.sleep(600)
+
+
+def _launch(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """train.py in its own process group (it and the DDP process it starts), output to ``log``."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _reap(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The exit code of ``proc`` (None if it outlived ``timeout``); its whole process group is killed
+    either way, so no process of the job outlives the test."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def test_ddp_job_with_a_process_killed_by_sigkill_resumes_to_the_unbroken_result(bases, tmp_path, child_env):
+    """A 2-process DDP meta-training run (CPU, gloo) whose second process is SIGKILLed between two
+    checkpoints: the surviving process is brought down too (the job exits non-zero, nothing hangs),
+    and the job resumed with --ckpt_path last, from the config's own latest-state checkpoint (written
+    at a validation in the middle of an epoch), ends with exactly the editor of an unbroken run:
+    the step after the checkpoint, done before the kill, is redone as the unbroken run did it."""
+    cbs = yaml.safe_load(open(ROOT / "configs" / "mend_zsre_gpt2_tiny.yaml"))["trainer"]["callbacks"]
+    (latest,) = [c for c in cbs if c.get("init_args", {}).get("filename") == "last"]
+    common = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+              "--data.init_args.shuffle", "true", "--trainer.limit_train_batches", "3", "--trainer.max_steps", "7",
+              "--trainer.enable_checkpointing", "true"]  # validation (and last.ckpt) at steps 2, 4 and 6
+
+    def args(out: Path, *extra: dict) -> list[str]:
+        ck = {**latest, "init_args": {**latest["init_args"], "dirpath": str(out / "ck")}}
+        return mend_args("causal", bases, out, *common, "--trainer.callbacks", json.dumps([ck, *extra]))
+
+    child_env = {**child_env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}  # StallAt is in this module
+
+    def run(argv: list[str], log: Path) -> None:
+        assert _reap(_launch(argv, child_env, log), 300) == 0, log.read_text()[-3000:]
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(args(full), tmp_path / "full.log")
+    pid_file = tmp_path / "rank1.pid"
+    stall = {"class_path": "test_train.StallAt", "init_args": {"step": 5, "rank": 1, "pid_file": str(pid_file)}}
+    job = _launch(args(part, stall), child_env, tmp_path / "part.log")
+    try:
+        deadline = time.monotonic() + 300
+        while not pid_file.exists():
+            assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "part.log").read_text()[-3000:]
+            time.sleep(0.2)
+        rank1 = int(pid_file.read_text())
+        assert rank1 != job.pid, "the killed process is the one train.py started, not train.py itself"
+        os.kill(rank1, signal.SIGKILL)
+        # the survivor's next collective fails (gloo: connection closed), or Lightning's observer kills it
+        code = job.wait(timeout=60)
+    finally:
+        _reap(job, 0)
+    assert code != 0
+    last = torch.load(part / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 4
+    assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}], "mid-epoch"
+    assert not (part / "editor.safetensors").exists(), "the killed job exported nothing"
+    run(args(part) + ["--ckpt_path", "last"], tmp_path / "resume.log")
+    resumed, unbroken = _editor_state(part / "editor.safetensors"), _editor_state(full / "editor.safetensors")
+    assert not torch.equal(last[CHECKPOINT_KEY]["state_dict"]["edit_lrs"], resumed["edit_lrs"]), "it trained"
+    for k in unbroken:
+        assert torch.equal(resumed[k], unbroken[k]), k
+
+
 def test_early_stopping_keeps_the_best_editor_and_a_resumable_latest_state(bases, tmp_path):
     """The default config's own checkpoint and early-stopping callbacks, validating every step and
     (mode max on a falling loss) stopping after 2 validations without a new best: the run must stop
@@ -254,8 +346,6 @@ def test_early_stopping_keeps_the_best_editor_and_a_resumable_latest_state(bases
     assert len(checkpoints) == 2 and sum("monitor" in c for c in checkpoints) == 1, "one best, one latest"
     for c in cbs:
         args = c.get("init_args", {})
-        if "dirpath" in args:
-            args["dirpath"] = str(out / "ck")
         if "monitor" in args:  # checkpoint and early stopping: a falling loss never "improves"
             args["mode"] = "max"
         if "patience" in args:
@@ -264,7 +354,7 @@ def test_early_stopping_keeps_the_best_editor_and_a_resumable_latest_state(bases
     summary = train.main(mend_args("causal", bases, out, "--trainer.enable_checkpointing", "true",
                                    "--trainer.callbacks", json.dumps(cbs), "--trainer.max_steps", "40",
                                    "--trainer.val_check_interval", "1", "--model.init_args.lr", "1e-3"))
-    latest = torch.load(out / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
+    latest = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)  # in the run dir
     best = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
     assert latest["global_step"] < 40, "early stopping fired before max_steps"
     assert best["global_step"] < latest["global_step"], "the best validation was not the last one"
@@ -385,3 +475,22 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_when_they_persist
     with pytest.raises(RuntimeError, match="10 optimiser steps in a row.*global step"):
         train.main(mend_args("causal", bases, tmp_path / "nan2", "--trainer.callbacks", json.dumps([poison]),
                              "--trainer.max_steps", "20"))
+
+
+def test_run_dir_moves_every_output_of_a_job(bases, tmp_path):
+    """One setting places a job: the export, Lightning's logs and the config's checkpoint callbacks
+    (which name no directory of their own) all land under --run_dir."""
+    _, cfg, task, loc, _ = FAMILIES["causal"]
+    data, base = bases / "base_causal" / "data", bases / "base_causal" / "model"
+    run = tmp_path / "mine"
+    train.main(["--config", str(ROOT / "configs" / f"{cfg}.yaml"), "--run_dir", str(run),
+                "--model.init_args.base_model", str(base), "--model.init_args.rank", "16",
+                "--data.init_args.train_path", str(data / f"{task}-train.jsonl"),
+                "--data.init_args.val_path", str(data / f"{task}-val.jsonl"),
+                "--data.init_args.test_path", str(data / f"{task}-test.jsonl"),
+                "--data.init_args.loc_path", str(data / loc), "--data.init_args.tokenizer", str(base),
+                "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--data.init_args.val_limit", "4",
+                "--trainer.enable_progress_bar", "false"])
+    assert (run / "editor.safetensors").exists()
+    assert {p.name for p in (run / "checkpoints").glob("*.ckpt")} >= {"last.ckpt"}
+    assert any((run / "lightning_logs").rglob("events.out.tfevents.*"))
