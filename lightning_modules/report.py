@@ -250,3 +250,37 @@ def write_report(report: dict, path: str | Path) -> dict[str, Path]:
     written["tensorboard"] = tb
     write_text(path, json.dumps(report, indent=1))
     return written
+
+
+# run-level keys that must agree for entries of several reports to be compared in one
+SAME_PROTOCOL = ("base_model", "dataset", "data_file", "split", "seed", "n_edits_available")
+
+
+def merge_reports(paths: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
+    """Write one report (table, plots, TensorBoard) with the entries of several runs of ``eval.py`` on
+    the same held-out edits, e.g. budgets run one command at a time; refuses reports that differ in
+    base model, data, split or seed."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    for p, r in zip(paths[1:], reports[1:]):
+        diff = [k for k in SAME_PROTOCOL if r.get(k) != reports[0].get(k)]
+        if diff:
+            raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}: its figures are not comparable")
+    merged = {k: reports[0].get(k) for k in (*SAME_PROTOCOL, "family", "definitions")}
+    merged["command"] = " ; ".join(r["command"] for r in reports)
+    merged["merged_from"] = [str(p) for p in paths]
+    # budgeted editors are told apart by their budget: the same method may come from several runs
+    merged["entries"] = [{**e, "label": f"{e['editor']}@{e['editor_config']['n_params']}"
+                          if (e.get("editor_config") or {}).get("n_params") else e.get("label", e["editor"])}
+                         for r in reports for e in r["entries"]]
+    return write_report(merged, out)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m lightning_modules.report",
+                                 description="merge eval.py reports made on the same held-out edits into one")
+    ap.add_argument("out", help="the merged report's JSON path (.md, plots and TensorBoard beside it)")
+    ap.add_argument("reports", nargs="+", help="report JSON files written by eval.py")
+    args = ap.parse_args()
+    print(merge_reports(args.reports, args.out)["json"])

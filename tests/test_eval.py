@@ -458,3 +458,18 @@ def test_surgery_budget_sweep_reports_each_budget_and_plots_it(setup_eval, tmp_p
         assert e["editor"] == "surgery_grad" and e["editor_config"]["n_params"] == n
         assert 0 < e["params_changed"] <= n, "the budget is counted on the edited model"
     assert (tmp_path / "sweep_budget.png").stat().st_size > 0
+
+
+def test_reports_of_the_same_edits_merge_and_others_are_refused(setup_eval, tmp_path):
+    from lightning_modules.report import merge_reports
+
+    args = ("--config", setup_eval["zsre_config"], "--editor", "surgery_grad", "--n_edits", 2, "--loc_per_edit", 3)
+    for n in (5, 50):
+        _run(*args, "--surgery_n_params", n, "--report", tmp_path / f"n{n}.json")
+    _run(*args, "--surgery_n_params", 5, "--split", "val", "--report", tmp_path / "val.json")
+    merge_reports([tmp_path / "n5.json", tmp_path / "n50.json"], tmp_path / "merged.json")
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert [e["label"] for e in merged["entries"]] == ["surgery_grad@5", "surgery_grad@50"]
+    assert (tmp_path / "merged_budget.png").exists()
+    with pytest.raises(ValueError, match="differs.*split"):
+        merge_reports([tmp_path / "n5.json", tmp_path / "val.json"], tmp_path / "bad.json")
