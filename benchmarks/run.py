@@ -105,15 +105,20 @@ def edit(editor: MEND, model: torch.nn.Module, batch: dict) -> None:
 
 
 class MetaTrainer:
-    """The real meta-training step: ``MENDModule._step``, backward, grad-norm clip 100 (as the
-    configs' ``gradient_clip_val``), and the module's own optimizer."""
+    """The real meta-training step: the module's ``_step`` (MEND's by default, or the surgery
+    selector's), backward, grad-norm clip 100 (as the configs' ``gradient_clip_val``), and the
+    module's own optimizer."""
 
-    def __init__(self, model: torch.nn.Module, tmp: Path) -> None:
+    def __init__(self, model: torch.nn.Module, tmp: Path, selector: bool = False) -> None:
         from lightning_modules.mend_module import MENDModule
+        from lightning_modules.selector_module import SelectorModule
 
         model.save_pretrained(tmp)
-        self.module = MENDModule(base_model=str(tmp), family=FAM, rank=1920).train()
-        trained_looking(self.module.editor)
+        if selector:
+            self.module = SelectorModule(base_model=str(tmp), family=FAM, n_params=1000).train()
+        else:
+            self.module = MENDModule(base_model=str(tmp), family=FAM, rank=1920).train()
+            trained_looking(self.module.editor)
         self.opt = self.module.configure_optimizers()
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
 
@@ -299,6 +304,13 @@ def bench_model(shape: str, quick: bool, tmp: Path, res: dict, prof: dict) -> No
     for n in others:
         res[f"edit_ratio_{shape}_{n}"] = t[f"edit_{n}"] / t["other_fwd_bwd_1"]
         res[f"edit_seconds_{shape}_{n}"] = t[f"edit_{n}"]
+    model.zero_grad(set_to_none=True)
+
+    # the surgery selector's meta-training step (1 problem), beside MEND's above
+    sel = MetaTrainer(model, tmp / f"{shape}_selector", selector=True)
+    t = round_robin({"sel_fwd_bwd_1": lambda: fwd_bwd(model, one), "step_selector_1": lambda: sel(batch)}, *few)
+    raw.update(t)
+    res[f"step_ratio_{shape}_selector_1"] = t["step_selector_1"] / t["sel_fwd_bwd_1"]
     model.zero_grad(set_to_none=True)
 
     prof[f"{shape}: one edit (editor.edit)"] = profile_table(lambda: edit(editor, model, one))
