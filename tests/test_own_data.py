@@ -127,18 +127,23 @@ def _no_world(tmp_path: Path) -> None:
     assert not [p for n in ("world.json", "base-qa.jsonl", "base-claims.jsonl") for p in tmp_path.rglob(n)]
 
 
+def _train_base(config: str, model: str, files: dict[str, str], run_dir: Path, epochs: int, *extra: str) -> dict:
+    """The README's step 1: the shipped base config on the user's model and files (the config's
+    world_dir is left as it is: training files replace the built-in world)."""
+    return train.main(["--config", str(ROOT / "configs" / config), "--run_dir", str(run_dir),
+                       "--model.init_args.model_name_or_path", model, "--model.init_args.tokenizer", model,
+                       "--model.init_args.warmup_steps", "1", "--data.init_args.tokenizer", model,
+                       "--data.init_args.train_files", json.dumps(list(files.values())),
+                       "--trainer.max_epochs", str(epochs), *QUIET, *extra])
+
+
 def test_zsre_own_model_own_files_base_training_annotation_mend_and_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a default relative path (runs/world ...) would land here and be caught
     files = _write_zsre(tmp_path / "mine")
     model = _own_model(tmp_path / "my-gpt2", files, "causal")
     base = tmp_path / "base"
-    summary = train.main([
-        "--config", str(ROOT / "configs" / "base_zsre_gpt2_tiny.yaml"), "--world_dir", "null",
-        "--model.init_args.model_name_or_path", model, "--model.init_args.tokenizer", model,
-        "--model.init_args.warmup_steps", "1", "--model.init_args.output_dir", str(base),
-        "--data.init_args.tokenizer", model, "--data.init_args.train_files", json.dumps(list(files.values())),
-        "--data.init_args.annotate", json.dumps({s: files[s] for s in ("train", "val", "test")}),
-        "--trainer.max_epochs", "20", "--trainer.default_root_dir", str(base), *QUIET])
+    summary = _train_base("base_zsre_gpt2_tiny.yaml", model, files, base, 20,
+                          "--data.init_args.annotate", json.dumps({s: files[s] for s in ("train", "val", "test")}))
     assert (base / "model" / "config.json").exists()
     assert 0.0 <= summary["zsre_test_prediction_accuracy"] <= 1.0
     data = base / "data"
@@ -175,12 +180,7 @@ def test_fever_own_classifier_base_training_then_annotate_command_mend_and_repor
     files = _write_fever(tmp_path / "mine")
     own = _own_model(tmp_path / "my-bert", files, "classifier")
     base = tmp_path / "base"
-    summary = train.main([
-        "--config", str(ROOT / "configs" / "base_fever_bert_tiny.yaml"), "--world_dir", "null",
-        "--model.init_args.model_name_or_path", own, "--model.init_args.tokenizer", own,
-        "--model.init_args.warmup_steps", "1", "--model.init_args.output_dir", str(base),
-        "--data.init_args.tokenizer", own, "--data.init_args.train_files", json.dumps(list(files.values())),
-        "--trainer.max_epochs", "5", "--trainer.default_root_dir", str(base), *QUIET])
+    summary = _train_base("base_fever_bert_tiny.yaml", own, files, base, 5)
     assert 0.0 <= summary["exact_match_on_training_questions"] <= 1.0
     assert not (base / "data").exists(), "nothing to annotate without data.init_args.annotate"
     # the annotate command, on the trained model (any model directory works the same)
