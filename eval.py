@@ -125,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Namespace, dict]:
     p.add_argument("--patcher_memory", type=int, default=40000,
                    help="patcher: most training-split inputs (training edits beyond the TrainR probe, their "
                         "rephrases, the meta-training locality share) whose queries every patch must stay silent on")
+    p.add_argument("--patcher_options", type=dict | None, default=None,
+                   help="patcher: other settings of editors.patcher.Patcher, e.g. '{memory_margin: -5, top_k: 64}'")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", type=int | str, default=1, help="single mode runs through Lightning: >1 evaluates data-parallel")
     p.add_argument("--strategy", default="auto")
@@ -238,7 +240,10 @@ def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: Namespace,
             data = EditData(dm, args.split, "cpu", args.seed, args.n_train_probe)
             pool = data.memory_pool()
             memory = data.collate(random.Random(args.seed).sample(pool, min(args.patcher_memory, len(pool))))
-        return Patcher(model, args.patcher_layer, memory)
+        try:
+            return Patcher(model, args.patcher_layer, memory, **(args.patcher_options or {}))
+        except (TypeError, ValueError) as e:
+            raise EvalError(f"--patcher_options: {e}") from None
     if name == "mend":
         if not args.ckpt_path:
             raise EvalError("mend and mend_until_right need --ckpt_path (a trained editor); ft and ft_kl need none")

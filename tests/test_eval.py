@@ -473,3 +473,12 @@ def test_reports_of_the_same_edits_merge_and_others_are_refused(setup_eval, tmp_
     assert (tmp_path / "merged_budget.png").exists()
     with pytest.raises(ValueError, match="differs.*split"):
         merge_reports([tmp_path / "n5.json", tmp_path / "val.json"], tmp_path / "bad.json")
+
+
+def test_patcher_options_reach_the_editor_and_unknown_ones_are_refused(setup_eval):
+    args = ("--config", setup_eval["zsre_config"], "--editor", "patcher", "--n_edits", 1, "--loc_per_edit", 2)
+    rep = _run(*args, "--patcher_options", "{top_k: 4, memory_margin: -5}")
+    (entry,) = rep["entries"]
+    assert entry["editor_config"]["top_k"] == 4 and entry["editor_config"]["memory_margin"] == -5
+    with pytest.raises(eval_cli.EvalError, match="--patcher_options.*no_such"):
+        _run(*args, "--patcher_options", "{no_such: 1}")
