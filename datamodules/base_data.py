@@ -32,6 +32,8 @@ class BaseTaskDataModule(L.LightningDataModule):
                  num_workers: int = 0, train_files: list[str] | None = None,
                  annotate: dict[str, str] | None = None) -> None:
         super().__init__()
+        if batch_size < 1 or max_length < 2:
+            raise ValueError(f"batch_size must be at least 1 and max_length at least 2; got {batch_size}, {max_length}")
         self.save_hyperparameters()
         self.train_set: list[dict] = []
 

@@ -38,6 +38,8 @@ class BaseTaskModule(L.LightningModule):
                  lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 100,
                  cosine_decay: bool = False, output_dir: str = "runs/base") -> None:
         super().__init__()
+        if lr < 0 or weight_decay < 0 or warmup_steps < 0:  # Adam would train uphill without a word
+            raise ValueError(f"lr, weight_decay and warmup_steps must not be negative; got {lr}, {weight_decay}, {warmup_steps}")
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
         if model_name_or_path.startswith("tiny-"):

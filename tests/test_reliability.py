@@ -356,6 +356,8 @@ BASE_CORRUPTIONS = [
     ("model.init_args.tiny_config", "big", "big"),
     ("model.init_args.model_name_or_path", "tiny-nothing", "tiny-nothing"),
     ("trainer.max_epochs", "x", "x"),
+    ("model.init_args.lr", -1.0, "lr"),
+    ("data.init_args.batch_size", 0, "batch_size"),
     ("data.init_args.world_dir", "{tmp}/no-world", "no-world"),
 ]
 
