@@ -181,6 +181,14 @@ def _iter_json_list(path: Path) -> Iterator[tuple[str, dict]]:
         yield f"record {i}", obj
 
 
+def _toolkit_answers(obj: dict, path: Path, where: str) -> list[str]:
+    """A toolkit record's gold answers: ``answers``, else its ``pred``."""
+    answers = obj.get("answers") or [_optional_str(obj, "pred", path, where) or ""]
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise DataFormatError(f"{path}:{where}: field 'answers' should be a list of strings")
+    return answers
+
+
 def read_zsre_toolkit(path: str | Path) -> tuple[list[EditRecord], list[LocalityPair]]:
     """zsRE in the large-scale toolkit format: one JSON list of ``{subject, src, pred, rephrase, alt, loc, loc_ans}``."""
     path = Path(path)
@@ -190,9 +198,7 @@ def read_zsre_toolkit(path: str | Path) -> tuple[list[EditRecord], list[Locality
         alt = _need(obj, "alt", str, path, where)
         reph = _need(obj, "rephrase", str, path, where)
         pred = _optional_str(obj, "pred", path, where) or ""
-        answers = obj.get("answers") or [pred]
-        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-            raise DataFormatError(f"{path}:{where}: field 'answers' should be a list of strings")
+        answers = _toolkit_answers(obj, path, where)
         subject = _optional_str(obj, "subject", path, where)
         loc = _optional_str(obj, "loc", path, where)
         if loc:
@@ -276,8 +282,8 @@ def read_source_rows(path: str | Path, labels: tuple[str, ...] | None = None) ->
     rows = []
     if path.suffix == ".json":
         for where, obj in _iter_json_list(path):
-            answers = obj.get("answers") or [_optional_str(obj, "pred", path, where) or ""]
-            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or not answers[0]:
+            answers = _toolkit_answers(obj, path, where)
+            if not answers[0]:
                 raise DataFormatError(f"{path}:{where}: field 'answers' (or 'pred') should give the gold answer")
             reph, alt = _optional_str(obj, "rephrase", path, where), _optional_str(obj, "alt", path, where)
             rows.append(SourceRow(_need(obj, "src", str, path, where), [reph] if reph else [], answers[0],

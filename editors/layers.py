@@ -147,33 +147,57 @@ def gradient_pieces(model: nn.Module, layers: list[LayerSpec], loss_fn: Callable
 
 
 @contextlib.contextmanager
-def low_rank_edit(model: nn.Module, layers: list[LayerSpec], factors: Mapping[str, tuple[Tensor, Tensor]]
-                  ) -> Iterator[None]:
-    """Run ``model`` as if ``weight_update(layer, u[b], d[b])`` were added to each edited weight, for ``P``
-    problems at once: ``factors[name] = (u [P, n, d_in], d [P, n, d_out])`` and the rows of every
-    batch are ``P`` equal consecutive groups, group ``b`` seeing problem ``b``'s edit only.
-
-    The base weights are neither copied nor changed: each edited layer adds ``(x u^T) d`` to its output
-    (``x (u^T d)`` when the dense product is cheaper), one batched product over all problems.
-    """
-    def hook(spec: LayerSpec):
-        u, d = factors[spec.name]
-
+def per_problem_edit(model: nn.Module, layers: list[LayerSpec], n_problems: int,
+                     terms: Mapping[str, Callable[[Tensor], Tensor]]) -> Iterator[None]:
+    """Run ``model`` with ``terms[name](x)`` added to each edited layer's output, ``x`` being the layer's
+    input as ``[n_problems, rows, d_in]``: the rows of every batch are ``n_problems`` equal consecutive
+    groups, and a term returns ``[n_problems, rows, d_out]``, so group ``b`` sees problem ``b``'s edit
+    only. The base weights are neither copied nor changed; autograd reaches what the terms use."""
+    def hook(spec: LayerSpec, term: Callable[[Tensor], Tensor]):
         def fn(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            x = args[0].reshape(u.shape[0], -1, spec.d_in)
-            uu, dd = u.to(x.dtype).transpose(1, 2), d.to(x.dtype)
-            n, rows = u.shape[1], x.shape[1]
-            if rows * n * (spec.d_in + spec.d_out) <= (rows + n) * spec.d_in * spec.d_out:
-                return out + ((x @ uu) @ dd).view_as(out)
-            return out + (x @ (uu @ dd)).view_as(out)
+            return out + term(args[0].reshape(n_problems, -1, spec.d_in)).view_as(out)
         return fn
 
-    handles = [model.get_submodule(l.module_name).register_forward_hook(hook(l)) for l in layers]
+    handles = [model.get_submodule(l.module_name).register_forward_hook(hook(l, terms[l.name])) for l in layers]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def low_rank_edit(model: nn.Module, layers: list[LayerSpec], factors: Mapping[str, tuple[Tensor, Tensor]]
+                  ) -> contextlib.AbstractContextManager:
+    """Run ``model`` as if ``weight_update(layer, u[b], d[b])`` were added to each edited weight, for ``P``
+    problems at once: ``factors[name] = (u [P, n, d_in], d [P, n, d_out])`` (see :func:`per_problem_edit`).
+    Each edited layer adds ``(x u^T) d`` to its output (``x (u^T d)`` when the dense product is
+    cheaper), one batched product over all problems."""
+    def term(spec: LayerSpec) -> Callable[[Tensor], Tensor]:
+        u, d = factors[spec.name]
+
+        def fn(x: Tensor) -> Tensor:
+            uu, dd = u.to(x.dtype).transpose(1, 2), d.to(x.dtype)
+            n, rows = u.shape[1], x.shape[1]
+            if rows * n * (spec.d_in + spec.d_out) <= (rows + n) * spec.d_in * spec.d_out:
+                return (x @ uu) @ dd
+            return x @ (uu @ dd)
+        return fn
+
+    n_problems = next(iter(factors.values()))[0].shape[0] if factors else 1
+    return per_problem_edit(model, layers, n_problems, {l.name: term(l) for l in layers})
+
+
+def dense_edit(model: nn.Module, layers: list[LayerSpec], deltas: Mapping[str, Tensor]
+               ) -> contextlib.AbstractContextManager:
+    """Run ``model`` as if ``deltas[name][b]`` (``[P, *weight.shape]``) were added to each edited weight,
+    for ``P`` problems at once (see :func:`per_problem_edit`)."""
+    def term(spec: LayerSpec) -> Callable[[Tensor], Tensor]:
+        dw = deltas[spec.name]
+        a = dw if spec.kind == "conv1d" else dw.transpose(1, 2)  # [P, d_in, d_out]
+        return lambda x: x @ a.to(x.dtype)
+
+    n_problems = next(iter(deltas.values())).shape[0] if deltas else 1
+    return per_problem_edit(model, layers, n_problems, {l.name: term(l) for l in layers})
 
 
 def weight_update(spec: LayerSpec, u: Tensor, delta: Tensor) -> Tensor:

@@ -40,10 +40,9 @@ config, base-model fingerprint) via :mod:`editors.io`; loading never unpickles.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -241,25 +240,3 @@ def _standardised(f: Tensor) -> Tensor:
 def _stored(spec: LayerSpec, x: Tensor) -> Tensor:
     """``[P, d_out, d_in]`` -> the layer's stored weight layout (GPT-2's Conv1D stores ``[d_in, d_out]``)."""
     return x.transpose(1, 2) if spec.kind == "conv1d" else x
-
-
-@contextlib.contextmanager
-def dense_edit(model: nn.Module, layers: Sequence[LayerSpec], deltas: Mapping[str, Tensor]) -> Iterator[None]:
-    """Run ``model`` as if ``deltas[name][b]`` (``[P, *weight.shape]``) were added to each edited weight,
-    the rows of every batch being ``P`` equal consecutive groups, group ``b`` seeing problem ``b``'s
-    change only. The base weights are neither copied nor changed; autograd reaches the deltas."""
-    def hook(spec: LayerSpec):
-        dw = deltas[spec.name]
-        a = dw if spec.kind == "conv1d" else dw.transpose(1, 2)  # [P, d_in, d_out]
-
-        def fn(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            x = args[0].reshape(a.shape[0], -1, spec.d_in)
-            return out + (x @ a.to(x.dtype)).view_as(out)
-        return fn
-
-    handles = [model.get_submodule(l.module_name).register_forward_hook(hook(l)) for l in layers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()

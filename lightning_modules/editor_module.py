@@ -1,26 +1,37 @@
-"""What every editor meta-training module shares: a frozen base model, validation metrics logged at
-the end of each validation, checkpoints that hold the editor only (with the base model's
-fingerprint), and the export of the best editor to ``output_dir/editor.safetensors``.
+"""What every editor meta-training module shares: a frozen base model; the objective (edit loss on
+the paraphrases + ``c_loc`` * KL on locality inputs, all problems of a batch in one forward pass of
+the edited model) with its training and validation steps; checkpoints that hold the editor only
+(with the base model's fingerprint); and the export of the best editor to
+``output_dir/editor.safetensors``.
 
 :class:`lightning_modules.mend_module.MENDModule` and
-:class:`lightning_modules.selector_module.SelectorModule` subclass it; each builds its ``editor``
-(an ``nn.Module`` with ``layers``, ``export`` and a class name its files carry) and its objective.
+:class:`lightning_modules.selector_module.SelectorModule` subclass it: each builds its ``editor``
+(an ``nn.Module`` with ``layers``, ``export`` and a class name its files carry) and says how a
+batch's problems are edited (:meth:`EditorModule._edit`), what else training logs and what else
+validation measures.
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from datamodules.encoding import Family
+from editors.losses import forward_logits, kl_pre_post, model_inputs, nll, scores, top1_agreement
 from editors.io import CHECKPOINT_KEY, save_blob
 from editors.layers import check_fingerprint, fingerprint
 from lightning_modules.callbacks import NonFiniteGuard, ProgressLog, check_finite
 from lightning_modules.models import BaseDtype, load_model
 from lightning_modules.schedules import warmup_cosine
+
+# what every editor module validates (torchmetrics means, exact under DDP)
+VAL_METRICS = ("edit_success", "edit_success_token_acc", "generality", "generality_token_acc",
+               "loc_agreement", "loc_kl", "drawdown", "loss")
 
 class EditorModule(L.LightningModule):
     """A frozen base model (``self.model``) and a trainable editor (``self.editor``, set by the subclass).
@@ -44,6 +55,71 @@ class EditorModule(L.LightningModule):
         super().train(mode)
         self.model.eval()  # the base model never runs with dropout: edits must be deterministic
         return self
+
+    # -- the meta-training objective, shared by training and validation
+    def _edit(self, inner: dict, n_problems: int) -> tuple[Any, contextlib.AbstractContextManager]:
+        """The editor's edit of ``n_problems`` problems (``inner``'s rows in equal consecutive groups),
+        and a context in which the model runs with problem ``b``'s edit on group ``b``'s rows."""
+        raise NotImplementedError
+
+    def _step(self, batch: dict) -> dict[str, Any]:
+        fam, inner, outer, loc = self.hparams.family, batch["edit_inner"], batch["edit_outer"], batch["loc"]
+        P = batch["n_problems"]
+        with torch.no_grad():  # the unedited model's locality logits, once per batch
+            pre_loc = forward_logits(self.model, loc, fam)
+        edit, edited = self._edit(inner, P)
+        # paraphrases and locality inputs (and, in validation, the edit inputs) of all problems in one
+        # forward pass of the edited model, each problem's rows seeing only its own edit
+        parts = [outer, loc] if self.training else [outer, loc, inner]
+        with edited:
+            post = split_problems(forward_logits(self.model, join_problems(parts, P), fam), parts, P, fam)
+        # per problem: mean NLL over its paraphrases; batch: mean over problems (= mean over rows)
+        l_edit = nll(post[0], outer["labels"], fam)
+        kl = kl_pre_post(pre_loc, post[1], loc, fam)
+        loss = self.hparams.c_edit * l_edit + self.hparams.c_loc * kl.mean()
+        out = {"loss": loss, "l_edit": l_edit, "kl": kl, "pre_loc": pre_loc, "post_loc": post[1],
+               "post_outer": post[0]}
+        if not self.training:
+            out["post_inner"], out["edit"] = post[2], edit
+        return out
+
+    def _train_logs(self) -> dict[str, torch.Tensor]:
+        """Training figures beyond the loss and its two terms."""
+        return {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self._step(batch)
+        self.log_dict({"train/loss": out["loss"], "train/edit_nll": out["l_edit"], "train/loc_kl": out["kl"].mean(),
+                       **self._train_logs()}, prog_bar=True, batch_size=batch["n_problems"])
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        fam = self.hparams.family
+        # an edit needs autograd (its gradient pieces), and `trainer.validate` runs this under
+        # inference_mode: step out of it, with ordinary copies of the batch's inference tensors
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = {k: {n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v for k, v in batch.items()}
+            out = self._step(batch)
+        inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
+        with torch.no_grad():
+            es, es_tok = scores(out["post_inner"], inner["labels"], fam)
+            gs, gs_tok = scores(out["post_outer"], outer["labels"], fam)
+            pre_acc, _ = scores(out["pre_loc"], loc["labels"], fam)
+            post_acc, _ = scores(out["post_loc"], loc["labels"], fam)
+            labelled = has_label(loc["labels"], fam)
+        m = self.val
+        m["edit_success"].update(es)
+        m["edit_success_token_acc"].update(es_tok)
+        m["generality"].update(gs)
+        m["generality_token_acc"].update(gs_tok)
+        m["loc_agreement"].update(top1_agreement(out["pre_loc"], out["post_loc"], loc, fam))
+        m["loc_kl"].update(out["kl"])
+        m["drawdown"].update((pre_acc - post_acc)[labelled])  # may be empty: unlabelled locality inputs
+        m["loss"].update(out["loss"].detach(), weight=es.shape[0])
+        self._validate_more(batch, out)
+
+    def _validate_more(self, batch: dict, out: dict[str, Any]) -> None:
+        """Validation figures beyond :data:`VAL_METRICS`, from the batch and its :meth:`_step` output."""
 
     def on_validation_epoch_end(self) -> None:
         for k, metric in self.val.items():  # compute() reduces across processes
@@ -111,3 +187,33 @@ class EditorModule(L.LightningModule):
         return {"editor": str(out / "editor.safetensors"), "best_checkpoint": best or None,
                 "best_score": float(cb.best_model_score) if best and cb.best_model_score is not None else None,
                 "monitor": getattr(cb, "monitor", None), "base_model": self.base_fingerprint()["name"]}
+
+
+def join_problems(parts: list[dict[str, torch.Tensor]], n: int) -> dict[str, torch.Tensor]:
+    """The model inputs of several sub-batches (rows in ``n`` equal consecutive problem groups) as one
+    batch whose problem ``b`` rows are those of every part, right-padded to common lengths: the
+    padding is masked and follows every real token, so no real position's output changes."""
+    out = {}
+    for k in model_inputs(parts[0]):
+        width = max(p[k].shape[1] for p in parts)
+        out[k] = torch.cat([F.pad(p[k], (0, width - p[k].shape[1])).view(n, -1, width) for p in parts], 1).flatten(0, 1)
+    return out
+
+
+def split_problems(logits: torch.Tensor, parts: list[dict[str, torch.Tensor]], n: int, family: Family) -> list[torch.Tensor]:
+    """Undo :func:`join_problems` on its logits: each part's rows in their own order and length."""
+    sizes = [p["input_ids"].shape[0] // n for p in parts]
+    out = []
+    for g, p in zip(logits.view(n, -1, *logits.shape[1:]).split(sizes, 1), parts):
+        g = g.flatten(0, 1)
+        if family != "classifier":  # cut the padding positions off again
+            g = g[:, :p["decoder_input_ids" if family == "seq2seq" else "input_ids"].shape[1]]
+        out.append(g)
+    return out
+
+
+def has_label(labels: torch.Tensor, family: Family) -> torch.Tensor:
+    """Which rows carry a label (locality inputs without one count for agreement and KL only)."""
+    if family == "classifier":
+        return labels >= 0
+    return (labels != -100).any(1)

@@ -25,21 +25,19 @@ All are torchmetrics means, exact under DDP.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from datamodules.encoding import Family
 from editors.layers import low_rank_edit
-from editors.losses import forward_logits, model_inputs, kl_pre_post, nll, scores, top1_agreement
+from editors.losses import forward_logits, kl_pre_post, nll, scores
 from editors.mend import MEND
-from lightning_modules.editor_module import EditorModule
+from lightning_modules.editor_module import VAL_METRICS, EditorModule, has_label, join_problems, split_problems
 from lightning_modules.models import BaseDtype
 
-VAL_METRICS = ("edit_success", "edit_success_token_acc", "generality", "generality_token_acc",
-               "loc_agreement", "loc_kl", "drawdown", "loss")
 RULE_METRICS = tuple(f"until_right_{k}" for k in ("edit_success", "generality", "drawdown", "loc_kl", "scale", "loss"))
 
 
@@ -75,58 +73,13 @@ class MENDModule(EditorModule):
         self.val = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS + (RULE_METRICS if self.rule_scales else ())})
         self.decoder_start_id = getattr(self.model.config, "decoder_start_token_id", None)
 
-    # -- the meta-training objective, shared by training and validation
-    def _step(self, batch: dict) -> dict[str, Any]:
-        fam, inner, outer, loc = self.hparams.family, batch["edit_inner"], batch["edit_outer"], batch["loc"]
-        P = batch["n_problems"]
-        with torch.no_grad():  # the unedited model's locality logits, once per batch
-            pre_loc = forward_logits(self.model, loc, fam)
-        factors = self.editor.batched_factors(self.model, inner, fam, P)
-        # paraphrases and locality inputs (and, in validation, the edit inputs) of all problems in one
-        # forward pass of the edited model, each problem's rows seeing only its own edit, applied in
-        # low-rank form (no d_in x d_out per problem)
-        parts = [outer, loc] if self.training else [outer, loc, inner]
-        with low_rank_edit(self.model, self.editor.layers, factors):
-            post = _split(forward_logits(self.model, _join(parts, P), fam), parts, P, fam)
-        # per problem: mean NLL over its paraphrases; batch: mean over problems (= mean over rows)
-        l_edit = nll(post[0], outer["labels"], fam)
-        kl = kl_pre_post(pre_loc, post[1], loc, fam)
-        loss = self.hparams.c_edit * l_edit + self.hparams.c_loc * kl.mean()
-        out = {"loss": loss, "l_edit": l_edit, "kl": kl, "pre_loc": pre_loc, "post_loc": post[1],
-               "post_outer": post[0]}
-        if not self.training:
-            out["post_inner"], out["factors"] = post[2], factors
-        return out
+    # -- the edit of a batch's problems, and what validation adds to the shared metrics
+    def _edit(self, inner: dict, n_problems: int) -> tuple[Any, contextlib.AbstractContextManager]:
+        # each problem's edit applied in low-rank form (no d_in x d_out per problem)
+        factors = self.editor.batched_factors(self.model, inner, self.hparams.family, n_problems)
+        return factors, low_rank_edit(self.model, self.editor.layers, factors)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self._step(batch)
-        self.log_dict({"train/loss": out["loss"], "train/edit_nll": out["l_edit"], "train/loc_kl": out["kl"].mean()},
-                      prog_bar=True, batch_size=batch["n_problems"])
-        return out["loss"]
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        fam = self.hparams.family
-        # an edit needs autograd (its gradient pieces), and `trainer.validate` runs this under
-        # inference_mode: step out of it, with ordinary copies of the batch's inference tensors
-        with torch.inference_mode(False), torch.enable_grad():
-            batch = {k: {n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v for k, v in batch.items()}
-            inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
-            out = self._step(batch)
-        with torch.no_grad():
-            es, es_tok = scores(out["post_inner"], inner["labels"], fam)
-            gs, gs_tok = scores(out["post_outer"], outer["labels"], fam)
-            pre_acc, _ = scores(out["pre_loc"], loc["labels"], fam)
-            post_acc, _ = scores(out["post_loc"], loc["labels"], fam)
-            labelled = _has_label(loc["labels"], fam)
-        m = self.val
-        m["edit_success"].update(es)
-        m["edit_success_token_acc"].update(es_tok)
-        m["generality"].update(gs)
-        m["generality_token_acc"].update(gs_tok)
-        m["loc_agreement"].update(top1_agreement(out["pre_loc"], out["post_loc"], loc, fam))
-        m["loc_kl"].update(out["kl"])
-        m["drawdown"].update((pre_acc - post_acc)[labelled])  # may be empty: unlabelled locality inputs
-        m["loss"].update(out["loss"].detach(), weight=es.shape[0])
+    def _validate_more(self, batch: dict, out: dict[str, Any]) -> None:
         if self.rule_scales:
             self._validate_until_right(batch, out)
 
@@ -137,7 +90,7 @@ class MENDModule(EditorModule):
         as :class:`editors.until_right.UntilRight` does for one edit at a time."""
         fam, P, layers = self.hparams.family, batch["n_problems"], self.editor.layers
         inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
-        factors = {k: (u.detach(), d.detach()) for k, (u, d) in out["factors"].items()}
+        factors = {k: (u.detach(), d.detach()) for k, (u, d) in out["edit"].items()}
         kept = torch.full((P,), self.rule_scales[-1], device=self.device)
         done = torch.zeros(P, dtype=torch.bool, device=self.device)
         for s in self.rule_scales:
@@ -149,9 +102,9 @@ class MENDModule(EditorModule):
                 break
         parts = [outer, loc]
         with low_rank_edit(self.model, layers, _scaled(factors, kept)):
-            post_outer, post_loc = _split(forward_logits(self.model, _join(parts, P), fam), parts, P, fam)
+            post_outer, post_loc = split_problems(forward_logits(self.model, join_problems(parts, P), fam), parts, P, fam)
         kl = kl_pre_post(out["pre_loc"], post_loc, loc, fam)
-        labelled = _has_label(loc["labels"], fam)
+        labelled = has_label(loc["labels"], fam)
         drawdown = scores(out["pre_loc"], loc["labels"], fam)[0] - scores(post_loc, loc["labels"], fam)[0]
         m = self.val
         m["until_right_edit_success"].update(done.float())
@@ -163,36 +116,7 @@ class MENDModule(EditorModule):
         m["until_right_loss"].update(loss, weight=P)
 
 
-def _join(parts: list[dict[str, torch.Tensor]], n: int) -> dict[str, torch.Tensor]:
-    """The model inputs of several sub-batches (rows in ``n`` equal consecutive problem groups) as one
-    batch whose problem ``b`` rows are those of every part, right-padded to common lengths: the
-    padding is masked and follows every real token, so no real position's output changes."""
-    out = {}
-    for k in model_inputs(parts[0]):
-        width = max(p[k].shape[1] for p in parts)
-        out[k] = torch.cat([F.pad(p[k], (0, width - p[k].shape[1])).view(n, -1, width) for p in parts], 1).flatten(0, 1)
-    return out
-
-
-def _split(logits: torch.Tensor, parts: list[dict[str, torch.Tensor]], n: int, family: Family) -> list[torch.Tensor]:
-    """Undo :func:`_join` on its logits: each part's rows in their own order and length."""
-    sizes = [p["input_ids"].shape[0] // n for p in parts]
-    out = []
-    for g, p in zip(logits.view(n, -1, *logits.shape[1:]).split(sizes, 1), parts):
-        g = g.flatten(0, 1)
-        if family != "classifier":  # cut the padding positions off again
-            g = g[:, :p["decoder_input_ids" if family == "seq2seq" else "input_ids"].shape[1]]
-        out.append(g)
-    return out
-
-
 def _scaled(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], s: torch.Tensor
             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Low-rank edit factors with problem ``b``'s weight change scaled by ``s[b]``."""
     return {k: (u, d * s.to(d.dtype).view(-1, 1, 1)) for k, (u, d) in factors.items()}
-
-
-def _has_label(labels: torch.Tensor, family: Family) -> torch.Tensor:
-    if family == "classifier":
-        return labels >= 0
-    return (labels != -100).any(1)

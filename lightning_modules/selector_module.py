@@ -26,16 +26,16 @@ under DDP equals one process on the same global batch (the loss is a mean over p
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torchmetrics import MeanMetric
 
 from datamodules.encoding import Family
-from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement
-from editors.selector import Selector, dense_edit
-from lightning_modules.editor_module import EditorModule
-from lightning_modules.mend_module import VAL_METRICS, _has_label, _join, _split
+from editors.layers import dense_edit
+from editors.selector import Selector
+from lightning_modules.editor_module import VAL_METRICS, EditorModule
 from lightning_modules.models import BaseDtype
 
 SELECTOR_VAL_METRICS = VAL_METRICS + ("params_changed",)
@@ -65,57 +65,17 @@ class SelectorModule(EditorModule):
                                          init_edit_lr=init_edit_lr, tau=tau, until_right_steps=until_right_steps)
         self.val = torch.nn.ModuleDict({k: MeanMetric() for k in SELECTOR_VAL_METRICS})
 
-    # -- the meta-training objective, shared by training and validation
-    def _step(self, batch: dict) -> dict[str, Any]:
-        fam, inner, outer, loc = self.hparams.family, batch["edit_inner"], batch["edit_outer"], batch["loc"]
-        P = batch["n_problems"]
-        with torch.no_grad():
-            pre_loc = forward_logits(self.model, loc, fam)
-        deltas = self.editor.batched_deltas(self.model, inner, fam, P)
-        # all problems' paraphrases and locality inputs (in validation also the edit inputs) in one
-        # forward pass, each problem's rows seeing only its own change
-        parts = [outer, loc] if self.training else [outer, loc, inner]
-        with dense_edit(self.model, self.editor.layers, deltas):
-            post = _split(forward_logits(self.model, _join(parts, P), fam), parts, P, fam)
-        l_edit = nll(post[0], outer["labels"], fam)  # mean over problems (each has the same rows)
-        kl = kl_pre_post(pre_loc, post[1], loc, fam)
-        loss = self.hparams.c_edit * l_edit + self.hparams.c_loc * kl.mean()
-        out = {"loss": loss, "l_edit": l_edit, "kl": kl, "pre_loc": pre_loc, "post_loc": post[1],
-               "post_outer": post[0]}
-        if not self.training:
-            out["post_inner"], out["deltas"] = post[2], deltas
-        return out
+    # -- the edit of a batch's problems, and what validation adds to the shared metrics
+    def _edit(self, inner: dict, n_problems: int) -> tuple[Any, contextlib.AbstractContextManager]:
+        deltas = self.editor.batched_deltas(self.model, inner, self.hparams.family, n_problems)
+        return deltas, dense_edit(self.model, self.editor.layers, deltas)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self._step(batch)
-        self.log_dict({"train/loss": out["loss"], "train/edit_nll": out["l_edit"], "train/loc_kl": out["kl"].mean(),
-                       "train/edit_lr": self.editor.log_edit_lrs.detach().exp().mean()},
-                      prog_bar=True, batch_size=batch["n_problems"])
-        return out["loss"]
+    def _train_logs(self) -> dict[str, torch.Tensor]:
+        return {"train/edit_lr": self.editor.log_edit_lrs.detach().exp().mean()}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        fam = self.hparams.family
-        # the edit needs autograd (its gradient pieces); `trainer.validate` runs under inference_mode
-        with torch.inference_mode(False), torch.enable_grad():
-            batch = {k: {n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v for k, v in batch.items()}
-            out = self._step(batch)
-        inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
-        with torch.no_grad():
-            es, es_tok = scores(out["post_inner"], inner["labels"], fam)
-            gs, gs_tok = scores(out["post_outer"], outer["labels"], fam)
-            pre_acc, _ = scores(out["pre_loc"], loc["labels"], fam)
-            post_acc, _ = scores(out["post_loc"], loc["labels"], fam)
-            labelled = _has_label(loc["labels"], fam)
-            params = dict(self.model.named_parameters())
-            changed = sum(((params[k] + d.to(params[k].dtype)) != params[k]).flatten(1).sum(1)
-                          for k, d in out["deltas"].items())
-        m = self.val
-        m["edit_success"].update(es)
-        m["edit_success_token_acc"].update(es_tok)
-        m["generality"].update(gs)
-        m["generality_token_acc"].update(gs_tok)
-        m["loc_agreement"].update(top1_agreement(out["pre_loc"], out["post_loc"], loc, fam))
-        m["loc_kl"].update(out["kl"])
-        m["drawdown"].update((pre_acc - post_acc)[labelled])
-        m["loss"].update(out["loss"].detach(), weight=es.shape[0])
-        m["params_changed"].update(changed.float())
+    @torch.no_grad()
+    def _validate_more(self, batch: dict, out: dict[str, Any]) -> None:
+        # weights of the edited model that differ from the base, counted in the model's dtype, per problem
+        params = dict(self.model.named_parameters())
+        changed = sum(((params[k] + d.to(params[k].dtype)) != params[k]).flatten(1).sum(1) for k, d in out["edit"].items())
+        self.val["params_changed"].update(changed.float())

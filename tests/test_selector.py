@@ -19,11 +19,11 @@ import yaml
 import train
 from datamodules.encoding import collate, encode
 from editors.base import WeightDelta
-from editors.io import EditorFileError, load_editor_file
+from editors.io import CHECKPOINT_KEY, EditorFileError, load_editor_file
 from editors.losses import forward_logits, kl_pre_post, nll
-from editors.io import CHECKPOINT_KEY
+from editors.layers import dense_edit
 from editors.mend import MEND
-from editors.selector import Selector, dense_edit
+from editors.selector import Selector
 from lightning_modules.models import decoder_start_id
 from test_train import base_args
 
