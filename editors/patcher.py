@@ -29,6 +29,10 @@ How it is optimised (implementation choices, each for speed on a CPU):
   Adam on the joint loss took hundreds of model forwards for the same). When that meets them, only
   the value is trained afterwards (the NLL's pull on the key would undo them); otherwise key, bias
   and value are trained together on the full loss, as in the paper.
+- The key fit reads a working set of the negatives (each neuron's highest pre-activations at the
+  start, and an even sample of the rest), adding back any that become active and fitting on until
+  none does; the joint loss differentiates through each neuron's ``top_k`` worst negatives only.
+  Both give the same result as using every negative, at a fraction of the cost for a large memory.
 - Adam (``lr``, 1e-2 as in the paper) with a step that grows by ``lr_growth`` while the loss falls
   and halves when it rises (at most ``max_lr_factor * lr``): the size a value needs depends on the
   scale of the hidden states the FFN adds to (about 1 after a post-LN block such as BART's, about
@@ -67,7 +71,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +84,7 @@ from editors.layers import LayerSpec, check_fingerprint, fingerprint, frozen, se
 from editors.losses import forward_logits, model_inputs, nll, scores
 
 PATCH_ATTR = "hypedit_patch"
+_MAX_KEY_ROUNDS = 5  # working-set rounds of the key fit (one or two are the rule)
 FORMAT_VERSION = 1
 HEADER_KEY = "hypedit_patches"
 
@@ -385,12 +390,27 @@ def _query_mask(batch: Mapping[str, Tensor], family: Family, width: int) -> Tens
     return batch[key].bool()
 
 
-def _pre_activations(q: Tensor, neg_t: Tensor, valid: Tensor, key: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """New neuron ``j``'s pre-activation on its own query ``q[j]`` ([n]) and on the negatives ``neg_t``
-    ([d, N], stored transposed) as ``[n, N]``, ``-inf`` where ``valid`` is False (not a negative of that
-    neuron). The ``[n, d] @ [d, N]`` layout keeps both products of forward and backward fast on a CPU;
-    ``[N, d] @ [d, n]`` with a skinny ``n`` was ten times slower."""
-    return (q * key.T).sum(-1) + bias, (key.T @ neg_t + bias[:, None]).masked_fill(~valid, -float("inf"))
+def _pre_activations(q: Tensor, negs: Sequence[Tensor], valid: Tensor, key: Tensor, bias: Tensor
+                     ) -> tuple[Tensor, Tensor]:
+    """New neuron ``j``'s pre-activation on its own query ``q[j]`` ([n]) and on the negatives ([n, N]),
+    ``-inf`` where ``valid`` is False (not a negative of that neuron). The negatives come as blocks
+    ``[d, N_i]`` (stored transposed, joined only in the small product): the ``[n, d] @ [d, N]`` layout
+    keeps both products of forward and backward fast on a CPU, where ``[N, d] @ [d, n]`` with a skinny
+    ``n`` was ten times slower, and the memory's block is not copied for every edit."""
+    kt = key.T
+    a_neg = torch.cat([kt @ t for t in negs], 1) + bias[:, None]
+    return (q * kt).sum(-1) + bias, a_neg.masked_fill(~valid, -float("inf"))
+
+
+def _columns(negs: Sequence[Tensor], cols: Tensor) -> Tensor:
+    """Columns ``cols`` (sorted global indices) of the negatives' blocks, as one ``[d, len(cols)]`` block."""
+    parts, start = [], 0
+    for t in negs:
+        end = start + t.shape[1]
+        lo, hi = torch.searchsorted(cols, torch.tensor([start, end], device=cols.device)).tolist()
+        parts.append(t.index_select(1, cols[lo:hi] - start))
+        start = end
+    return torch.cat(parts, 1)
 
 
 class Patcher(Editor):
@@ -409,15 +429,17 @@ class Patcher(Editor):
                  edit_activation: float = 1.0, gap_margin: float | None = None, activation_weight: float = 1.0,
                  memory_weight: float = 1.0, top_k: int = 16, max_neurons_per_edit: int = 5, train_key: bool = True,
                  lr_growth: float = 1.5, max_lr_factor: float = 100.0, patience: int = 10,
-                 activation: str | None = None, memory_chunk: int = 64) -> None:
+                 activation: str | None = None, memory_chunk: int = 64, key_working_set: int = 8192) -> None:
         """``model``: the base model (resolves ``layer`` and its activation). ``memory``: collated
         training-split inputs, or None (then only earlier edits are negatives). ``gap_margin``
         defaults to ``edit_activation - memory_margin``. ``max_key_steps``: L-BFGS iterations fitting
         key and bias. ``train_key=False`` keeps key ``q / |q|^2`` and bias 0 (value only).
         ``activation``: an ``ACT2FN`` name, default from the model config (checked against the FFN's
-        own). ``memory_chunk``: rows per forward when computing the memory's queries."""
-        if max_steps < 0 or max_key_steps < 0 or max_neurons_per_edit < 1 or top_k < 1:
-            raise ValueError("need max_steps >= 0, max_key_steps >= 0, max_neurons_per_edit >= 1 and top_k >= 1")
+        own). ``memory_chunk``: rows per forward when computing the memory's queries.
+        ``key_working_set``: negatives per neuron the key fit starts from (:meth:`_fit_keys`)."""
+        if max_steps < 0 or max_key_steps < 0 or max_neurons_per_edit < 1 or top_k < 1 or key_working_set < 1:
+            raise ValueError("need max_steps >= 0, max_key_steps >= 0, max_neurons_per_edit >= 1, top_k >= 1 and "
+                             "key_working_set >= 1")
         self.site = resolve_site(model, layer, activation)
         self.layers: list[LayerSpec] = select_layers(model, [re.escape(n) for n in self.site.matrices])
         self.memory = dict(memory) if memory is not None else None
@@ -427,6 +449,7 @@ class Patcher(Editor):
         self.memory_margin, self.edit_activation = memory_margin, edit_activation
         self.activation_weight, self.memory_weight, self.top_k = activation_weight, memory_weight, top_k
         self.max_neurons_per_edit, self.train_key, self.memory_chunk = max_neurons_per_edit, train_key, memory_chunk
+        self.key_working_set = key_working_set
         self.lr_growth, self.max_lr_factor, self.patience = lr_growth, max_lr_factor, patience
         self.config = {"class": "Patcher", "name": self.name, "layer": self.site.layer,
                        "activation": self.site.activation,
@@ -434,13 +457,13 @@ class Patcher(Editor):
                        "edit_activation": edit_activation, "gap_margin": self.gap_margin,
                        "activation_weight": activation_weight, "memory_weight": memory_weight, "top_k": top_k,
                        "max_neurons_per_edit": max_neurons_per_edit, "train_key": train_key, "lr_growth": lr_growth,
-                       "max_lr_factor": max_lr_factor, "patience": patience,
+                       "max_lr_factor": max_lr_factor, "patience": patience, "key_working_set": key_working_set,
                        "memory_rows": int(next(iter(memory.values())).shape[0]) if memory else 0,
                        "layers": [l.name for l in self.layers]}
-        self._memory_q: Tensor | None = None
+        self._memory_t: Tensor | None = None  # [d, N]
         # what the last edit did (0 steps and 0 neurons: the model was already right)
         self.last_steps, self.last_neurons, self.last_right, self.last_constraints = 0, 0, True, True
-        self.last_key_steps = 0
+        self.last_key_steps = self.last_key_rounds = 0
 
     # ------------------------------------------------------------ queries
     @torch.no_grad()
@@ -466,8 +489,9 @@ class Patcher(Editor):
         return seen["x"], out
 
     def memory_queries(self, model: nn.Module, family: Family) -> Tensor:
-        """The memory's queries ``[N, d]`` at the patched layer (computed once, then cached)."""
-        if self._memory_q is None:
+        """The memory's queries ``[N, d]`` at the patched layer (computed once, then cached; kept
+        transposed, as the key fit reads them)."""
+        if self._memory_t is None:
             qs = [torch.zeros(0, self.site.d_model)]
             if self.memory is not None:
                 dev = next(model.parameters()).device
@@ -476,11 +500,11 @@ class Patcher(Editor):
                     x, _ = self._layer_inputs(model, model_inputs(chunk), family, logits=False)
                     keep = torch.float64 if x.dtype == torch.float64 else torch.float32
                     qs.append(x[_query_mask(chunk, family, x.shape[1]).to(dev)].to(keep).cpu())
-            self._memory_q = torch.cat([t.to(qs[-1].dtype) for t in qs])
+            self._memory_t = torch.cat([t.to(qs[-1].dtype) for t in qs]).T.contiguous()
         dev = next(model.parameters()).device
-        if self._memory_q.device != dev:
-            self._memory_q = self._memory_q.to(dev)
-        return self._memory_q
+        if self._memory_t.device != dev:
+            self._memory_t = self._memory_t.to(dev)
+        return self._memory_t.T
 
     def _positions(self, logits: Tensor, labels: Tensor, family: Family
                    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -527,33 +551,60 @@ class Patcher(Editor):
                                                 + self._topk_mean(F.relu(a_neg - a_edit[:, None] + self.gap_margin)))
         return loss
 
-    def _fit_keys(self, q: Tensor, neg_t: Tensor, valid: Tensor, key: Tensor, bias: Tensor) -> int:
+    def _fit_keys(self, q: Tensor, negs: Sequence[Tensor], valid: Tensor, key: Tensor, bias: Tensor) -> int:
         """Fit ``key`` and ``bias`` (in place) to the activation constraints alone; returns the
-        function evaluations used.
+        function evaluations used (``last_key_rounds``: the working-set rounds).
 
         The constraints are linear in (key, bias): a separation of each query from the negatives with
-        margins. They need no model forward, so L-BFGS on squared hinges (aiming a little past each
+        margins. They need no model forward, so L-BFGS on squared hinges (aiming ``slack`` past each
         bound) settles them in a few dozen evaluations of two small products, where Adam steps on the
         joint loss took hundreds of model forwards for the same.
+
+        A negative below both bounds by ``slack`` adds nothing to that loss or its gradient, and nearly
+        all of a large memory is such. So L-BFGS works on a working set, each neuron's
+        ``key_working_set`` negatives with the highest pre-activations at the start; after each round
+        all negatives are checked, those that have become active join the set, and the fit goes on
+        from where it is until none does. The result meets the same loss on all negatives. The
+        working set also holds an even sample of all negatives: the top ones alone are a poor guide
+        (a key fitted on a 160,000-query memory's top 1,024 then fired on 20,000-120,000 others).
         """
-        evals = 0
         slack = 0.1
-        opt = torch.optim.LBFGS([key, bias], lr=1, max_iter=self.max_key_steps, history_size=20,
-                                line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
 
-        def closure() -> Tensor:
-            nonlocal evals
-            evals += 1
-            opt.zero_grad(set_to_none=True)
-            a_edit, a_neg = _pre_activations(q, neg_t, valid, key, bias)
-            loss = (F.relu(self.edit_activation + slack - a_edit).pow(2).sum()
-                    + F.relu(a_neg - self.memory_margin + slack).pow(2).sum()
-                    + F.relu(a_neg - a_edit[:, None] + self.gap_margin + slack).pow(2).sum())
-            loss.backward()
-            return loss
+        def lbfgs(sub: list[Tensor], vsub: Tensor) -> int:
+            evals = 0
+            opt = torch.optim.LBFGS([key, bias], lr=1, max_iter=self.max_key_steps, history_size=20,
+                                    line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
 
-        with torch.enable_grad():
-            opt.step(closure)
+            def closure() -> Tensor:
+                nonlocal evals
+                evals += 1
+                opt.zero_grad(set_to_none=True)
+                a_edit, a_neg = _pre_activations(q, sub, vsub, key, bias)
+                loss = (F.relu(self.edit_activation + slack - a_edit).pow(2).sum()
+                        + F.relu(a_neg - self.memory_margin + slack).pow(2).sum()
+                        + F.relu(a_neg - a_edit[:, None] + self.gap_margin + slack).pow(2).sum())
+                loss.backward()
+                return loss
+
+            with torch.enable_grad():
+                opt.step(closure)
+            return evals
+
+        with torch.no_grad():
+            a_neg = _pre_activations(q, negs, valid, key, bias)[1]
+        n_neg, m = a_neg.shape[1], self.key_working_set
+        top = a_neg.topk(min(max(1, m // 8), n_neg), dim=1).indices.flatten()
+        cols = torch.cat([top, torch.arange(0, n_neg, max(1, n_neg // m), device=top.device)]).unique()
+        evals = 0
+        for self.last_key_rounds in range(1, _MAX_KEY_ROUNDS + 1):
+            evals += lbfgs([_columns(negs, cols)], valid[:, cols])
+            with torch.no_grad():
+                a_edit, a_neg = _pre_activations(q, negs, valid, key, bias)
+                new = ((a_neg > self.memory_margin - slack) | (a_neg > a_edit[:, None] - self.gap_margin - slack)).any(0)
+                new[cols] = False
+            if not bool(new.any()):
+                break
+            cols = torch.cat([cols, new.nonzero().flatten()]).unique()
         return evals
 
     def save_working(self, path: str | Path, work: nn.Module, original: nn.Module) -> None:
@@ -590,7 +641,7 @@ class Patcher(Editor):
 
         site = self.site
         labels = batch["labels"]
-        self.last_steps = self.last_key_steps = 0
+        self.last_steps = self.last_key_steps = self.last_key_rounds = 0
         x, logits = self._layer_inputs(model, batch, family, logits=True)
         neurons, stored = self._positions(logits, labels, family)
         self.last_neurons, self.last_right, self.last_constraints = len(neurons), not neurons, True
@@ -600,28 +651,29 @@ class Patcher(Editor):
         q = torch.stack([x[i, t] for i, t in neurons]).to(dt)                       # [n, d]
         stored_q = torch.stack([x[i, t] for i, t in stored]).to(dt)
         dev = q.device
-        negatives = [self.memory_queries(model, family).to(dt)]
+        # each neuron's negatives, as [d, N_i] blocks: the memory, the earlier edits, and this edit's
+        # other target positions (so that a neuron fixes its own token and leaves the others to theirs)
+        self.memory_queries(model, family)
+        negs = [self._memory_t.to(dt)]
         installed = getattr(model.get_submodule(site.layer), PATCH_ATTR, None)
         if installed is not None:
-            negatives.append(installed.queries.to(dt))
-        # each neuron's negatives: the memory, the earlier edits, and this edit's other target positions
-        # (so that a neuron fixes its own token and leaves the others to theirs)
-        n_shared = sum(t.shape[0] for t in negatives)
-        neg_t = torch.cat(negatives + [stored_q]).T.contiguous()                    # [d, N]
-        valid = torch.ones(q.shape[0], neg_t.shape[1], dtype=torch.bool, device=dev)  # [n, N]
+            negs.append(installed.queries.to(dt).T.contiguous())
+        n_shared = sum(t.shape[1] for t in negs)
+        negs.append(stored_q.T.contiguous())
+        valid = torch.ones(q.shape[0], n_shared + stored_q.shape[0], dtype=torch.bool, device=dev)  # [n, N]
         for j, pos in enumerate(neurons):
             valid[j, n_shared + stored.index(pos)] = False
 
         key = (q / q.pow(2).sum(-1, keepdim=True)).T.contiguous()                  # [d, n]
         bias = torch.zeros(q.shape[0], device=dev, dtype=dt)
         value = torch.zeros(q.shape[0], site.d_model, device=dev, dtype=dt, requires_grad=True)
-        fits = self._fits(*_pre_activations(q, neg_t, valid, key, bias))
+        fits = self._fits(*_pre_activations(q, negs, valid, key, bias))
         if self.train_key and not fits and self.max_key_steps:
             key.requires_grad_(True)
             bias.requires_grad_(True)
-            self.last_key_steps = self._fit_keys(q, neg_t, valid, key, bias)
+            self.last_key_steps = self._fit_keys(q, negs, valid, key, bias)
             with torch.no_grad():
-                fits = self._fits(*_pre_activations(q, neg_t, valid, key, bias))
+                fits = self._fits(*_pre_activations(q, negs, valid, key, bias))
         trained = [value] + ([key, bias] if self.train_key and not fits else [])
         for t in (key, bias):
             t.requires_grad_(any(t is u for u in trained))
@@ -633,7 +685,11 @@ class Patcher(Editor):
                 out = forward_logits(model, batch, family)
                 right = bool(scores(out.detach(), labels, family)[0].all())
                 if key.requires_grad:  # otherwise the activations, and whether they fit, cannot change
-                    a_edit, a_neg = _pre_activations(q, neg_t, valid, key, bias)
+                    with torch.no_grad():
+                        a_neg = _pre_activations(q, negs, valid, key, bias)[1]
+                    # the loss reads each neuron's top_k negatives only: differentiate through those alone
+                    cols = a_neg.topk(min(self.top_k, a_neg.shape[1]), dim=1).indices.flatten().unique()
+                    a_edit, a_top = _pre_activations(q, [_columns(negs, cols)], valid[:, cols], key, bias)
                     fits = self._fits(a_edit, a_neg)
                 # fixed key and bias: the constraints cannot change, so being right is enough
                 done = fits or not key.requires_grad or stalled >= self.patience
@@ -641,7 +697,7 @@ class Patcher(Editor):
                     break
                 loss = nll(out, labels, family)
                 if key.requires_grad:
-                    act_loss = self._activation_loss(a_edit, a_neg)
+                    act_loss = self._activation_loss(a_edit, a_top)
                     loss = loss + act_loss
                     # constraints that cannot all be met (a negative query next to the edit's): stop once
                     # the edit is right and the activation loss has stopped improving
