@@ -101,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Namespace, dict]:
                    help="sequential: save each editor's stream state under DIR/<editor> every --save_every edits, "
                         "and continue an interrupted stream from there")
     p.add_argument("--save_every", type=int, default=100, help="sequential: edits between saved stream states")
-    p.add_argument("--n_test_probe", type=int, default=100, help="sequential: held-out locality inputs for TestR and drift")
+    p.add_argument("--n_test_probe", type=int, default=1000,
+                   help="sequential: held-out locality inputs for TestR and drift (the whole pool when smaller)")
     p.add_argument("--n_train_probe", type=int, default=100, help="sequential: held-in training inputs for TrainR")
     p.add_argument("--until_right_scales", type=float, nargs="+",
                    help="mend_until_right: scales of MEND's step tried in increasing order; the first that makes "

@@ -295,7 +295,11 @@ def bench_model(shape: str, quick: bool, tmp: Path, res: dict, prof: dict) -> No
     # the other editors: one edit each, of a 2-token answer the model gets wrong (random weights), as
     # evaluation makes them: each stops once the answer is right (or at its step cap)
     answer = make_batch(vocab, 1, 60, target=2)
-    others = {"patcher": Patcher(model, memory=make_batch(vocab, 64, 61)),
+    # the patcher with a small memory (64 inputs) and with one of 160,000 queries (5,000 inputs), the
+    # size of the 2,000-subject world's; its queries are computed once per editor, before timing
+    large = Patcher(model, memory=make_batch(vocab, 160_000 // SEQ, 62))
+    large.memory_queries(model, FAM)
+    others = {"patcher": Patcher(model, memory=make_batch(vocab, 64, 61)), "patcher_memory160k": large,
               "surgery_dynamic": Surgery.for_model(model, n_params=1000, method="dynamic"),
               "selector": Selector.for_model(model, n_params=1000)}
     t = round_robin({"other_fwd_bwd_1": lambda: fwd_bwd(model, answer),

@@ -455,7 +455,7 @@ def _accuracy(model: nn.Module, batch: Mapping[str, Tensor] | None, family: Fami
 
 
 def run_sequential(editor: Editor, original: nn.Module, data: EditData, ids: Sequence[int], *,
-                   edits_per_step: int = 1, folds: int = 1, only_when_wrong: bool = False, n_test_probe: int = 100,
+                   edits_per_step: int = 1, folds: int = 1, only_when_wrong: bool = False, n_test_probe: int = 1000,
                    sampler: LocalitySampler | None = None, chunk: int = 64, progress: bool = True,
                    state_dir: str | Path | None = None, save_every: int = 100) -> dict[str, Any]:
     """Stream the edits ``ids`` into a working copy of ``original``, ``edits_per_step`` per step.
