@@ -285,12 +285,21 @@ def _reap(proc: subprocess.Popen, timeout: float) -> int | None:
         proc.wait()
 
 
-def test_ddp_job_with_a_process_killed_by_sigkill_resumes_to_the_unbroken_result(bases, tmp_path, child_env):
-    """A 2-process DDP meta-training run (CPU, gloo) whose second process is SIGKILLed between two
-    checkpoints: the surviving process is brought down too (the job exits non-zero, nothing hangs),
-    and the job resumed with --ckpt_path last, from the config's own latest-state checkpoint (written
-    at a validation in the middle of an epoch), ends with exactly the editor of an unbroken run:
-    the step after the checkpoint, done before the kill, is redone as the unbroken run did it."""
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (exited, or a zombie nobody has reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_ddp_job_with_a_process_killed_by_sigkill_resumes_to_the_unbroken_result(bases, tmp_path, child_env, rank):
+    """A 2-process DDP meta-training run (CPU, gloo) whose process ``rank`` is SIGKILLed between two
+    checkpoints (rank 0 is train.py itself, which started rank 1): the surviving process goes down
+    too (nothing hangs), and the job resumed with --ckpt_path last, from the config's own latest-state
+    checkpoint (written at a validation in the middle of an epoch), ends with exactly the editor of an
+    unbroken run: the step after the checkpoint, done before the kill, is redone as the unbroken run did it."""
     cbs = yaml.safe_load(open(ROOT / "configs" / "mend_zsre_gpt2_tiny.yaml"))["trainer"]["callbacks"]
     (latest,) = [c for c in cbs if c.get("init_args", {}).get("filename") == "last"]
     common = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
@@ -308,19 +317,25 @@ def test_ddp_job_with_a_process_killed_by_sigkill_resumes_to_the_unbroken_result
 
     full, part = tmp_path / "full", tmp_path / "part"
     run(args(full), tmp_path / "full.log")
-    pid_file = tmp_path / "rank1.pid"
-    stall = {"class_path": "test_train.StallAt", "init_args": {"step": 5, "rank": 1, "pid_file": str(pid_file)}}
+    pid_file = tmp_path / "stalled.pid"
+    stall = {"class_path": "test_train.StallAt", "init_args": {"step": 5, "rank": rank, "pid_file": str(pid_file)}}
     job = _launch(args(part, stall), child_env, tmp_path / "part.log")
     try:
         deadline = time.monotonic() + 300
         while not pid_file.exists():
             assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "part.log").read_text()[-3000:]
             time.sleep(0.2)
-        rank1 = int(pid_file.read_text())
-        assert rank1 != job.pid, "the killed process is the one train.py started, not train.py itself"
-        os.kill(rank1, signal.SIGKILL)
+        stalled = int(pid_file.read_text())
+        assert (stalled == job.pid) == (rank == 0), "rank 0 is train.py; rank 1 the process it started"
+        (other,) = [int(p) for p in Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()] \
+            if rank == 0 else [job.pid]
+        os.kill(stalled, signal.SIGKILL)
         # the survivor's next collective fails (gloo: connection closed), or Lightning's observer kills it
-        code = job.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while not _gone(other):
+            assert time.monotonic() < deadline, "the surviving process hangs"
+            time.sleep(0.2)
+        code = job.wait(timeout=10)
     finally:
         _reap(job, 0)
     assert code != 0
