@@ -436,7 +436,7 @@ class Patcher(Editor):
         key and bias. ``train_key=False`` keeps key ``q / |q|^2`` and bias 0 (value only).
         ``activation``: an ``ACT2FN`` name, default from the model config (checked against the FFN's
         own). ``memory_chunk``: rows per forward when computing the memory's queries.
-        ``key_working_set``: negatives per neuron the key fit starts from (:meth:`_fit_keys`)."""
+        ``key_working_set``: size of the sample of negatives the key fit starts from (:meth:`_fit_keys`)."""
         if max_steps < 0 or max_key_steps < 0 or max_neurons_per_edit < 1 or top_k < 1 or key_working_set < 1:
             raise ValueError("need max_steps >= 0, max_key_steps >= 0, max_neurons_per_edit >= 1, top_k >= 1 and "
                              "key_working_set >= 1")
@@ -561,12 +561,12 @@ class Patcher(Editor):
         joint loss took hundreds of model forwards for the same.
 
         A negative below both bounds by ``slack`` adds nothing to that loss or its gradient, and nearly
-        all of a large memory is such. So L-BFGS works on a working set, each neuron's
-        ``key_working_set`` negatives with the highest pre-activations at the start; after each round
-        all negatives are checked, those that have become active join the set, and the fit goes on
-        from where it is until none does. The result meets the same loss on all negatives. The
-        working set also holds an even sample of all negatives: the top ones alone are a poor guide
-        (a key fitted on a 160,000-query memory's top 1,024 then fired on 20,000-120,000 others).
+        all of a large memory is such. So L-BFGS works on a working set: an even sample of
+        ``key_working_set`` negatives and each neuron's ``key_working_set / 8`` highest pre-activations
+        at the start (the top ones alone are a poor guide: a key fitted on a 160,000-query memory's top
+        1,024 then fired on 20,000-120,000 others). After each round all negatives are checked, those
+        that have become active join the set, and the fit goes on from where it is until none does
+        (at most ``_MAX_KEY_ROUNDS``), so the result meets the same loss on all negatives.
         """
         slack = 0.1
 
@@ -653,8 +653,7 @@ class Patcher(Editor):
         dev = q.device
         # each neuron's negatives, as [d, N_i] blocks: the memory, the earlier edits, and this edit's
         # other target positions (so that a neuron fixes its own token and leaves the others to theirs)
-        self.memory_queries(model, family)
-        negs = [self._memory_t.to(dt)]
+        negs = [self.memory_queries(model, family).T.to(dt)]
         installed = getattr(model.get_submodule(site.layer), PATCH_ATTR, None)
         if installed is not None:
             negs.append(installed.queries.to(dt).T.contiguous())
