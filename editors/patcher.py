@@ -31,8 +31,9 @@ How it is optimised (implementation choices, each for speed on a CPU):
   and value are trained together on the full loss, as in the paper.
 - The key fit reads a working set of the negatives (each neuron's highest pre-activations at the
   start, and an even sample of the rest), adding back any that become active and fitting on until
-  none does; the joint loss differentiates through each neuron's ``top_k`` worst negatives only.
-  Both give the same result as using every negative, at a fraction of the cost for a large memory.
+  none does, so the fitted key meets the same constraints on every negative; the joint loss
+  differentiates through each neuron's ``top_k`` worst negatives only, which gives the same loss and
+  gradient as all of them. Both cost a fraction of a pass over every negative for a large memory.
 - Adam (``lr``, 1e-2 as in the paper) with a step that grows by ``lr_growth`` while the loss falls
   and halves when it rises (at most ``max_lr_factor * lr``): the size a value needs depends on the
   scale of the hidden states the FFN adds to (about 1 after a post-LN block such as BART's, about
@@ -551,9 +552,12 @@ class Patcher(Editor):
                                                 + self._topk_mean(F.relu(a_neg - a_edit[:, None] + self.gap_margin)))
         return loss
 
-    def _fit_keys(self, q: Tensor, negs: Sequence[Tensor], valid: Tensor, key: Tensor, bias: Tensor) -> int:
-        """Fit ``key`` and ``bias`` (in place) to the activation constraints alone; returns the
-        function evaluations used (``last_key_rounds``: the working-set rounds).
+    def _fit_keys(self, q: Tensor, negs: Sequence[Tensor], valid: Tensor, key: Tensor, bias: Tensor,
+                  a_neg: Tensor) -> tuple[Tensor, Tensor]:
+        """Fit ``key`` and ``bias`` (in place) to the activation constraints alone, from the
+        pre-activations ``a_neg`` of the key as given; returns those of the fitted key, on the edit's
+        queries and on every negative (``last_key_steps``: function evaluations; ``last_key_rounds``:
+        working-set rounds).
 
         The constraints are linear in (key, bias): a separation of each query from the negatives with
         margins. They need no model forward, so L-BFGS on squared hinges (aiming ``slack`` past each
@@ -590,14 +594,12 @@ class Patcher(Editor):
                 opt.step(closure)
             return evals
 
-        with torch.no_grad():
-            a_neg = _pre_activations(q, negs, valid, key, bias)[1]
         n_neg, m = a_neg.shape[1], self.key_working_set
         top = a_neg.topk(min(max(1, m // 8), n_neg), dim=1).indices.flatten()
         cols = torch.cat([top, torch.arange(0, n_neg, max(1, n_neg // m), device=top.device)]).unique()
-        evals = 0
+        self.last_key_steps = 0
         for self.last_key_rounds in range(1, _MAX_KEY_ROUNDS + 1):
-            evals += lbfgs([_columns(negs, cols)], valid[:, cols])
+            self.last_key_steps += lbfgs([_columns(negs, cols)], valid[:, cols])
             with torch.no_grad():
                 a_edit, a_neg = _pre_activations(q, negs, valid, key, bias)
                 new = ((a_neg > self.memory_margin - slack) | (a_neg > a_edit[:, None] - self.gap_margin - slack)).any(0)
@@ -605,7 +607,7 @@ class Patcher(Editor):
             if not bool(new.any()):
                 break
             cols = torch.cat([cols, new.nonzero().flatten()]).unique()
-        return evals
+        return a_edit, a_neg
 
     def save_working(self, path: str | Path, work: nn.Module, original: nn.Module) -> None:
         """A stream's working model is the base plus its patches: save those (a patch file)."""
@@ -666,13 +668,12 @@ class Patcher(Editor):
         key = (q / q.pow(2).sum(-1, keepdim=True)).T.contiguous()                  # [d, n]
         bias = torch.zeros(q.shape[0], device=dev, dtype=dt)
         value = torch.zeros(q.shape[0], site.d_model, device=dev, dtype=dt, requires_grad=True)
-        fits = self._fits(*_pre_activations(q, negs, valid, key, bias))
+        a_edit, a_neg = _pre_activations(q, negs, valid, key, bias)
+        fits = self._fits(a_edit, a_neg)
         if self.train_key and not fits and self.max_key_steps:
             key.requires_grad_(True)
             bias.requires_grad_(True)
-            self.last_key_steps = self._fit_keys(q, negs, valid, key, bias)
-            with torch.no_grad():
-                fits = self._fits(*_pre_activations(q, negs, valid, key, bias))
+            fits = self._fits(*self._fit_keys(q, negs, valid, key, bias, a_neg))
         trained = [value] + ([key, bias] if self.train_key and not fits else [])
         for t in (key, bias):
             t.requires_grad_(any(t is u for u in trained))

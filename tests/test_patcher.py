@@ -344,11 +344,14 @@ def test_key_fit_on_a_working_set_meets_the_constraints_on_every_negative(tiny_m
     valid = torch.ones(2, 20_000, dtype=torch.bool)
     key = (q / q.pow(2).sum(-1, keepdim=True)).T.contiguous().requires_grad_(True)
     bias = torch.zeros(2, requires_grad=True)
-    assert not ed._fits(*_pre_activations(q, negs, valid, key, bias))  # the initial key fires on the memory
-    ed._fit_keys(q, negs, valid, key, bias)
+    with torch.no_grad():
+        start = _pre_activations(q, negs, valid, key, bias)
+    assert not ed._fits(*start)  # the initial key fires on the memory
+    fitted = ed._fit_keys(q, negs, valid, key, bias, start[1])
     with torch.no_grad():
         a_edit, a_neg = _pre_activations(q, negs, valid, key, bias)
     assert ed._fits(a_edit, a_neg), (a_edit, a_neg.amax(1))  # checked on all 20,000, not the working set
+    assert torch.equal(fitted[0], a_edit) and torch.equal(fitted[1], a_neg)  # what it returns is the fitted key's
     if working_set == 16:
         assert ed.last_key_rounds > 1  # a tiny working set needs negatives added back
 
