@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # (torch is only installed when it cannot be imported).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench device-check device-wheels clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/run.py
+
+# GPU figures on a lent device, which has torch, lightning, transformers, torchmetrics, safetensors and
+# tensorboard but no package registry: `make device-wheels` here, carry wheels/ along, and there run
+# `pip install --no-index --no-deps wheels/*.whl && make device-check` (docs/real_models.md).
+device-check:
+	$(PYTHON) benchmarks/device_check.py --out benchmarks/device
+
+device-wheels: setup
+	$(PY) -m pip download -q --no-deps -d wheels jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0
 
 clean:
 	rm -rf runs lightning_logs

@@ -129,9 +129,9 @@ class EditorModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         nets = [p for n, p in self.editor.named_parameters() if n != self.step_size_param]
         # fused Adam: the default per-tensor loop costs up to ~3 base forward+backward passes per step
-        # on CPU (benchmarks/NOTES.md); Lightning refuses clipping with a fused optimizer under fp16
-        # loss scaling, where the multi-tensor (foreach) kernel is used instead
-        fused = self._trainer is None or self._trainer.precision not in ("16-mixed", "16")
+        # on CPU (benchmarks/NOTES.md); Lightning's mixed-precision plugin (16-mixed and bf16-mixed alike)
+        # refuses gradient clipping with a fused optimizer, so there the multi-tensor (foreach) kernel is used
+        fused = self._trainer is None or self._trainer.precision not in ("16-mixed", "bf16-mixed", "16")
         # the step sizes get their own learning rate, and it really applies (one optimizer, two groups)
         opt = torch.optim.Adam([{"params": nets, "lr": self.hparams.lr},
                                 {"params": [getattr(self.editor, self.step_size_param)], "lr": self.hparams.edit_lr_lr}],
