@@ -24,7 +24,7 @@ train: export OMP_NUM_THREADS ?= 1
 train: setup
 	$(PY) train.py --config configs/base_zsre_gpt2_tiny.yaml
 	$(PY) train.py --config configs/mend_zsre_gpt2_tiny.yaml
-	$(PY) eval.py --config configs/mend_zsre_gpt2_tiny.yaml --ckpt_path runs/default/editor.safetensors --mode all --run_dir runs/default
+	$(PY) eval.py --config configs/mend_zsre_gpt2_tiny.yaml --editor_path runs/default/editor.safetensors --mode all --run_dir runs/default
 
 test: setup
 	$(PY) -m pytest -q

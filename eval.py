@@ -1,23 +1,30 @@
 """Evaluate model editors on held-out edits: single, batch and sequential protocols, MEND beside the
 fine-tuning baselines, and a report (JSON, Markdown, PNG plots, TensorBoard).
 
-    python eval.py --config configs/mend_zsre_gpt2_tiny.yaml --ckpt_path runs/default/editor.safetensors --mode single
-    python eval.py --config ... --ckpt_path ... --mode batch                 # K = 1, 5, 25, 125 (capped)
-    python eval.py --config ... --ckpt_path ... --mode sequential --folds 2 --edit_only_when_wrong
-    python eval.py --config ... --editor ft_kl --mode single                  # baselines need no checkpoint
-    python eval.py --config ... --ckpt_path ... --editor mend mend_until_right   # MEND under FT's stopping rule
-    python eval.py --config ... --editor surgery_dynamic --surgery_n_params 1000  # neural-network surgery
+    python eval.py --config configs/mend_zsre_gpt2_tiny.yaml --editor_path runs/default/editor.safetensors --mode single
+    python eval.py --config ... --editor_path ... --mode batch               # K = 1, 5, 25, 125 (capped)
+    python eval.py --config ... --editor_path ... --mode sequential --folds 2 --edit_only_when_wrong
+    python eval.py --config ... --editor ft_kl --mode single                  # baselines need no editor file
+    python eval.py --config ... --editor_path ... --editor mend mend_until_right  # MEND under FT's stopping rule
+    python eval.py --config ... --editor surgery_dynamic@100 surgery_dynamic@1000  # surgery at two budgets
+    python eval.py --config ... --editors+ '{class_path: ft, init_args: {lr: 1e-2, max_steps: 10}}'
+    python eval.py --config ... --editors+ '{class_path: mypkg.MyEditor, init_args: {alpha: 2}}'  # your own Editor
     python eval.py --config ... --editor patcher --mode sequential --edit_only_when_wrong  # Transformer-Patcher
-    python eval.py --config ... --ckpt_path ... --mode all --run_dir runs/default  # writes report.json there
+    python eval.py --config ... --editor_path ... --mode all --run_dir runs/default  # writes report.json there
     python eval.py --config ... --data.init_args.test_path other.jsonl --print_config  # dotted overrides
-    python eval.py --config ... --ckpt_path ... --mode single --devices 2 --strategy ddp --accelerator cpu
+    python eval.py --config ... --editor_path ... --mode single --devices 2 --strategy ddp --accelerator cpu
 
 The config is a meta-training YAML (configs/mend_*.yaml): its ``data`` section names the DataModule
-(its test split holds the held-out edits) and ``model.init_args`` the base model and family.
+(its test split holds the held-out edits), ``model.init_args`` the base model and family, and
+``trainer``'s accelerator, devices, strategy and precision are used (the rest of it is training-only).
+Editors are specs ``{class_path, init_args, label}`` (``--editors``, a YAML list): any
+:class:`editors.base.Editor` subclass, built by its ``for_evaluation``; ``--editor NAME`` and a
+``class_path`` of a name in :data:`EDITOR_ALIASES` expand to the built-in ones.
 Definitions of every metric: :data:`lightning_modules.evaluation.DEFINITIONS` (also in each report).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import random
@@ -33,15 +40,10 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from datamodules.atomic import check_writable
 from datamodules.edit_data import EditDataModule
 from datamodules.formats import DataFormatError, detect_task
-from editors.base import Editor
-from editors.ft import FineTune
-from editors.layers import fingerprint, select_layers
-from editors.mend import MEND
-from editors.patcher import Patcher
-from editors.selector import Selector
+from editors.base import Editor, EditorContext, build_editor, editor_class
+from editors.io import check_pool_overlap
+from editors.layers import fingerprint
 from editors.surgery import METHODS as SURGERY_METHODS
-from editors.surgery import Surgery
-from editors.until_right import DEFAULT_SCALES, UntilRight
 from lightning_modules.evaluation import (DEFINITIONS, EditData, EditEvalModule, LocalitySampler, peak_memory,
                                           reset_peak_memory, run_batch, run_sequential, subset_split)
 from lightning_modules.cli import INPUT_ERRORS
@@ -49,10 +51,26 @@ from lightning_modules.models import load_model
 from lightning_modules.report import table, write_report
 
 MODES = ("single", "batch", "sequential")
-SURGERY = tuple(f"surgery_{m}" for m in SURGERY_METHODS)
-EDITORS = ("mend", "mend_until_right", "ft", "ft_kl", *SURGERY, "selector", "patcher")
+EDITOR_FILE = "--editor_path"  # an init arg of this value is the file given as --editor_path
+# the short editor names (`--editor NAME`, or `class_path: NAME` in --editors): a class path and init args;
+# a new built-in editor is one line here. `NAME@N` sets init_args.n_params to N (a budget).
+EDITOR_ALIASES: dict[str, dict[str, Any]] = {
+    "mend": {"class_path": "editors.mend.MEND", "init_args": {"path": EDITOR_FILE}},
+    "mend_until_right": {"class_path": "editors.until_right.UntilRight",
+                         "init_args": {"editor": {"class_path": "mend"}}},
+    "ft": {"class_path": "editors.ft.FineTune"},
+    "ft_kl": {"class_path": "editors.ft.FineTune", "init_args": {"c_loc": 1.0}},
+    **{f"surgery_{m}": {"class_path": "editors.surgery.Surgery", "init_args": {"method": m}} for m in SURGERY_METHODS},
+    "selector": {"class_path": "editors.selector.Selector", "init_args": {"path": EDITOR_FILE}},
+    "malmen": {"class_path": "editors.malmen.MALMEN", "init_args": {"path": EDITOR_FILE}},
+    "patcher": {"class_path": "editors.patcher.Patcher"},
+}
+# --mode all without --editor (the MEND ones only with --editor_path)
+ALL_MODE_EDITORS = ("mend", "mend_until_right", "ft", "ft_kl")
 BATCH_SIZES = (1, 5, 25, 125)  # the published MEND batch-editing table
 TRAIN_ONLY = ("world_dir", "world", "optimizer", "lr_scheduler")  # train.py config keys that eval.py ignores
+TRAINER_USED = ("accelerator", "devices", "strategy", "precision")  # of the config's trainer section
+MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # precisions evaluation runs under autocast
 
 
 class EvalError(Exception):
@@ -65,23 +83,40 @@ def parse_args(argv: list[str] | None = None) -> tuple[Namespace, dict]:
     The same jsonargparse machinery as train.py: ``--config`` takes a meta-training YAML, any of
     its keys can be overridden with dotted names (``--data.init_args.test_path X``) and
     ``--print_config`` prints the resolved whole."""
-    p = ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0], print_config=None)
     p.add_argument("--config", action=ActionConfigFile, help="meta-training YAML: its data and model sections are used")
+    p.add_argument("--print_config", action="store_true",
+                   help="print the configuration as evaluation uses it (editors expanded, the data settings it "
+                        "sets, the trainer settings it takes) and exit")
     p.add_argument("--seed_everything", type=int | bool | None, default=None, help="from the config: the default --seed")
     p.add_subclass_arguments(L.LightningModule, "model", required=True,
                              help="the config's model: base_model, family, edit_params, until_right_scales")
     p.add_subclass_arguments(EditDataModule, "data", required=True,
                              help="the config's data: its test split holds the held-out edits")
-    p.add_argument("--trainer", type=dict | None, default=None, help="the config's trainer section (unused here)")
+    p.add_argument("--trainer", type=dict | None, default=None,
+                   help="the config's trainer section: its accelerator, devices, strategy and precision are the "
+                        "defaults of those options; the rest of it is training-only")
     for key in TRAIN_ONLY:  # keys of a config that train.py saved or printed
         p.add_argument(f"--{key}", type=str | dict | None, default=None, help="from a train.py config (unused here)")
     p.add_argument("--run_dir", type=str | None, default=None,
                    help="this job's output directory: DIR/report.json (report_val.json for --split val), with .md, "
                         "plots and TensorBoard beside it")
-    p.add_argument("--ckpt_path", type=str | None, default=None, help="trained MEND editor file (the other editors need none)")
-    p.add_argument("--mode", choices=MODES + ("all",), default="single")
-    p.add_argument("--editor", nargs="+", choices=EDITORS,
-                   help="editors to evaluate (default: mend with a checkpoint, else ft; --mode all: every available one)")
+    p.add_argument("--editor_path", type=str | None, default=None,
+                   help="trained editor file (train.py's RUN_DIR/editor.safetensors) of the short names mend, "
+                        "mend_until_right and selector; the other editors need none")
+    p.add_argument("--ckpt_path", type=str | None, default=None,
+                   help="deprecated here: --editor_path (train.py's --ckpt_path resumes a training checkpoint; "
+                        "the key in a train.py config is ignored)")
+    p.add_argument("--mode", choices=MODES + ("all",), default="single",
+                   help="protocol; 'all': single, batch and sequential")
+    p.add_argument("--editor", nargs="+", type=str,
+                   help=f"short editor names ({', '.join(EDITOR_ALIASES)}); NAME@N sets the budget n_params=N "
+                        f"(surgery). Default: mend with --editor_path, else ft; --mode all: "
+                        f"{', '.join(ALL_MODE_EDITORS)} (the MEND ones with --editor_path)")
+    p.add_argument("--editors", type=list[dict] | None, default=None,
+                   help="editors as specs {class_path: module.Class or a short name, init_args: {...}, label: ...} "
+                        "(a YAML list, or one at a time with --editors+ SPEC): any editors.base.Editor subclass, "
+                        "built by its for_evaluation(context, **init_args); evaluated after the --editor ones")
     p.add_argument("--edits_per_step", type=int | None, default=None,
                    help="batch: only this K (default 1, 5, 25, 125); sequential: edits per step (default 1)")
     p.add_argument("--split", choices=("test", "val"), default="test",
@@ -104,35 +139,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[Namespace, dict]:
     p.add_argument("--n_test_probe", type=int, default=1000,
                    help="sequential: held-out locality inputs for TestR and drift (the whole pool when smaller)")
     p.add_argument("--n_train_probe", type=int, default=100, help="sequential: held-in training inputs for TrainR")
-    p.add_argument("--until_right_scales", type=float, nargs="+",
-                   help="mend_until_right: scales of MEND's step tried in increasing order; the first that makes "
-                        "the edit input right is kept (FT's stopping rule). Default: the config's "
-                        "model.init_args.until_right_scales (the grid validation selected the editor under), "
-                        f"else {' '.join(f'{s:g}' for s in DEFAULT_SCALES)}")
-    p.add_argument("--ft_lr", type=float, default=1e-3, help="ft, ft_kl: learning rate")
-    p.add_argument("--ft_steps", type=int, default=25, help="ft, ft_kl: most optimiser steps per edit (stops once right)")
-    p.add_argument("--ft_optimizer", choices=("adam", "sgd"), default="adam")
-    p.add_argument("--ft_kl_weight", type=float, default=1.0, help="ft_kl: weight of KL(original || edited)")
-    p.add_argument("--ft_kl_inputs", type=int, default=4, help="ft_kl: locality inputs sampled per edit step")
-    p.add_argument("--surgery_n_params", type=int, nargs="+", default=[1000],
-                   help="surgery_*: scalar weights an edit may change (global budget over the edited matrices); "
-                        "several budgets evaluate each method at each, and the report plots the sweep")
-    p.add_argument("--selector_ckpt_path", type=str | None, default=None,
-                   help="selector: a meta-trained selector (train.py --config configs/selector_*.yaml writes "
-                        "RUN_DIR/editor.safetensors)")
-    p.add_argument("--selector_until_right_steps", type=int | None, default=None,
-                   help="selector: masked steps on its own mask until the edit input is right (default: the file's)")
-    p.add_argument("--patcher_layer", type=str | None, default=None, help="patcher: FFN (module name) to patch; default the last block's")
-    p.add_argument("--patcher_memory", type=int, default=40000,
-                   help="patcher: most training-split inputs (training edits beyond the TrainR probe, their "
-                        "rephrases, the meta-training locality share) whose queries every patch must stay silent on")
-    p.add_argument("--patcher_options", type=dict | None, default=None,
-                   help="patcher: other settings of editors.patcher.Patcher, e.g. '{memory_margin: -5, top_k: 64}'")
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--devices", type=int | str, default=1, help="single mode runs through Lightning: >1 evaluates data-parallel")
-    p.add_argument("--strategy", default="auto")
+    p.add_argument("--accelerator", type=str | None, default=None, help="default: trainer.accelerator, else auto")
+    p.add_argument("--devices", type=int | str | None, default=None,
+                   help="default: trainer.devices, else 1. Single mode runs through Lightning: >1 is data-parallel")
+    p.add_argument("--strategy", type=str | None, default=None, help="default: trainer.strategy, else auto")
+    p.add_argument("--precision", type=str | None, default=None,
+                   help=f"default: trainer.precision, else full: {' or '.join(MIXED)} evaluates under autocast; "
+                        "other dtypes come from model.init_args.base_dtype")
     p.add_argument("--chunk", type=int, default=64, help="rows per forward pass when scoring")
+    p.add_argument("--base_cache_mb", type=int, default=1024,
+                   help="memory (where the model is) for the unedited model's log-probabilities on the locality "
+                        "inputs, computed once and reused by every edit; inputs past it are re-run for their KL")
     p.add_argument("--no_progress", action="store_true")
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     ns = p.parse_args(argv)
     for name in ("edits_per_step", "n_edits", "folds", "loc_per_edit", "n_test_probe", "chunk", "save_every"):
         val = ns[name]
@@ -140,15 +159,91 @@ def parse_args(argv: list[str] | None = None) -> tuple[Namespace, dict]:
             p.error(f"--{name} must be a count or 'all', got {val!r}")
         if isinstance(val, int) and val < 1:
             p.error(f"--{name} must be at least 1")
-    if any(s <= 0 for s in ns.until_right_scales or []):
-        p.error("--until_right_scales must all be positive")
+    if ns.base_cache_mb < 0:
+        p.error("--base_cache_mb must be 0 (no cache: the unedited model re-run for every edit) or more")
+    resolve(ns, argv)
+    if ns.print_config:
+        del ns["print_config"]
+        every = "" if ns.loc_per_edit != "all" else (
+            "# data.init_args.loc_per_edit: --loc_per_edit all scores every held-out locality input per edit\n")
+        print(every + p.dump(ns, skip_unset=False))  # nulls too, as jsonargparse's own --print_config
+        sys.exit(0)
     cfg = {k: v for k, v in ns.as_dict().items() if k in ("seed_everything", "model", "data")}
     args = Namespace(**{k: v for k, v in ns.as_dict().items()
-                        if k not in ("model", "data", "trainer", "seed_everything", "__path__", *TRAIN_ONLY)})
+                        if k not in ("model", "data", "trainer", "seed_everything", "__path__", "ckpt_path",
+                                     "print_config", *TRAIN_ONLY)})
     args.config = ", ".join(str(c) for c in ns.config or []) or None
     if args.run_dir and not args.report:
         args.report = str(Path(args.run_dir) / ("report.json" if args.split == "test" else "report_val.json"))
     return args, cfg
+
+
+def expand_spec(spec: str | dict, editor_path: str | None) -> dict:
+    """An editor spec with its short names expanded: an :data:`EDITOR_ALIASES` name (``NAME@N``: budget N)
+    as ``class_path``, nested specs in ``init_args``, and the ``--editor_path`` file."""
+    spec = {"class_path": spec} if isinstance(spec, str) else dict(spec)
+    if not isinstance(spec.get("class_path"), str):
+        raise EvalError(f"editor spec {spec}: needs a class_path (module.Class or one of {', '.join(EDITOR_ALIASES)})")
+    given = spec["class_path"]
+    name, at, budget = given.partition("@")
+    init = dict(spec.get("init_args") or {})
+    if at:
+        if not budget.isdigit():
+            raise EvalError(f"editor {given!r}: the budget after @ must be a count")
+        init.setdefault("n_params", int(budget))
+        spec.setdefault("label", given)
+    if name in EDITOR_ALIASES:
+        alias = EDITOR_ALIASES[name]
+        init, name = {**alias.get("init_args", {}), **init}, alias["class_path"]
+    elif "." not in name:
+        raise EvalError(f"unknown editor {given!r}: one of {', '.join(EDITOR_ALIASES)}, or a class path module.Class")
+    try:  # a class that is no editor stops the job before the model and data are loaded
+        editor_class(name)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    for key, value in init.items():
+        if isinstance(value, dict) and "class_path" in value:
+            init[key] = expand_spec(value, editor_path)
+        elif value == EDITOR_FILE:
+            if not editor_path:
+                raise EvalError(f"{given} needs --editor_path, a trained editor file (ft, ft_kl, surgery_* and "
+                                f"patcher need none)")
+            init[key] = editor_path
+    return {**spec, "class_path": name, "init_args": init}
+
+
+def resolve(ns: Namespace, argv: list[str]) -> None:
+    """Settle, in ``ns``, what evaluation uses (what ``--print_config`` shows): the seed, the editor file,
+    the editors as expanded specs, the trainer settings, and the data settings evaluation sets itself."""
+    if any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv):  # the key in a train.py config: ignored
+        if ns.editor_path:
+            raise EvalError("give the editor file once, as --editor_path (--ckpt_path is its deprecated name)")
+        ns.editor_path = ns.ckpt_path
+        print("eval.py: warning: --ckpt_path is deprecated here (in train.py it resumes a training checkpoint): "
+              "use --editor_path", file=sys.stderr)
+    ns.ckpt_path = None
+    if ns.seed is None:
+        ns.seed = int(ns.seed_everything or 0)
+    trainer = ns.trainer or {}
+    for key, default in (("accelerator", "auto"), ("devices", 1), ("strategy", "auto"), ("precision", None)):
+        if ns[key] is None:
+            ns[key] = default if trainer.get(key) is None else trainer[key]
+    if ns.precision is not None and str(ns.precision) not in ("32", "32-true", *MIXED):
+        raise EvalError(f"precision {ns.precision} (--precision or trainer.precision): evaluation runs full precision "
+                        f"or {' / '.join(MIXED)}; the base model's dtype is model.init_args.base_dtype")
+    ns.precision = None if ns.precision is None else str(ns.precision)
+    specs = [*(ns.editor or []), *(ns.editors or [])]
+    if not specs:
+        specs = ([n for n in ALL_MODE_EDITORS if ns.editor_path or not n.startswith("mend")] if ns.mode == "all"
+                 else ["mend" if ns.editor_path else "ft"])
+    ns.editor, ns.editors = None, [expand_spec(s, ns.editor_path) for s in specs]
+    every = ns.loc_per_edit == "all"
+    # the loader batches edits only for throughput (the evaluation module still edits them one by one):
+    # 8 per batch, one problem each (a batch keeps whole problems only, so a larger problem count per
+    # batch would drop a ragged tail of edits); --loc_per_edit all: one row, then the whole pool
+    for key, value in dict(n_edits=8, batch_size=1, loc_per_edit=1 if every else ns.loc_per_edit, shuffle=False,
+                           seed=ns.seed).items():
+        ns.data.init_args[key] = value
 
 
 def _import(class_path: str) -> type:
@@ -184,11 +279,8 @@ def build_data(cfg: dict, args: Namespace, family: str) -> EditDataModule:
     check_data_files(cls, init)
     if init.get("family", family) != family:
         raise EvalError(f"data.init_args.family is {init['family']!r} but the base model's family is {family!r}")
-    # the loader batches edits only for throughput: the evaluation module still edits them one by one
+    init["family"] = family  # the loader's settings are resolve()'s, already in the config
     every = args.loc_per_edit == "all"
-    # (8 per batch, one problem each: a batch keeps whole problems only, so a larger problem count per
-    # batch would drop a ragged tail of edits)
-    init.update(family=family, n_edits=8, batch_size=1, loc_per_edit=1 if every else args.loc_per_edit, shuffle=False, seed=args.seed)
     dm = cls(**init)
     dm.eval_split = args.split
     try:
@@ -219,63 +311,35 @@ def load_base(cfg: dict) -> tuple[torch.nn.Module, str, str]:
     return model.eval().requires_grad_(False), path, family
 
 
-def build_editors(names: list[str], model: torch.nn.Module, cfg: dict, args: Namespace,
+def build_editors(specs: list[dict], model: torch.nn.Module, cfg: dict, args: Namespace,
                   dm: EditDataModule) -> list[tuple[str, Editor]]:
-    """(label, editor) pairs: one per name, and one per budget for each surgery method (``name@n``)."""
+    """(label, editor) per spec: its ``label``, else the editor's name; names evaluated twice are told
+    apart by budget (``name@n``) where they have one, else they need distinct labels."""
+    init = cfg["model"].get("init_args") or {}
+
+    def training_inputs(n: int) -> dict:  # the patcher's negatives: beyond the TrainR probe, never an evaluated input
+        data = EditData(dm, args.split, "cpu", args.seed, args.n_train_probe)
+        pool = data.memory_pool()
+        return data.collate(random.Random(args.seed).sample(pool, min(n, len(pool))))
+
+    context = EditorContext(model, init.get("edit_params"), args.seed, init.get("until_right_scales"),
+                            training_inputs if "train" in dm.splits else None)
+    built = []
+    for spec in specs:
+        try:
+            built.append((spec, build_editor(spec, context)))
+        except (ValueError, OSError) as e:
+            raise EvalError(f"{spec['label']}: {e}" if spec.get("label") else str(e)) from None
+    names = [e.name for s, e in built if not s.get("label")]
     out = []
-    for name in names:
-        budgets = args.surgery_n_params if name in SURGERY else [None]
-        for n in budgets:
-            label = f"{name}@{n}" if n is not None and len(budgets) > 1 else name
-            out.append((label, build_editor(name, model, cfg, args, dm, n_params=n)))
+    for spec, editor in built:
+        n = editor.config.get("n_params") if isinstance(editor.config, dict) else None
+        label = spec.get("label") or (f"{editor.name}@{n}" if names.count(editor.name) > 1 and n else editor.name)
+        if label in [l for l, _ in out]:
+            raise EvalError(f"two editors are labelled {label!r}: give each its own label in --editors "
+                            f"({{class_path: ..., init_args: ..., label: NAME}})")
+        out.append((label, editor))
     return out
-
-
-def build_editor(name: str, model: torch.nn.Module, cfg: dict, args: Namespace,
-                 dm: EditDataModule | None = None, n_params: int | None = None) -> Editor:
-    if name == "mend_until_right":
-        return UntilRight(build_editor("mend", model, cfg, args), args.until_right_scales)
-    if name == "patcher":  # negatives: training inputs beyond the TrainR probe, never an evaluated input
-        memory = None
-        if dm is not None and "train" in dm.splits:
-            data = EditData(dm, args.split, "cpu", args.seed, args.n_train_probe)
-            pool = data.memory_pool()
-            memory = data.collate(random.Random(args.seed).sample(pool, min(args.patcher_memory, len(pool))))
-        try:
-            return Patcher(model, args.patcher_layer, memory, **(args.patcher_options or {}))
-        except (TypeError, ValueError) as e:
-            raise EvalError(f"--patcher_options: {e}") from None
-    if name == "mend":
-        if not args.ckpt_path:
-            raise EvalError("mend and mend_until_right need --ckpt_path (a trained editor); ft and ft_kl need none")
-        if not Path(args.ckpt_path).exists():
-            raise EvalError(f"editor checkpoint {args.ckpt_path} does not exist (train one with "
-                            f"`python train.py --config {args.config}`)")
-        try:
-            return MEND.load(args.ckpt_path, model)
-        except ValueError as e:
-            raise EvalError(str(e)) from None
-    # the baselines tune the matrices MEND edits under this config
-    layers = select_layers(model, (cfg["model"].get("init_args") or {}).get("edit_params"))
-    if name == "selector":
-        if not args.selector_ckpt_path or not Path(args.selector_ckpt_path).exists():
-            raise EvalError("selector needs --selector_ckpt_path, an existing meta-trained selector file")
-        try:
-            sel = Selector.load(args.selector_ckpt_path, model)
-        except ValueError as e:
-            raise EvalError(str(e)) from None
-        if args.selector_until_right_steps is not None:
-            sel.until_right_steps = args.selector_until_right_steps
-            sel.config = {**sel.config, "until_right_steps": sel.until_right_steps}
-        return sel
-    if name in SURGERY:
-        try:
-            return Surgery(layers, n_params=n_params or args.surgery_n_params[0], method=name.removeprefix("surgery_"),
-                           seed=args.seed)
-        except ValueError as e:
-            raise EvalError(str(e)) from None
-    return FineTune(layers, lr=args.ft_lr, max_steps=args.ft_steps, optimizer=args.ft_optimizer,
-                    c_loc=args.ft_kl_weight if name == "ft_kl" else 0.0, name=name)
 
 
 def batch_sizes(requested: int | None, n: int) -> dict[int, list[int]]:
@@ -293,8 +357,10 @@ def _weights_hash(model: torch.nn.Module, editor: Editor) -> str:
 def run_single(editor: Editor, model: torch.nn.Module, dm: EditDataModule, family: str,
                args: Namespace) -> tuple[dict[str, Any], bool]:
     """Single mode through Lightning (data-parallel with --devices N); returns (results, is_global_zero)."""
-    module = EditEvalModule(model, editor, family, args.chunk, args.ft_kl_inputs, args.seed, args.n_train_probe)
+    module = EditEvalModule(model, editor, family, args.chunk, editor.n_loc_inputs, args.seed, args.n_train_probe,
+                            base_cache_bytes=args.base_cache_mb * 2 ** 20)
     trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy, logger=False,
+                        precision=args.precision or "32-true",
                         enable_checkpointing=False, enable_model_summary=False, inference_mode=False,
                         enable_progress_bar=not args.no_progress)
     trainer.test(module, datamodule=dm, verbose=False)
@@ -309,6 +375,7 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, dm: EditDataModule, 
     progress = not args.no_progress
     results: list[dict[str, Any]] = []
     single: dict[str, Any] | None = None
+    base = None  # the unedited model's locality outputs, computed once for every K and the stream
     for mode in modes:
         if mode != "single":  # Lightning's teardown may have moved the models back to the CPU
             model.to(device)
@@ -316,8 +383,10 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, dm: EditDataModule, 
                 editor.to(device)
         reset_peak_memory(device)
         data = EditData(dm, args.split, device, args.seed, args.n_train_probe)
-        sampler = (LocalitySampler(data.kl_pool(), args.ft_kl_inputs, args.seed, data)
+        sampler = (LocalitySampler(data.kl_pool(), editor.n_loc_inputs, args.seed, data)
                    if getattr(editor, "uses_locality", False) else None)
+        if mode != "single" and base is None:
+            base = data.base_locality(model, args.chunk, args.base_cache_mb * 2 ** 20)
         runs: list[dict[str, Any]] = []
         t0 = time.perf_counter()
         if mode == "single":
@@ -331,7 +400,8 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, dm: EditDataModule, 
                     res = {**single, "note": "K=1 is the single protocol: figures of the single-mode run"}
                 else:
                     t0 = time.perf_counter()
-                    res = run_batch(editor, model, data, ids, k, sampler=sampler, chunk=args.chunk, progress=progress)
+                    res = run_batch(editor, model, data, ids, k, sampler=sampler, chunk=args.chunk, progress=progress,
+                                    base=base)
                     res["wall_seconds"] = time.perf_counter() - t0
                 capped = [r for r in requested if r != k]
                 if capped:
@@ -342,7 +412,7 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, dm: EditDataModule, 
             runs.append(run_sequential(editor, model, data, ids, edits_per_step=args.edits_per_step or 1,
                                        folds=args.folds, only_when_wrong=args.edit_only_when_wrong,
                                        n_test_probe=args.n_test_probe, sampler=sampler, chunk=args.chunk,
-                                       progress=progress, save_every=args.save_every,
+                                       progress=progress, save_every=args.save_every, base=base,
                                        state_dir=Path(args.stream_state) / (label or editor.name) if args.stream_state else None))
         if mode != "batch":
             runs[-1]["wall_seconds"] = time.perf_counter() - t0
@@ -357,21 +427,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         if out:  # a read-only or full disk stops the job now, not after the evaluation
             check_writable(out)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no device/tip banners
-    if args.seed is None:
-        args.seed = int(cfg.get("seed_everything") or 0)
-    if args.until_right_scales is None:
-        args.until_right_scales = (cfg.get("model", {}).get("init_args") or {}).get("until_right_scales") or list(DEFAULT_SCALES)
     L.seed_everything(args.seed, verbose=False)
     model, base_path, family = load_base(cfg)
     dm = build_data(cfg, args, family)
     modes = list(MODES) if args.mode == "all" else [args.mode]
-    names = args.editor or ((["mend", "mend_until_right"] if args.ckpt_path else []) + ["ft", "ft_kl"] if args.mode == "all"
-                            else ["mend" if args.ckpt_path else "ft"])
-    editors = build_editors(names, model, cfg, args, dm)
+    editors = build_editors(args.editors, model, cfg, args, dm)
+    check_pool_overlap([e for _, e in editors], args.split, dm.loc_ids(args.split))
     n_train = len(dm.splits["train"].records) if "train" in dm.splits else 0
-    if "ft_kl" in names and n_train <= args.n_train_probe:
-        raise EvalError("ft_kl samples its locality inputs from the training split beyond the first --n_train_probe "
-                        "records (kept for TrainR): set data.init_args.train_path or lower --n_train_probe")
+    for label, editor in editors:
+        if editor.uses_locality and n_train <= args.n_train_probe:
+            raise EvalError(f"{label} samples its locality inputs from the training split beyond the first "
+                            f"--n_train_probe records (kept for TrainR): set data.init_args.train_path or lower "
+                            f"--n_train_probe")
 
     # the held-out edits: a seeded sample, in a seeded order (the order of the sequential stream)
     split = dm.splits[args.split]
@@ -383,13 +450,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     device = torch.device("cuda" if args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
     run_info = {"base_model": base_path, "family": family, "dataset": getattr(dm, "task", type(dm).__name__),
                 "data_file": dm.hparams.test_path if args.split == "test" else (dm.hparams.val_path or dm.hparams.train_path),
-                "split": args.split, "seed": args.seed, "n_edits_available": available}
+                "split": args.split, "seed": args.seed, "n_edits_available": available,
+                "data_fingerprint": dm.data_fingerprint(), "grouping": dm.grouping, "rows_dropped": dm.rows_dropped}
 
     entries: list[dict[str, Any]] = []
     for label, editor in editors:
         name = editor.name
         before = _weights_hash(model, editor)
-        results = evaluate_editor(editor, model, dm, family, modes, args, device, label)
+        # single mode's Trainer autocasts itself; batch and sequential need it here
+        amp = torch.autocast(device.type, MIXED[args.precision]) if args.precision in MIXED else contextlib.nullcontext()
+        with amp:
+            results = evaluate_editor(editor, model, dm, family, modes, args, device, label)
         if results is None:
             return None  # a non-zero data-parallel process: only single mode is shared
         if _weights_hash(model, editor) != before:

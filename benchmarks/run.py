@@ -38,11 +38,13 @@ import transformers  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from datamodules.atomic import write_text  # noqa: E402
-from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement  # noqa: E402
+from datamodules.encoding import collate  # noqa: E402
+from editors.losses import forward_logits, nll  # noqa: E402
 from editors.mend import MEND  # noqa: E402
 from editors.patcher import Patcher  # noqa: E402
 from editors.selector import Selector  # noqa: E402
 from editors.surgery import Surgery  # noqa: E402
+from lightning_modules.evaluation import BaseLocality, score_step  # noqa: E402
 
 SHAPES = {"tiny": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=5000),
           "gpt2s": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)}
@@ -173,27 +175,37 @@ def peak_alloc(fn: Callable[[], object]) -> int:
 
 
 # -- evaluation throughput
-def eval_single(editor: MEND, model: torch.nn.Module, data: dict) -> None:
-    """Every held-out edit alone: edit, then score edit input, paraphrase and locality input."""
+def loc_pool(vocab: int, rows: int, seed: int) -> list[dict]:
+    """A locality pool as a DataModule holds it: encoded rows (lists), collated when scored."""
+    b = make_batch(vocab, rows, seed)
+    return [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in zip(b["input_ids"], b["labels"])]
+
+
+def base_outputs(model: torch.nn.Module, cache_bytes: int | None) -> BaseLocality:
+    """The unedited model's locality outputs as evaluation keeps them (``cache_bytes`` 0: no log-probabilities
+    kept, so the base model runs again for every edit's KL, as evaluation did before the cache)."""
+    kw = {} if cache_bytes is None else {"max_bytes": cache_bytes}
+    return BaseLocality(model, FAM, lambda feats: collate(feats, 0, FAM), eos_id=0, answer_tokens=TARGET, **kw)
+
+
+def eval_single(editor: MEND, model: torch.nn.Module, data: dict, cache_bytes: int | None = None) -> None:
+    """Every held-out edit alone, scored as single-mode evaluation scores it (``--loc_per_edit all``): edit
+    input, paraphrase and the whole locality pool, against base outputs computed once per call."""
+    base = base_outputs(model, cache_bytes)
     for i in range(data["edit"]["input_ids"].shape[0]):
-        row = {k: {kk: v[i:i + 1] for kk, v in b.items()} for k, b in data.items()}
-        score_edit(editor, model, row)
+        row = {k: {kk: v[i:i + 1] for kk, v in data[k].items()} for k in ("edit", "rephrase")}
+        score_edit(editor, model, row, data["loc"], base)
 
 
 def eval_batch(editor: MEND, model: torch.nn.Module, data: dict) -> None:
-    """All held-out edits applied at once, all scored."""
-    score_edit(editor, model, data)
+    """All held-out edits applied at once, all scored, the locality pool once."""
+    score_edit(editor, model, {k: data[k] for k in ("edit", "rephrase")}, data["loc"], base_outputs(model, None))
 
 
-def score_edit(editor: MEND, model: torch.nn.Module, data: dict) -> None:
-    edited = editor.edit(model, data["edit"], FAM)
-    with torch.no_grad():
-        pre_loc = forward_logits(model, data["loc"], FAM)
-        params = edited.edited_params()
-        for k in ("edit", "rephrase"):
-            scores(forward_logits(model, data[k], FAM, params), data[k]["labels"], FAM)
-        post_loc = forward_logits(model, data["loc"], FAM, params)
-        kl_pre_post(pre_loc, post_loc, data["loc"], FAM), top1_agreement(pre_loc, post_loc, data["loc"], FAM)
+def score_edit(editor: MEND, model: torch.nn.Module, rows: dict, loc: list[dict], base: BaseLocality) -> None:
+    edited = editor.edit(model, rows["edit"], FAM)
+    owner = torch.arange(rows["rephrase"]["input_ids"].shape[0])
+    score_step(base, edited, rows["edit"], rows["rephrase"], owner, loc)
 
 
 # -- where the time goes
@@ -283,14 +295,18 @@ def bench_model(shape: str, quick: bool, tmp: Path, res: dict, prof: dict) -> No
     res[f"memory_ratio_{shape}"] = (step_res + step_peak) / (base_res + base_peak)
     res[f"memory_ratio_{shape}_transient"] = step_peak / base_peak
 
-    # evaluation throughput: held-out edits scored per second
-    k = 4 if big or quick else 16
-    data = {"edit": make_batch(vocab, k, 30), "rephrase": make_batch(vocab, k, 31), "loc": make_batch(vocab, k, 32)}
+    # evaluation throughput: held-out edits scored per second, each on the whole locality pool; single
+    # mode also without the base outputs' cache (the base model run again for every edit)
+    k, pool = (4, 16) if big or quick else (16, 32)
+    data = {"edit": make_batch(vocab, k, 30), "rephrase": make_batch(vocab, k, 31), "loc": loc_pool(vocab, pool, 32)}
     t = round_robin({"eval_single": lambda: eval_single(editor, model, data),
+                     "eval_single_uncached": lambda: eval_single(editor, model, data, cache_bytes=0),
                      "eval_batch": lambda: eval_batch(editor, model, data)}, *few)
-    raw.update({f"{k_}_{k}_edits": v for k_, v in t.items()})
+    raw.update({f"{k_}_{k}_edits_{pool}_loc": v for k_, v in t.items()})
     res[f"eval_edits_per_s_{shape}_single"] = k / t["eval_single"]
+    res[f"eval_edits_per_s_{shape}_single_uncached"] = k / t["eval_single_uncached"]
     res[f"eval_edits_per_s_{shape}_batch"] = k / t["eval_batch"]
+    res[f"eval_cache_speedup_{shape}"] = t["eval_single_uncached"] / t["eval_single"]
 
     # the other editors: one edit each, of a 2-token answer the model gets wrong (random weights), as
     # evaluation makes them: each stops once the answer is right (or at its step cap)

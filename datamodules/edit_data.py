@@ -7,8 +7,9 @@ by problem (see :mod:`datamodules.encoding`), plus ``n_problems``:
 - ``edit_inner``: the edit inputs, labelled with their new targets;
 - ``edit_outer``: one equivalent input (paraphrase) per edit, with the same new target;
 - ``loc``: ``loc_per_edit`` unrelated inputs per edit, labelled with their known answers
-  (-100 where unknown), drawn from a pool that shares no text with any edit; meta-training and
-  meta-training, validation and test draw from three disjoint parts of it (``loc_shares``).
+  (-100 where unknown), drawn from a pool that shares no text with any edit; meta-training,
+  validation and test draw from three disjoint pools, each input assigned by a hash of its subject
+  (else its text) whatever splits are configured (``loc_shares``, :func:`assign_pools`).
 
 Meta-training items are (edit, paraphrase) pairs, every paraphrase of every record once per
 epoch (with ``redraw``, each item is drawn afresh every epoch: target, wording roles, locality
@@ -20,6 +21,7 @@ every edit exactly once, as one process does.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import re
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -161,19 +163,51 @@ def _mentions(text: str, subjects: set[str]) -> bool:
                for n in range(1, longest + 1) for i in range(len(words) - n + 1))
 
 
-def split_points(n: int, shares: list[float]) -> list[int]:
-    """Boundaries ``[0, ..., n]`` cutting ``n`` items into ``len(shares)`` non-empty contiguous parts."""
-    if n < len(shares):
-        raise ValueError(f"{n} locality inputs cannot be cut into {len(shares)} disjoint pools (one per split); "
-                         "give a larger loc_path")
-    if any(s <= 0 for s in shares):
-        raise ValueError(f"loc_shares must be positive, got {shares}")
-    total, acc, cuts = sum(shares), 0.0, [0]
-    for i, s in enumerate(shares[:-1]):
-        acc += s
-        # at least one input for each part on both sides of every cut
-        cuts.append(min(max(round(n * acc / total), cuts[-1] + 1), n - (len(shares) - 1 - i)))
-    return cuts + [n]
+SPLITS = ("train", "val", "test")
+
+
+def _normalise(text: str) -> str:
+    """Lower-case words joined by single spaces: "Where was Ada born?" and "where was ada born" are one text."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def loc_id(pair: LocalityPair) -> str:
+    """A locality input's id: the SHA-256 (64 bits) of its normalised text, what editor files record."""
+    return _sha256(_normalise(pair.prompt))[:16]
+
+
+def assign_pools(pairs: list[LocalityPair], shares: tuple[float, float, float]) -> dict[str, list[LocalityPair]]:
+    """Meta-training, validation and test locality pools (file order kept within each): an input goes to
+    the pool where the SHA-256 of its group (its subject where the file names one, so a subject's
+    inputs stay on one side; else its normalised text) falls in the hash range, cut by ``shares``.
+    Independent of file order, of the other inputs and of which splits are configured."""
+    if len(shares) != 3 or any(s <= 0 for s in shares):
+        raise ValueError(f"loc_shares are three positive shares (train, val, test), got {list(shares)}")
+    bounds = [sum(shares[: i + 1]) / sum(shares) for i in range(3)]
+    pools: dict[str, list[LocalityPair]] = {n: [] for n in SPLITS}
+    for p in pairs:
+        u = int(_sha256(_normalise(p.subject or p.prompt))[:16], 16) / 16 ** 16
+        pools[next((n for n, b in zip(SPLITS, bounds) if u < b), "test")].append(p)
+    return pools
+
+
+def _grouping(subjects: Iterable[str | None]) -> str:
+    """How rows are grouped: by "subject" (every row names one), by "prompt" (none does) or "mixed"."""
+    has = {bool(s) for s in subjects}
+    return "mixed" if len(has) == 2 else "subject" if has == {True} else "prompt"
+
+
+def _unrelated(pairs: list[LocalityPair], records: list[EditRecord]) -> list[LocalityPair]:
+    """The locality inputs that repeat no text of ``records`` and name none of their subjects."""
+    edit_text = {t for r in records for t in [r.prompt, *r.rephrases]}
+    # Subjects are compared as word sequences, so multi-word ones ("Danielle Darrieux") match too.
+    subjects = {" ".join(re.findall(r"\w+", r.subject)) for r in records if r.subject}
+    subjects.discard("")
+    return [p for p in pairs if p.prompt not in edit_text and not _mentions(p.prompt, subjects)]
 
 
 def _same_file(a: str | None, b: str | None) -> bool:
@@ -214,7 +248,12 @@ def carve_by_subject(records: list[EditRecord], share: float) -> tuple[list[Edit
 
 
 class EditDataModule(L.LightningDataModule):
-    """Shared machinery; subclasses say how to read their files (:meth:`read_split`, :meth:`read_locality`)."""
+    """Shared machinery; subclasses say how to read their files (:meth:`read_split`, :meth:`read_locality`).
+
+    After :meth:`setup`: ``grouping`` says how edits and locality inputs were grouped ("subject",
+    "prompt" where the files name no subject, as MEND's released zsRE, or "mixed"), ``rows_dropped``
+    the rows each split's file lost (no alternative; no rephrase the base model answers alike), and
+    :meth:`data_fingerprint` identifies the data served."""
 
     task = "edit"
 
@@ -233,11 +272,14 @@ class EditDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.splits: dict[str, EncodedSplit] = {}
         self.eval_split = "test"
-        self.loc_pairs: list[LocalityPair] = []  # the whole filtered pool
-        # the pool cut into disjoint parts, one per split present: meta-training's KL inputs ("train"),
-        # validation's ("val": early stopping, checkpoint choice, drift probes) and test's ("test": eval.py)
+        self.loc_pairs: list[LocalityPair] = []  # the locality inputs of the configured splits' pools, in file order
+        # the disjoint pools of the splits present: meta-training's KL inputs ("train"), validation's
+        # ("val": early stopping, checkpoint choice, drift probes) and test's ("test": eval.py)
         self.loc_split_pairs: dict[str, list[LocalityPair]] = {}
         self.loc_pools: dict[str, list[dict]] = {}
+        self.grouping: dict[str, str] = {}
+        self.rows_dropped: dict[str, dict[str, int]] = {}
+        self._fingerprint: dict[str, Any] = {}
 
     @property
     def loc_train_pairs(self) -> list[LocalityPair]:
@@ -248,7 +290,8 @@ class EditDataModule(L.LightningDataModule):
         return self.loc_pools.get("train", [])
 
     # -- format hooks
-    def read_split(self, path: Path) -> tuple[list[EditRecord], list[LocalityPair]]:
+    def read_split(self, path: Path, skipped: dict[str, int]) -> tuple[list[EditRecord], list[LocalityPair]]:
+        """A split file's records and embedded locality inputs; ``skipped`` receives the dropped rows' counts."""
         raise NotImplementedError
 
     def read_locality(self, path: Path) -> list[LocalityPair]:
@@ -272,7 +315,8 @@ class EditDataModule(L.LightningDataModule):
             path = getattr(hp, f"{name}_path")
             if not path:
                 continue
-            read[name], loc = self.read_split(Path(path))
+            self.rows_dropped[name] = {}
+            read[name], loc = self.read_split(Path(path), self.rows_dropped[name])
             embedded_loc += loc
         if hp.val_from_train:
             if "train" not in read:
@@ -290,31 +334,64 @@ class EditDataModule(L.LightningDataModule):
             except TargetTooLong as e:
                 raise DataFormatError(f"{source}: {e}") from None
         pool = self.read_locality(Path(hp.loc_path)) if hp.loc_path else embedded_loc
-        # Locality inputs must be unrelated: drop any that share text or subject with an edit.
-        edit_text = {t for s in self.splits.values() for r in s.records for t in [r.prompt, *r.rephrases]}
-        # Subjects are compared as word sequences, so multi-word ones ("Danielle Darrieux") match too.
-        subjects = {" ".join(re.findall(r"\w+", r.subject)) for s in self.splits.values() for r in s.records if r.subject}
-        subjects.discard("")
-        pool = [p for p in pool if p.prompt not in edit_text and not _mentions(p.prompt, subjects)]
-        if not pool:
-            raise ValueError("no locality inputs left after removing those that overlap the edits; give loc_path")
-        self.loc_pairs = pool
-        try:
+        self.grouping = {"edits": _grouping(r.subject for s in self.splits.values() for r in s.records),
+                         "locality": _grouping(p.subject for p in pool)}
+        try:  # every input, whichever pool it goes to: a file is refused whatever splits are configured
             encoded = encode(self.tokenizer, hp.family, [p.prompt for p in pool], [p.answer for p in pool],
                              hp.max_length)
         except TargetTooLong as e:
             raise DataFormatError(f"{hp.loc_path or 'the edit files (their locality inputs)'}: {e}") from None
-        # One disjoint part of the pool per split present, by `loc_shares` (renormalised over those
-        # splits), cut contiguously in file order: related inputs listed together (the built-in world
-        # lists each subject's questions together) stay on one side. The same cut whatever the stage,
-        # so eval.py scores exactly the inputs meta-training and validation never saw.
-        present = [n for n in ("train", "val", "test") if n in self.splits]
-        cuts = split_points(len(pool), [hp.loc_shares[("train", "val", "test").index(n)] for n in present])
-        for n, (a, b) in zip(present, zip(cuts, cuts[1:])):
-            self.loc_split_pairs[n], self.loc_pools[n] = pool[a:b], encoded[a:b]
-        log.info("%s data: %s edits, %d locality inputs (%s)", self.task,
+        encoded_of = {id(p): e for p, e in zip(pool, encoded)}
+        # Every input has its pool whatever splits are configured, so eval.py scores exactly the inputs
+        # meta-training and validation never saw, even with other files or splits configured than theirs.
+        pools = assign_pools(pool, hp.loc_shares)
+        for name in self.splits:
+            # Locality inputs must be unrelated: a pool loses those sharing text or subject with its own
+            # split's edits (meta-training's: with any configured split's, so it sees no held-out subject),
+            # so what a split scores depends on its own files only
+            related = self.splits.values() if name == "train" else [self.splits[name]]
+            pairs = _unrelated(pools[name], [r for s in related for r in s.records])
+            if not pairs:
+                raise ValueError(f"no {name} locality inputs: loc_shares {list(hp.loc_shares)} assign "
+                                 f"{len(pools[name])} of the {len(pool)} locality inputs to the {name} pool, none "
+                                 "of them unrelated to its edits; give a larger loc_path")
+            self.loc_split_pairs[name], self.loc_pools[name] = pairs, [encoded_of[id(p)] for p in pairs]
+        used = {id(p) for v in self.loc_split_pairs.values() for p in v}
+        self.loc_pairs = [p for p in pool if id(p) in used]
+        self._fingerprint = self._compute_fingerprint()
+        log.info("%s data: %s edits, %d locality inputs (%s), grouped by %s", self.task,
                  {k: len(v.records) for k, v in self.splits.items()}, len(pool),
-                 ", ".join(f"{len(v)} {k}" for k, v in self.loc_pools.items()))
+                 ", ".join(f"{len(v)} {k}" for k, v in self.loc_pools.items()), self.grouping)
+
+    def loc_ids(self, split: str) -> list[str]:
+        """The ids (:func:`loc_id`) of ``split``'s locality pool."""
+        return [loc_id(p) for p in self.loc_split_pairs[split]]
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """What this DataModule serves, as SHA-256 digests (every report carries it): each split's edit
+        records as read (before eval.py samples them), each locality pool's inputs and answers, the
+        pool shares, and one digest of it all. Equal fingerprints, equal data."""
+        return self._fingerprint
+
+    def data_record(self) -> dict[str, Any]:
+        """What an editor file records of the data it was meta-trained on: :meth:`data_fingerprint` and
+        the ids of the meta-training and validation locality pools (eval.py refuses a test pool that
+        overlaps them: :func:`editors.io.check_pool_overlap`)."""
+        return {**self.data_fingerprint(),
+                "loc_ids": {s: self.loc_ids(s) for s in ("train", "val") if s in self.loc_split_pairs}}
+
+    def _compute_fingerprint(self) -> dict[str, Any]:
+        def digest(rows: Iterable[Any]) -> str:
+            return _sha256(json.dumps(list(rows), ensure_ascii=False))
+
+        fp: dict[str, Any] = {
+            "edits": {k: {"n": len(v.records), "sha256": digest([r.prompt, r.target, r.rephrases, r.gold, r.prediction,
+                                                                 r.subject] for r in v.records)}
+                      for k, v in self.splits.items()},
+            "loc_pools": {k: {"n": len(v), "sha256": digest(sorted([loc_id(p), p.answer or ""] for p in v))}
+                          for k, v in self.loc_split_pairs.items()},
+            "loc_shares": list(self.hparams.loc_shares)}
+        return {**fp, "sha256": digest([fp])}
 
     def _encode_split(self, recs: list[EditRecord], expand: bool) -> EncodedSplit:
         hp = self.hparams
@@ -413,10 +490,10 @@ class ZsreDataModule(EditDataModule):
 
     task = "zsre"
 
-    def read_split(self, path: Path) -> tuple[list[EditRecord], list[LocalityPair]]:
+    def read_split(self, path: Path, skipped: dict[str, int]) -> tuple[list[EditRecord], list[LocalityPair]]:
         if path.suffix == ".json":
-            return read_zsre_toolkit(path)
-        return read_zsre_jsonl(path), []
+            return read_zsre_toolkit(path, skipped)
+        return read_zsre_jsonl(path, skipped), []
 
     def read_locality(self, path: Path) -> list[LocalityPair]:
         return read_nq(path)
@@ -431,8 +508,8 @@ class FeverDataModule(EditDataModule):
     def __init__(self, *args, family: Family = "classifier", **kwargs) -> None:
         super().__init__(*args, family=family, **kwargs)
 
-    def read_split(self, path: Path) -> tuple[list[EditRecord], list[LocalityPair]]:
-        return read_fever_jsonl(path), []
+    def read_split(self, path: Path, skipped: dict[str, int]) -> tuple[list[EditRecord], list[LocalityPair]]:
+        return read_fever_jsonl(path, skipped), []
 
     def read_locality(self, path: Path) -> list[LocalityPair]:
         return read_fever_locality(path)

@@ -2,8 +2,9 @@
 
 Every reader returns plain :class:`EditRecord` / :class:`LocalityPair` lists. A malformed line or
 a record missing a required field raises :class:`DataFormatError` naming the file, the line and
-the field; records that are valid but unusable (no alternative, no rephrase) are skipped and
-counted in one log line, as the reference data pipelines do.
+the field; records that are valid but unusable (no alternative, no rephrase the model answers
+alike) are skipped and counted in one log line, as the reference data pipelines do, and in the
+``skipped`` dict a caller passes (the DataModules report the counts).
 """
 from __future__ import annotations
 
@@ -39,10 +40,12 @@ class EditRecord:
 
 @dataclass
 class LocalityPair:
-    """An unrelated input whose behaviour an edit must not change (``answer`` may be unknown)."""
+    """An unrelated input whose behaviour an edit must not change (``answer`` may be unknown;
+    ``subject`` where the file names one: related inputs then share a locality pool)."""
 
     prompt: str
     answer: str | None = None
+    subject: str | None = None
 
 
 def _open_error(path: Path, e: OSError) -> DataFormatError:
@@ -125,13 +128,17 @@ def _gold(obj: dict, path: Path, where: int) -> str:
     return out[0]["answer"]
 
 
-def _log_skipped(path: Path, kept: int, skipped: dict[str, int]) -> None:
+def _log_skipped(path: Path, kept: int, skipped: dict[str, int], into: dict[str, int] | None) -> None:
+    if into is not None:
+        for k, n in skipped.items():
+            into[k] = into.get(k, 0) + n
     if any(skipped.values()):
         why = ", ".join(f"{n} {k}" for k, n in skipped.items() if n)
         log.info("%s: kept %d records, skipped %s", path, kept, why)
 
 
-def _read_released_jsonl(path: str | Path, labels: tuple[str, ...] | None = None) -> list[EditRecord]:
+def _read_released_jsonl(path: str | Path, labels: tuple[str, ...] | None = None,
+                         into: dict[str, int] | None = None) -> list[EditRecord]:
     """The KnowledgeEditor/MEND JSON-lines schema that zsRE and FEVER share: ``input``,
     ``prediction``, ``alternatives``, ``filtered_rephrases``, ``output``. The edit target is the first
     alternative that differs from the prediction; ``labels``, when given, are the only valid answers."""
@@ -155,14 +162,15 @@ def _read_released_jsonl(path: str | Path, labels: tuple[str, ...] | None = None
             skipped["without rephrases"] += 1
             continue
         recs.append(EditRecord(prompt, alts[0], reph, gold, pred, subject, {"alternatives": alts}))
-    _log_skipped(path, len(recs), skipped)
+    _log_skipped(path, len(recs), skipped, into)
     return recs
 
 
-def read_zsre_jsonl(path: str | Path) -> list[EditRecord]:
+def read_zsre_jsonl(path: str | Path, skipped: dict[str, int] | None = None) -> list[EditRecord]:
     """zsRE as released with KnowledgeEditor/MEND (``structured_zeroshot-*.jsonl``): the target is the
-    base model's runner-up answer, the equivalent inputs are the filtered rephrases."""
-    return _read_released_jsonl(path)
+    base model's runner-up answer, the equivalent inputs are the filtered rephrases (the released
+    file has no ``subject``; one given is read). ``skipped`` receives the counts of skipped rows."""
+    return _read_released_jsonl(path, None, skipped)
 
 
 def _iter_json_list(path: Path) -> Iterator[tuple[str, dict]]:
@@ -189,10 +197,12 @@ def _toolkit_answers(obj: dict, path: Path, where: str) -> list[str]:
     return answers
 
 
-def read_zsre_toolkit(path: str | Path) -> tuple[list[EditRecord], list[LocalityPair]]:
-    """zsRE in the large-scale toolkit format: one JSON list of ``{subject, src, pred, rephrase, alt, loc, loc_ans}``."""
+def read_zsre_toolkit(path: str | Path, skipped: dict[str, int] | None = None
+                      ) -> tuple[list[EditRecord], list[LocalityPair]]:
+    """zsRE in the large-scale toolkit format: one JSON list of ``{subject, src, pred, rephrase, alt, loc, loc_ans}``
+    (``loc`` is an NQ question unrelated to ``subject``: it carries no subject of its own)."""
     path = Path(path)
-    recs, locs, skipped = [], [], {"without alternatives": 0, "without rephrases": 0}
+    recs, locs, skipped_here = [], [], {"without alternatives": 0, "without rephrases": 0}
     for where, obj in _iter_json_list(path):
         src = _need(obj, "src", str, path, where)
         alt = _need(obj, "alt", str, path, where)
@@ -205,24 +215,26 @@ def read_zsre_toolkit(path: str | Path) -> tuple[list[EditRecord], list[Locality
             q = loc[len("nq question: "):] if loc.startswith("nq question: ") else loc
             locs.append(LocalityPair(q, _optional_str(obj, "loc_ans", path, where)))
         if not alt or alt == pred:
-            skipped["without alternatives"] += 1
+            skipped_here["without alternatives"] += 1
             continue
         if not reph:
-            skipped["without rephrases"] += 1
+            skipped_here["without rephrases"] += 1
             continue
         recs.append(EditRecord(src, alt, [reph], answers[0], pred, subject,
                                {"portability": obj.get("portability")}))
-    _log_skipped(path, len(recs), skipped)
+    _log_skipped(path, len(recs), skipped_here, skipped)
     return recs, locs
 
 
-def read_fever_jsonl(path: str | Path) -> list[EditRecord]:
-    """FEVER as released with KnowledgeEditor/MEND (``fever-*-kilt.jsonl``): the target is the flipped label."""
-    return _read_released_jsonl(path, FEVER_LABELS)
+def read_fever_jsonl(path: str | Path, skipped: dict[str, int] | None = None) -> list[EditRecord]:
+    """FEVER as released with KnowledgeEditor/MEND (``fever-*-kilt.jsonl``): the target is the flipped label.
+    ``skipped`` receives the counts of skipped rows."""
+    return _read_released_jsonl(path, FEVER_LABELS, skipped)
 
 
 def read_nq(path: str | Path) -> list[LocalityPair]:
-    """Natural-Questions locality pairs: JSON (or JSON lines) objects ``{"questions": [...], "answers": [...]}``."""
+    """Natural-Questions locality pairs: JSON (or JSON lines) objects ``{"questions": [...], "answers": [...]}``,
+    with an optional ``"subject"`` that all the object's questions are about (the built-in world names it)."""
     path = Path(path)
     text = _read_text(path)
     try:  # one JSON document with the two parallel lists
@@ -237,19 +249,22 @@ def read_nq(path: str | Path) -> list[LocalityPair]:
         ans = _need(obj, "answers", list, path, ln)
         if len(qs) != len(ans):
             raise DataFormatError(f"{path}:{ln}: 'questions' and 'answers' have different lengths ({len(qs)} vs {len(ans)})")
+        subject = _optional_str(obj, "subject", path, ln)
         for q, a in zip(qs, ans):
             a = a[0] if isinstance(a, list) and a else a  # NQ lists several acceptable answers: keep the first
             if not isinstance(q, str) or not isinstance(a, str):
                 raise DataFormatError(f"{path}:{ln}: 'questions' should hold strings and 'answers' strings "
                                       "(or lists of strings)")
-            pairs.append(LocalityPair(q, a))
+            pairs.append(LocalityPair(q, a, subject))
     return pairs
 
 
 def read_fever_locality(path: str | Path) -> list[LocalityPair]:
-    """Claims used as unrelated inputs for a FEVER editor, labelled with their gold verdict."""
+    """Claims used as unrelated inputs for a FEVER editor, labelled with their gold verdict (and their
+    ``subject`` where given)."""
     path = Path(path)
-    return [LocalityPair(_need(o, "input", str, path, ln), _one_of(_gold(o, path, ln), "output", FEVER_LABELS, path, ln))
+    return [LocalityPair(_need(o, "input", str, path, ln), _one_of(_gold(o, path, ln), "output", FEVER_LABELS, path, ln),
+                         _optional_str(o, "subject", path, ln))
             for ln, o in _iter_json_lines(path)]
 
 

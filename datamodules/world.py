@@ -156,7 +156,7 @@ _ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", 
 _NUCLEI = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 _CODAS = ["", "n", "r", "l", "s", "th", "m", "k"]
 SPLITS = ("train", "val", "test", "loc")
-WORLD_FORMAT = 2  # bumped whenever the generator's output changes, so a stale world is rewritten
+WORLD_FORMAT = 3  # bumped whenever the generator's output changes, so a stale world is rewritten
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,9 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> Pat
         write_jsonl(out / f"fever-{sp}.jsonl", rows["fever"][sp])
     # Locality files: facts of subjects that are never edited (NQ-style pairs, FEVER-style claims).
     loc_q = [r for r in base_qa if r["split"] == "loc"]
-    write_jsonl(out / "nq-loc.jsonl", [{"questions": [r["question"]], "answers": [r["answer"]]} for r in loc_q])
+    # with its subject, so each subject's questions share one locality pool (format 3)
+    write_jsonl(out / "nq-loc.jsonl", [{"questions": [r["question"]], "answers": [r["answer"]], "subject": r["subject"]}
+                                       for r in loc_q])
     # Every wording of every locality subject's facts, as nq-loc has: one claim per fact (100 distinct
     # claims held out for scoring) left drawdown resting on a few claims drawn again and again. (The
     # per-fact "loc" rows above are still drawn, so the other files' random draws stay as they were.)

@@ -13,19 +13,26 @@ entries plus added ones), measured on the edit itself, never assumed from a budg
 
 Most editors (MEND, FT, the surgery selectors) compute additive weight changes: they subclass
 :class:`DeltaEditor` and implement only :meth:`DeltaEditor.deltas`.
+
+Configured editors (``eval.py --editors``) are specs ``{class_path: module.Class, init_args: {...}}``:
+:func:`build_editor` imports the class and calls :meth:`Editor.for_evaluation` with the init args and
+an :class:`EditorContext` (the base model and what else only the evaluation knows).
 """
 from __future__ import annotations
 
 import copy
+import importlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from datamodules.atomic import atomic_path
 from datamodules.encoding import Family
+from editors.layers import LayerSpec, select_layers
 
 
 class Edit(ABC):
@@ -95,13 +102,46 @@ class WeightDelta(Edit):
         return int(sum(int((params[k] + d.to(params[k].dtype) != params[k]).sum()) for k, d in self.deltas.items()))
 
 
+@dataclass
+class EditorContext:
+    """What an editor built for an evaluation may need beyond its own settings.
+
+    ``model``: the frozen base model. ``edit_params``: the config's edited-matrix patterns
+    (``model.init_args.edit_params``; None: the default ones). ``seed``: the evaluation's seed.
+    ``until_right_scales``: the config's stopping-rule grid (None: the default).
+    ``training_inputs(n)``: up to ``n`` seeded training-split inputs, collated, never an evaluated
+    input (None when the config has no training split)."""
+
+    model: nn.Module
+    edit_params: list[str] | None = None
+    seed: int = 0
+    until_right_scales: Sequence[float] | None = None
+    training_inputs: Callable[[int], Mapping[str, Tensor]] | None = None
+
+    def layers(self) -> list[LayerSpec]:
+        """The base model's edited matrices under this config (:func:`editors.layers.select_layers`)."""
+        return select_layers(self.model, self.edit_params)
+
+
 class Editor(ABC):
     """Computes edits. ``uses_locality``: whether :meth:`make_edit` wants sampled locality inputs
-    (never the ones locality is scored on); ``config``: what the report records about the editor."""
+    (never the ones locality is scored on), ``n_loc_inputs`` of them per step; ``config``: what the
+    report records about the editor."""
 
     name: str = "editor"
     uses_locality: bool = False
+    n_loc_inputs: int = 4
     config: dict[str, Any] = {}
+    # why the last make_edit gave up and returned an edit that changes nothing (empty when it did not):
+    # evaluation counts such edits (n_edits_rolled_back) beside the ones that stayed wrong
+    last_failure: dict[str, Any] = {}
+
+    @classmethod
+    def for_evaluation(cls, context: EditorContext, **init_args: Any) -> "Editor":
+        """The editor an evaluation runs, from its spec's ``init_args`` (plain settings from YAML or the
+        command line) and ``context``. This default is ``cls(**init_args)``; an editor built on the
+        model (its matrices, a trained file) overrides it and takes what it needs from ``context``."""
+        return cls(**init_args)
 
     @abstractmethod
     def make_edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
@@ -151,3 +191,29 @@ class DeltaEditor(Editor):
     def make_edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
                   loc_batch: Mapping[str, Tensor] | None = None) -> WeightDelta:
         return WeightDelta(self.deltas(model, batch, family, loc_batch))
+
+
+def editor_class(path: str) -> type[Editor]:
+    """The :class:`Editor` subclass named ``module.Class`` (any importable module); ValueError otherwise."""
+    module, _, name = str(path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError as e:
+        raise ValueError(f"cannot import editor class {path!r}: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Editor)):
+        raise ValueError(f"class_path {path!r} is not an importable editors.base.Editor subclass (module.Class)")
+    return cls
+
+
+def build_editor(spec: Mapping[str, Any], context: EditorContext) -> Editor:
+    """The editor of a spec ``{class_path: module.Class, init_args: {...}}`` (an :class:`Editor` subclass
+    from any importable module), built by its :meth:`Editor.for_evaluation`. Bad specs raise ValueError."""
+    path = spec.get("class_path")
+    cls = editor_class(path)
+    unknown = set(spec) - {"class_path", "init_args", "label"}
+    if unknown:
+        raise ValueError(f"editor spec {path}: unknown keys {sorted(unknown)} (class_path, init_args, label)")
+    try:
+        return cls.for_evaluation(context, **(spec.get("init_args") or {}))
+    except TypeError as e:  # an init arg the class does not take
+        raise ValueError(f"{path}: {e}") from None

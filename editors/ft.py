@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from datamodules.encoding import Family
 from editors.layers import LayerSpec, select_layers
 from editors.losses import forward_logits, kl_pre_post, nll, scores
-from editors.base import DeltaEditor
+from editors.base import DeltaEditor, EditorContext
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -29,21 +29,27 @@ class FineTune(DeltaEditor):
     """Bounded fine-tuning of a few weight matrices until the edit is right (FT; FT+KL when ``c_loc > 0``)."""
 
     def __init__(self, layers: list[LayerSpec], lr: float = 1e-3, max_steps: int = 25, optimizer: str = "adam",
-                 c_loc: float = 0.0, name: str | None = None) -> None:
+                 c_loc: float = 0.0, name: str | None = None, loc_inputs: int = 4) -> None:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
-        if max_steps < 0:
-            raise ValueError("max_steps must be >= 0")
-        self.layers = layers
+        if max_steps < 0 or loc_inputs < 1:
+            raise ValueError("need max_steps >= 0 and loc_inputs >= 1")
+        self.layers, self.n_loc_inputs = layers, loc_inputs
         self.name = name or ("ft_kl" if c_loc > 0 else "ft")
         self.config = {"class": "FineTune", "name": self.name, "lr": lr, "max_steps": max_steps,
-                       "optimizer": optimizer, "c_loc": c_loc, "layers": [l.name for l in layers]}
+                       "optimizer": optimizer, "c_loc": c_loc, "loc_inputs": loc_inputs,
+                       "layers": [l.name for l in layers]}
         self.last_steps = 0  # optimiser steps the last edit took (0: it was already right)
 
     @classmethod
     def for_model(cls, model: nn.Module, edit_params: list[str] | None = None, **kw: Any) -> "FineTune":
         """A baseline tuning ``model``'s default (or given) edited matrices."""
         return cls(select_layers(model, edit_params), **kw)
+
+    @classmethod
+    def for_evaluation(cls, context: EditorContext, **init_args: Any) -> "FineTune":
+        """Tuning the matrices the config edits (those MEND edits under it)."""
+        return cls(context.layers(), **init_args)
 
     @property
     def uses_locality(self) -> bool:
@@ -56,7 +62,9 @@ class FineTune(DeltaEditor):
         cfg = self.config
         # detached base weights: no .grad is ever written on the model, only on the changes
         base = {k: v.detach() for k, v in model.named_parameters()}
-        change = {l.name: torch.zeros_like(base[l.name], requires_grad=True) for l in self.layers}
+        # float32 changes (and optimiser state) under an fp16/bf16 base: Adam's eps is 0 in fp16 (0/0 = NaN)
+        change = {l.name: torch.zeros_like(base[l.name], dtype=torch.promote_types(base[l.name].dtype, torch.float32),
+                                           requires_grad=True) for l in self.layers}
         opt = OPTIMIZERS[cfg["optimizer"]](change.values(), lr=cfg["lr"])
         use_kl = self.uses_locality and loc_batch is not None
         with torch.no_grad():
@@ -64,7 +72,7 @@ class FineTune(DeltaEditor):
         steps = 0
         with torch.enable_grad():
             while True:
-                params = {**base, **{k: base[k] + d for k, d in change.items()}}
+                params = {**base, **{k: base[k] + d.to(base[k].dtype) for k, d in change.items()}}
                 logits = forward_logits(model, batch, family, params)
                 right, _ = scores(logits.detach(), batch["labels"], family)
                 if bool(right.all()) or steps >= cfg["max_steps"]:

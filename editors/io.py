@@ -1,15 +1,17 @@
 """Files editors are shared in, and how every output is written.
 
 An editor file is a safetensors file: the editor's tensors plus one JSON header (class, format
-version, config, base-model fingerprint) in the safetensors metadata. Loading reads tensors and
+version, config, base-model fingerprint and, from meta-training, the fingerprint of its data with the
+ids of the locality inputs it saw) in the safetensors metadata. Loading reads tensors and
 JSON only, so a file someone sent you cannot run code (a pickle can). It is written atomically
 (:mod:`datamodules.atomic`).
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from torch import Tensor, nn
 
@@ -19,10 +21,17 @@ from editors.layers import check_fingerprint, fingerprint
 FORMAT = 2  # editor file format; 1 was a pickled dict (hypedit 0.1), refused on load
 HEADER_KEY = "hypedit"
 CHECKPOINT_KEY = "hypedit_editor"  # the entry of a meta-training checkpoint that holds the editor's export
+DATA_KEY = "data"  # the header entry of the data an editor was meta-trained on (EditDataModule.data_record)
+
+log = logging.getLogger(__name__)
 
 
 class EditorFileError(ValueError):
     """A file that is not a loadable editor (wrong format, truncated, another class)."""
+
+
+class LocalityOverlapError(EditorFileError):
+    """An editor file evaluated on locality inputs its meta-training or validation used."""
 
 
 def save_editor_file(path: str | Path, tensors: Mapping[str, Tensor], header: Mapping[str, Any]) -> Path:
@@ -108,4 +117,32 @@ class FileEditor:
     def load(cls, path: str | Path, model: nn.Module, check: bool = True):
         """Load an editor file written by :meth:`save` (tensors and JSON only); verify the base model."""
         tensors, header = load_editor_file(path, cls.__name__)
-        return cls.from_blob({**header, "state_dict": tensors}, model, f"editor file {path}", check)
+        editor = cls.from_blob({**header, "state_dict": tensors}, model, f"editor file {path}", check)
+        # for check_pool_overlap: None in files written before data were recorded
+        editor.source_file, editor.data_record = str(path), header.get(DATA_KEY)
+        return editor
+
+
+def check_pool_overlap(editors: Iterable[Any], split: str, pool_ids: Iterable[str]) -> None:
+    """Refuse to score ``split``'s locality pool (the ids of its inputs,
+    :meth:`datamodules.edit_data.EditDataModule.loc_ids`) with an editor loaded from a file whose
+    meta-training or validation locality pool held one of them (another ``loc_path`` or ``loc_shares``
+    than at meta-training): its locality figures would not be held out. An editor wrapping one
+    (``mend_until_right``) is checked through it; a file from before data were recorded is evaluated
+    with a warning."""
+    ids = set(pool_ids)
+    for editor in editors:
+        for part in editor.modules() if isinstance(editor, nn.Module) else [editor]:
+            if not hasattr(part, "data_record"):
+                continue  # not loaded from a file
+            if part.data_record is None:
+                log.warning("%s records no meta-training data: cannot check that its %s locality inputs are held out",
+                            part.source_file, split)
+                continue
+            for seen_split, seen in part.data_record["loc_ids"].items():
+                both = ids.intersection(seen) if seen_split != split else set()
+                if both:
+                    raise LocalityOverlapError(
+                        f"{len(both)} of the {len(ids)} {split} locality inputs were in the {seen_split} locality pool "
+                        f"{part.source_file} was meta-trained with (another loc_path or loc_shares?): its figures would not "
+                        "be held out")

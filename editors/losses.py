@@ -68,11 +68,27 @@ def scores(logits: Tensor, labels: Tensor, family: Family) -> tuple[Tensor, Tens
     return em.float(), hit.sum(1).float() / n.clamp_min(1)
 
 
-def _positions(batch: Mapping[str, Tensor], family: Family) -> Tensor:
-    """Which output positions carry a real next-token distribution (for KL and agreement)."""
+def real_positions(batch: Mapping[str, Tensor], family: Family) -> Tensor:
+    """Which output positions carry a real next-token distribution (the KL's positions)."""
     if family == "seq2seq":
         return batch["decoder_attention_mask"].bool()
     return batch["attention_mask"].bool()
+
+
+def agreement_positions(batch: Mapping[str, Tensor], family: Family) -> Tensor:
+    """The output positions top-1 agreement counts: those that predict an answer token (labels != -100),
+    as MEND's retain rate; a row without an answer (an unlabelled input) counts all its real positions."""
+    labels = batch["labels"]
+    answer = labels != -100
+    if family == "causal":  # position t predicts token t+1
+        answer = torch.cat([answer[:, 1:], torch.zeros_like(answer[:, :1])], 1)
+    real = real_positions(batch, family)
+    return torch.where(answer.any(1, keepdim=True), answer & real, real)
+
+
+def kl_tokens(lp: Tensor, lq: Tensor) -> Tensor:
+    """KL(p || q) per position from log-probabilities over the last dimension."""
+    return (lp.exp() * (lp - lq)).sum(-1)
 
 
 def kl_pre_post(pre: Tensor, post: Tensor, batch: Mapping[str, Tensor], family: Family) -> Tensor:
@@ -82,16 +98,15 @@ def kl_pre_post(pre: Tensor, post: Tensor, batch: Mapping[str, Tensor], family: 
         lp, lq = F.logsigmoid(pre.float()), F.logsigmoid(post.float())
         lp1, lq1 = F.logsigmoid(-pre.float()), F.logsigmoid(-post.float())
         return p * (lp - lq) + (1 - p) * (lp1 - lq1)
-    mask = _positions(batch, family)
-    lp, lq = F.log_softmax(pre.float(), -1), F.log_softmax(post.float(), -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
+    mask = real_positions(batch, family)
+    kl = kl_tokens(F.log_softmax(pre.float(), -1), F.log_softmax(post.float(), -1))
     return (kl * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 def top1_agreement(pre: Tensor, post: Tensor, batch: Mapping[str, Tensor], family: Family) -> Tensor:
-    """Per-example share of real positions where the edited model's argmax equals the original's."""
+    """Per-example share of :func:`agreement_positions` where the edited model's argmax equals the original's."""
     if family == "classifier":
         return ((pre > 0) == (post > 0)).float()
-    mask = _positions(batch, family)
+    mask = agreement_positions(batch, family)
     same = (pre.argmax(-1) == post.argmax(-1)) & mask
     return same.sum(1).float() / mask.sum(1).clamp_min(1)

@@ -9,18 +9,25 @@ Per edit (:meth:`Patcher.make_edit`):
 - nothing is done when the current model already gets the edit right (an empty edit);
 - one neuron per mistake: the [CLS] (first) token of a wrong classifier input; for generation, one
   per wrongly predicted target token (its query is the FFN input at the position that predicts
-  that token), at most ``max_neurons_per_edit`` per input;
+  that token). The paper caps this at 5 per input; by default there is no cap
+  (``max_neurons_per_edit``), since a wrong token without its own neuron must be fixed by neurons
+  that are trained not to fire at its position (an 8-token target then stayed wrong on every tiny
+  model tried, while one neuron per wrong token made all of them right);
 - the key starts at ``k = q / |q|^2`` (its first pre-activation on its query ``q`` is 1), the bias
   at 0, the value at 0 (so the untrained patch changes nothing);
 - the activation constraints: each new neuron's pre-activation is at least ``edit_activation`` on
   its query, at most ``memory_margin`` on every negative, and at least ``gap_margin`` above the
   largest negative. Negatives: the memory's queries, every earlier edit's queries, and the other
-  target positions of this edit (so each neuron fixes its own token);
+  target positions of this edit (so each neuron fixes its own token: without these, neurons firing
+  at each other's positions left most 8-token edits wrong);
 - loss = edit NLL + ``activation_weight`` * hinge(edit activation) + ``memory_weight`` * (hinges of
   the margin and the gap, each averaged over a neuron's ``top_k`` worst negatives);
 - stop as soon as the edit is right and every constraint holds; when the constraints cannot all be
   met (a negative query next to the edit's), once the edit is right and the activation loss has not
-  improved for ``patience`` steps; at most ``max_steps`` model forwards.
+  improved for ``patience`` steps; at most ``max_steps`` model forwards;
+- a patch that is still wrong then, or whose trained key breaks a constraint, is rolled back: the
+  edit is empty (the model unchanged), :attr:`Patcher.last_failure` says why and
+  :attr:`Patcher.failures` counts such edits.
 
 How it is optimised (implementation choices, each for speed on a CPU):
 
@@ -80,7 +87,7 @@ from torch import Tensor, nn
 
 from datamodules.atomic import atomic_path
 from datamodules.encoding import Family
-from editors.base import Edit, Editor
+from editors.base import Edit, Editor, EditorContext
 from editors.layers import LayerSpec, check_fingerprint, fingerprint, frozen, select_layers
 from editors.losses import forward_logits, model_inputs, nll, scores
 
@@ -428,8 +435,8 @@ class Patcher(Editor):
     def __init__(self, model: nn.Module, layer: str | None = None, memory: Mapping[str, Tensor] | None = None, *,
                  lr: float = 1e-2, max_steps: int = 100, max_key_steps: int = 100, memory_margin: float = -3.0,
                  edit_activation: float = 1.0, gap_margin: float | None = None, activation_weight: float = 1.0,
-                 memory_weight: float = 1.0, top_k: int = 16, max_neurons_per_edit: int = 5, train_key: bool = True,
-                 lr_growth: float = 1.5, max_lr_factor: float = 100.0, patience: int = 10,
+                 memory_weight: float = 1.0, top_k: int = 16, max_neurons_per_edit: int | None = None,
+                 train_key: bool = True, lr_growth: float = 1.5, max_lr_factor: float = 100.0, patience: int = 10,
                  activation: str | None = None, memory_chunk: int = 64, key_working_set: int = 8192) -> None:
         """``model``: the base model (resolves ``layer`` and its activation). ``memory``: collated
         training-split inputs, or None (then only earlier edits are negatives). ``gap_margin``
@@ -437,10 +444,11 @@ class Patcher(Editor):
         key and bias. ``train_key=False`` keeps key ``q / |q|^2`` and bias 0 (value only).
         ``activation``: an ``ACT2FN`` name, default from the model config (checked against the FFN's
         own). ``memory_chunk``: rows per forward when computing the memory's queries.
-        ``key_working_set``: size of the sample of negatives the key fit starts from (:meth:`_fit_keys`)."""
-        if max_steps < 0 or max_key_steps < 0 or max_neurons_per_edit < 1 or top_k < 1 or key_working_set < 1:
-            raise ValueError("need max_steps >= 0, max_key_steps >= 0, max_neurons_per_edit >= 1, top_k >= 1 and "
-                             "key_working_set >= 1")
+        ``key_working_set``: size of the sample of negatives the key fit starts from (:meth:`_fit_keys`).
+        ``max_neurons_per_edit``: at most this many neurons per wrong input (None: one per wrong token)."""
+        if max_steps < 0 or max_key_steps < 0 or (max_neurons_per_edit or 1) < 1 or top_k < 1 or key_working_set < 1:
+            raise ValueError("need max_steps >= 0, max_key_steps >= 0, max_neurons_per_edit >= 1 (or None), "
+                             "top_k >= 1 and key_working_set >= 1")
         self.site = resolve_site(model, layer, activation)
         self.layers: list[LayerSpec] = select_layers(model, [re.escape(n) for n in self.site.matrices])
         self.memory = dict(memory) if memory is not None else None
@@ -465,6 +473,20 @@ class Patcher(Editor):
         # what the last edit did (0 steps and 0 neurons: the model was already right)
         self.last_steps, self.last_neurons, self.last_right, self.last_constraints = 0, 0, True, True
         self.last_key_steps = self.last_key_rounds = 0
+        # why the last edit was rolled back ({} when it was kept or not needed): each failed check and by how
+        # much, e.g. {"wrong_rows": 1.0, "memory_margin": 0.8}; ``failures``: edits rolled back so far
+        self.last_failure: dict[str, float] = {}
+        self.failures = 0
+
+    @classmethod
+    def for_evaluation(cls, context: EditorContext, layer: str | None = None, memory_size: int = 40000,
+                       **init_args: Any) -> "Patcher":
+        """A patcher of ``context.model`` whose memory is ``memory_size`` of the context's training
+        inputs (never an evaluated input; none without a training split)."""
+        if memory_size < 0:
+            raise ValueError(f"memory_size must be >= 0, got {memory_size}")
+        memory = context.training_inputs(memory_size) if context.training_inputs and memory_size else None
+        return cls(context.model, layer, memory, **init_args)
 
     # ------------------------------------------------------------ queries
     @torch.no_grad()
@@ -522,7 +544,7 @@ class Patcher(Editor):
         wrong = (pred != tgt) & target
         neurons, queries = [], []
         for i in rows:
-            neurons += [(i, int(t)) for t in wrong[i].nonzero().flatten()[:self.max_neurons_per_edit]]
+            neurons += [(i, int(t)) for t in wrong[i].nonzero().flatten()[:self.max_neurons_per_edit]]  # None: all
             queries += [(i, int(t)) for t in target[i].nonzero().flatten()]
         return neurons, queries
 
@@ -533,15 +555,22 @@ class Patcher(Editor):
             return v.new_zeros(())
         return v.topk(min(self.top_k, v.shape[-1]), dim=-1).values.mean()
 
-    def _fits(self, a_edit: Tensor, a_neg: Tensor) -> bool:
-        """Whether every new neuron meets the activation constraints (to within rounding)."""
+    def _violations(self, a_edit: Tensor, a_neg: Tensor) -> dict[str, float]:
+        """The activation constraints some new neuron breaks (beyond rounding), each with its worst
+        shortfall: ``edit_activation`` (on its own query), ``memory_margin`` (on a negative), ``gap``
+        (edit's over the largest negative's); {} when all hold."""
         tol = 1e-4
         a_edit = a_edit.detach()
-        ok = a_edit >= self.edit_activation - tol
+        short = {"edit_activation": float((self.edit_activation - a_edit).max())}
         if a_neg.shape[-1]:
             worst = a_neg.detach().amax(-1)
-            ok &= (worst <= self.memory_margin + tol) & (a_edit - worst >= self.gap_margin - tol)
-        return bool(ok.all())
+            short["memory_margin"] = float((worst - self.memory_margin).max())
+            short["gap"] = float((self.gap_margin - (a_edit - worst)).max())
+        return {k: v for k, v in short.items() if v > tol}
+
+    def _fits(self, a_edit: Tensor, a_neg: Tensor) -> bool:
+        """Whether every new neuron meets the activation constraints (to within rounding)."""
+        return not self._violations(a_edit, a_neg)
 
     def _activation_loss(self, a_edit: Tensor, a_neg: Tensor) -> Tensor:
         """The activation terms of the loss: the edit's pre-activation above ``edit_activation``; over the
@@ -638,6 +667,8 @@ class Patcher(Editor):
         4. Adam on edit NLL + activation loss, with a model forward per step, until the edit is right
            and the constraints hold, or ``max_steps``. Only the value is trained here when step 3 met
            the constraints (training the key on the NLL would undo them); key and bias too otherwise.
+        5. Roll back (an empty edit, reason in ``last_failure``) when the edit is still wrong, or when
+           the key was trained and a constraint still fails (the "stalled" stop above).
         """
         from transformers.activations import ACT2FN
 
@@ -647,6 +678,7 @@ class Patcher(Editor):
         x, logits = self._layer_inputs(model, batch, family, logits=True)
         neurons, stored = self._positions(logits, labels, family)
         self.last_neurons, self.last_right, self.last_constraints = len(neurons), not neurons, True
+        self.last_failure = {}
         if not neurons:
             return PatchEdit.empty(site)
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # the patch is trained in float32 at least
@@ -713,6 +745,17 @@ class Patcher(Editor):
                 opt.step()
                 steps += 1
         self.last_steps, self.last_right, self.last_constraints = steps, right, fits
+        # roll back a patch that is still wrong, or (keys trained) fires where the constraints forbid: the
+        # working model must not keep a neuron that breaks the memory or fixes nothing
+        broken: dict[str, float] = {}
+        if not fits and self.train_key:
+            with torch.no_grad():
+                broken = self._violations(*_pre_activations(q, negs, valid, key, bias))
+        if not right or broken:
+            wrong = float((1 - scores(out.detach(), labels, family)[0]).sum())
+            self.last_failure = {**({"wrong_rows": wrong} if not right else {}), **broken}
+            self.failures += 1
+            return PatchEdit.empty(site)
         return PatchEdit(site, key, bias, value, stored_q)
 
 

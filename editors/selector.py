@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.encoding import Family
-from editors.base import DeltaEditor
+from editors.base import DeltaEditor, EditorContext
 from editors.io import FileEditor
 from editors.layers import LayerSpec, gradient_pieces, select_layers
 from editors.losses import forward_logits, nll, scores
@@ -108,6 +108,15 @@ class Selector(FileEditor, nn.Module, DeltaEditor):
     def for_model(cls, model: nn.Module, edit_params: list[str] | None = None, **kw: Any) -> "Selector":
         """An untrained selector for ``model``'s default (or given) candidate matrices."""
         return cls(select_layers(model, edit_params), **kw)
+
+    @classmethod
+    def for_evaluation(cls, context: EditorContext, path: str, until_right_steps: int | None = None) -> "Selector":
+        """The meta-trained selector in file ``path``; ``until_right_steps`` overrides the file's."""
+        sel = cls.load(path, context.model)
+        if until_right_steps is not None:
+            sel.until_right_steps = until_right_steps
+            sel.config = {**sel.config, "until_right_steps": until_right_steps}
+        return sel
 
     # -- scores and mask
     def _prior(self, i: int) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,8 @@ Methods (``method``):
 - ``dynamic`` (the paper's Dyn-Delta, its best): every candidate entry is tuned, and every
   ``shrink_every`` steps (or as soon as the edit is right) only the ``count`` entries with the largest
   |change| are kept, the others reset to their base values, with ``count`` shrinking geometrically
-  (``shrink_factor``) down to ``n``; the ``n`` survivors are then tuned (Adam) until the edit is right;
+  (``shrink_factor``) down to ``n``; the ``n`` survivors are then tuned (Adam) until the edit is right,
+  with ``max_steps`` of their own (the number of shrinks grows with the candidate count);
 - ``l1``: the edit loss plus ``lambda * ||change||_1``, minimised by Adam followed after every step by a
   proximal soft-threshold in Adam's own per-entry metric (an entry whose gradient stays below
   ``lambda`` never leaves zero, so untouched weights keep exactly their base values); then the ``n``
@@ -39,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.encoding import Family
-from editors.base import DeltaEditor, WeightDelta
+from editors.base import DeltaEditor, EditorContext, WeightDelta
 from editors.layers import LayerSpec, select_layers
 from editors.losses import forward_logits, nll, scores
 
@@ -54,12 +55,15 @@ class Surgery(DeltaEditor):
         n_params: the budget: how many scalar weights may differ from the base model (global over ``layers``).
         method: how the entries are selected (see the module docstring): one of :data:`METHODS`.
         lr: Adam's learning rate for every tuning phase.
-        max_steps: cap on the optimiser steps of the tuning phase (for ``dynamic``: of the whole edit,
-            shrinking included; for ``l1``: of the masked tuning after the L1 phase).
+        max_steps: cap on the optimiser steps of the tuning phase, the last of every method (the selected
+            entries; for ``l1``: the masked tuning after the L1 phase; for ``dynamic``: the ``n`` survivors,
+            after a shrinking phase of its own, so that a long schedule never leaves them untuned).
         seed: the seed of ``random``'s selection (the same subset for every edit of this editor).
         probe_steps, probe_lr: ``delta``'s probe fine-tune (``probe_lr`` defaults to ``dense_lr``).
         shrink_every, shrink_factor: ``dynamic``'s schedule: the active count is multiplied by
-            ``shrink_factor`` every ``shrink_every`` steps (or when the edit is right), never below ``n_params``.
+            ``shrink_factor`` every ``shrink_every`` steps (or when the edit is right), never below ``n_params``;
+            :attr:`shrink_schedule` lists the counts, so shrinking takes at most ``shrink_every`` times its
+            length in steps (19 shrinks, 57 steps, from 406 M candidates to 1,000 at the defaults).
         l1_lambda: the L1 weight (in units of the edit loss's gradient). ``None``: ``l1_scale`` times the
             ``n_params``-th largest |gradient| of the edit loss at the base weights.
         l1_scale: see ``l1_lambda``.
@@ -98,14 +102,23 @@ class Surgery(DeltaEditor):
             raise ValueError("l1_lambda and l1_scale must be >= 0")
         self.layers = layers
         self.n_params, self.method, self.n_candidates = int(n_params), method, total
+        # dynamic's active counts after each shrink, sized to the candidate count: at most shrink_every dense
+        # steps per shrink, then max_steps to tune the n survivors whatever the number of shrinks
+        self.shrink_schedule: list[int] = []
+        count = total
+        while method == "dynamic" and count > self.n_params:
+            count = max(self.n_params, int(count * shrink_factor))
+            self.shrink_schedule.append(count)
         self.name = name or f"surgery_{method}"
         self.config = {"class": "Surgery", "name": self.name, "method": method, "n_params": self.n_params,
                        "n_candidates": total, "lr": lr, "max_steps": max_steps, "seed": seed,
                        "probe_steps": probe_steps, "probe_lr": dense_lr if probe_lr is None else probe_lr,
-                       "shrink_every": shrink_every, "shrink_factor": shrink_factor, "l1_lambda": l1_lambda,
+                       "shrink_every": shrink_every, "shrink_factor": shrink_factor,
+                       "shrinks": len(self.shrink_schedule), "l1_lambda": l1_lambda,
                        "l1_scale": l1_scale, "l1_steps": l1_steps,
                        "dense_optimizer": dense_optimizer, "dense_lr": dense_lr, "layers": [l.name for l in layers]}
         self.last_steps = 0     # optimiser steps the last edit took, all phases (0: it was already right)
+        self.last_tune_steps = 0  # of which tuning the selected entries (the last phase of every method)
         self.last_changed = 0   # scalar weights the last edit changes, measured in the model's dtype
         self.last_right = False  # whether every edit input of the last batch was right under the returned change
         self.last_l1_nonzero: int | None = None  # l1: nonzero entries after the penalised phase, before the top-n cut
@@ -114,6 +127,11 @@ class Surgery(DeltaEditor):
     def for_model(cls, model: nn.Module, edit_params: list[str] | None = None, **kw: Any) -> "Surgery":
         """A surgery editor over ``model``'s default (or given) candidate matrices."""
         return cls(select_layers(model, edit_params), **kw)
+
+    @classmethod
+    def for_evaluation(cls, context: EditorContext, **init_args: Any) -> "Surgery":
+        """Surgery over the matrices the config edits; ``seed`` defaults to the evaluation's."""
+        return cls(context.layers(), **{"seed": context.seed, **init_args})
 
     # ------------------------------------------------------------------ helpers
     def _split(self, flat: Tensor) -> dict[str, Tensor]:
@@ -169,8 +187,8 @@ class Surgery(DeltaEditor):
     # ------------------------------------------------------------------ methods
     def _static(self, select: Callable[[], tuple[Tensor, int]]) -> tuple[Tensor, int]:
         idx, pre_steps = select()
-        flat, steps = self._tune_entries(idx, None, self.config["max_steps"])
-        return flat, pre_steps + steps
+        flat, self.last_tune_steps = self._tune_entries(idx, None, self.config["max_steps"])
+        return flat, pre_steps + self.last_tune_steps
 
     def _select_random(self) -> tuple[Tensor, int]:
         gen = torch.Generator().manual_seed(int(self.config["seed"]))
@@ -212,32 +230,31 @@ class Surgery(DeltaEditor):
         return self._top(flat.detach().abs(), self.n_params), self.config["probe_steps"]
 
     def _dynamic(self) -> tuple[Tensor, int]:
-        cfg, n = self.config, self.n_params
+        cfg = self.config
         lr = cfg["dense_lr"]
         flat = self._zeros().requires_grad_(True)
         mask = torch.ones_like(flat, dtype=torch.bool)
         opt = self._dense_opt(flat, lr)
-        count, steps, since = self.n_candidates, 0, 0
-        while count > n:
-            logits = self._forward(flat * mask)
-            if self._right(logits) or since >= cfg["shrink_every"] or steps >= cfg["max_steps"]:
-                # keep the largest |change|; the rest go back to their base values (and lose Adam's memory)
-                count = n if steps >= cfg["max_steps"] else max(n, int(count * cfg["shrink_factor"]))
-                keep = self._top((flat.detach() * mask).abs(), count)
-                mask = torch.zeros_like(mask).index_fill_(0, keep, True)
-                with torch.no_grad():
-                    flat.mul_(mask)
-                    for st in (opt.state.get(flat, {}) if opt is not None else {}).values():
-                        if isinstance(st, Tensor) and st.shape == flat.shape:
-                            st.mul_(mask)
-                since = 0
-                continue
-            self._dense_step(flat, logits, opt, lr, mask)
-            steps, since = steps + 1, since + 1
-        # the budget holds: tune the n kept entries (Adam) until right, within what is left of the cap
+        steps = 0
+        for count in self.shrink_schedule:
+            for _ in range(cfg["shrink_every"]):  # fewer steps when the edit is right already
+                logits = self._forward(flat * mask)
+                if self._right(logits):
+                    break
+                self._dense_step(flat, logits, opt, lr, mask)
+                steps += 1
+            # keep the largest |change|; the rest go back to their base values (and lose Adam's memory)
+            keep = self._top((flat.detach() * mask).abs(), count)
+            mask = torch.zeros_like(mask).index_fill_(0, keep, True)
+            with torch.no_grad():
+                flat.mul_(mask)
+                for st in (opt.state.get(flat, {}) if opt is not None else {}).values():
+                    if isinstance(st, Tensor) and st.shape == flat.shape:
+                        st.mul_(mask)
+        # the budget holds: tune the n kept entries (Adam) until right, with a cap of their own
         idx = mask.nonzero().squeeze(1)
-        out, more = self._tune_entries(idx, flat.detach()[idx], cfg["max_steps"] - steps)
-        return out, steps + more
+        out, self.last_tune_steps = self._tune_entries(idx, flat.detach()[idx], cfg["max_steps"])
+        return out, steps + self.last_tune_steps
 
     def _l1(self) -> tuple[Tensor, int]:
         cfg, n = self.config, self.n_params
@@ -264,8 +281,8 @@ class Surgery(DeltaEditor):
                 w = w.sign() * (w.abs() - lr * lam / s).clamp_min(0)
         self.last_l1_nonzero = int((w != 0).sum())
         idx = self._top(w.abs(), n)
-        flat, more = self._tune_entries(idx, w[idx], cfg["max_steps"])
-        return flat, steps + more
+        flat, self.last_tune_steps = self._tune_entries(idx, w[idx], cfg["max_steps"])
+        return flat, steps + self.last_tune_steps
 
     # ------------------------------------------------------------------ the edit
     def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
@@ -276,9 +293,11 @@ class Surgery(DeltaEditor):
         self._base = {k: v.detach() for k, v in model.named_parameters()}
         first = self._base[self.layers[0].name]
         self._shapes = {l.name: tuple(self._base[l.name].shape) for l in self.layers}
-        self._device, self._dtype = first.device, (first.dtype if first.is_floating_point() else torch.float32)
+        # the change and Adam's state stay in float32 under an fp16/bf16 base: Adam's eps (1e-8) is 0 in
+        # fp16, so a zero gradient gave 0/0 = NaN, and ngd's step scale overflowed fp16
+        self._device, self._dtype = first.device, torch.promote_types(first.dtype, torch.float32)
         self._model, self._batch, self._family = model, batch, family
-        self.last_l1_nonzero = None
+        self.last_l1_nonzero, self.last_tune_steps = None, 0
         try:
             with torch.enable_grad():
                 with torch.no_grad():

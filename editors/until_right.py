@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from datamodules.encoding import Family
 from editors.losses import forward_logits, scores
-from editors.base import DeltaEditor, EditedModel
+from editors.base import DeltaEditor, EditedModel, EditorContext, build_editor
 
 DEFAULT_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -37,6 +37,16 @@ class UntilRight(nn.Module, DeltaEditor):
         self.config = {"class": "UntilRight", "name": name, "scales": self.scales,
                        "editor": getattr(editor, "config", type(editor).__name__)}
         self.last_scale: float | None = None  # the scale the last edit kept
+
+    @classmethod
+    def for_evaluation(cls, context: EditorContext, editor: Mapping[str, Any] | None = None,
+                       scales: Sequence[float] | None = None, name: str | None = None) -> "UntilRight":
+        """``editor`` (a spec, default a MEND spec without its file) under the rule; ``scales`` default
+        to the config's grid (``context.until_right_scales``), else :data:`DEFAULT_SCALES`."""
+        inner = build_editor(editor or {"class_path": "editors.mend.MEND"}, context)
+        if scales is None:
+            scales = context.until_right_scales or DEFAULT_SCALES
+        return cls(inner, scales, name or f"{inner.name}_until_right")
 
     def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
                loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:

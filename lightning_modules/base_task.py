@@ -45,7 +45,7 @@ class BaseTaskModule(L.LightningModule):
         if model_name_or_path.startswith("tiny-"):
             self.model = build_tiny(model_name_or_path, self.tokenizer, tiny_config)
         else:
-            self.model = load_model(model_name_or_path, family)
+            self.model = load_model(model_name_or_path, family).train()  # from_pretrained gives eval mode: dropout on
         self.decoder_start_id = decoder_start_id(self.model)
         self.val_em, self.val_tok = MeanMetric(), MeanMetric()
         self.cache_key: dict | None = None  # set by the CLI: the resolved config that made this model
@@ -58,6 +58,16 @@ class BaseTaskModule(L.LightningModule):
     def is_cached(self) -> bool:
         stamp = Path(self.hparams.output_dir) / "model" / "hypedit_base.json"
         return stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == self.fingerprint()
+
+    def setup(self, stage: str) -> None:
+        """Check, before training, the files the export reads when training ends."""
+        data = self.trainer.datamodule.hparams if self.trainer.datamodule is not None else None
+        if stage == "fit" and data is not None and not data.annotate and not data.train_files:
+            missing = [f for f in world_export_inputs(Path(data.world_dir), self.hparams.family) if not f.exists()]
+            if missing:
+                raise FileNotFoundError(f"{missing[0]} not found: the export annotates the world in {data.world_dir} "
+                                        "when training ends; generate it (the config's world section and world_dir) "
+                                        "or set data.init_args.annotate or train_files")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = nll(forward_logits(self.model, batch, self.hparams.family), batch["labels"], self.hparams.family)
@@ -217,13 +227,23 @@ def annotate_files(model, tok, family: Family, inputs: Mapping[str, str | Path],
     return stats
 
 
+WORLD_LOC_FILES = ("nq-loc.jsonl", "fever-loc.jsonl")
+
+
+def world_export_inputs(world_dir: Path, family: Family) -> list[Path]:
+    """The world's files :func:`annotate_world` reads: its stamp (the kind), the edit files, the locality files."""
+    task = "fever" if family == "classifier" else "zsre"
+    return [world_dir / "world.json", *(world_dir / f"{task}-{s}.jsonl" for s in ("train", "val", "test")),
+            *(world_dir / f for f in WORLD_LOC_FILES)]
+
+
 def annotate_world(model, tok, family: Family, world_dir: Path, out_dir: Path) -> dict[str, float]:
     """:func:`annotate_files` on the built-in world's edit files, each question's answers ranked over
     its relation's objects; the locality files are copied beside them."""
     task = "fever" if family == "classifier" else "zsre"
     stats = annotate_files(model, tok, family, {s: world_dir / f"{task}-{s}.jsonl" for s in ("train", "val", "test")},
                            out_dir, candidates={r: objs for r, (objs, _, _) in kind_relations(world_kind(world_dir)).items()})
-    for f in ("nq-loc.jsonl", "fever-loc.jsonl"):
+    for f in WORLD_LOC_FILES:
         shutil.copy(world_dir / f, out_dir / f)
     return stats
 

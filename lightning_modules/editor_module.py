@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from datamodules.encoding import Family
 from editors.losses import forward_logits, kl_pre_post, model_inputs, nll, scores, top1_agreement
-from editors.io import CHECKPOINT_KEY, save_blob
+from editors.io import CHECKPOINT_KEY, DATA_KEY, save_blob
 from editors.layers import check_fingerprint, fingerprint
 from lightning_modules.callbacks import NonFiniteGuard, ProgressLog, check_finite
 from lightning_modules.models import BaseDtype, load_model
@@ -44,9 +44,10 @@ class EditorModule(L.LightningModule):
 
     val: torch.nn.ModuleDict
     editor: torch.nn.Module
-    step_size_param = "edit_lrs"  # the editor's learned step sizes: their own rate, ``edit_lr_lr``
+    step_size_params = ("edit_lrs",)  # the editor's learned step sizes: their own rate, ``edit_lr_lr``
 
     def _load_base(self, base_model: str, family: Family, base_dtype: BaseDtype | None) -> None:
+        # frozen and in eval mode on purpose (see train()): meta-training edits a fixed, deterministic base
         self.model = load_model(base_model, family, base_dtype).eval()
         self.model.requires_grad_(False)
         self._base_fingerprint: dict[str, str] | None = None
@@ -127,14 +128,14 @@ class EditorModule(L.LightningModule):
             metric.reset()
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
-        nets = [p for n, p in self.editor.named_parameters() if n != self.step_size_param]
+        nets = [p for n, p in self.editor.named_parameters() if n not in self.step_size_params]
         # fused Adam: the default per-tensor loop costs up to ~3 base forward+backward passes per step
         # on CPU (benchmarks/NOTES.md); Lightning's mixed-precision plugin (16-mixed and bf16-mixed alike)
         # refuses gradient clipping with a fused optimizer, so there the multi-tensor (foreach) kernel is used
         fused = self._trainer is None or self._trainer.precision not in ("16-mixed", "bf16-mixed", "16")
         # the step sizes get their own learning rate, and it really applies (one optimizer, two groups)
         opt = torch.optim.Adam([{"params": nets, "lr": self.hparams.lr},
-                                {"params": [getattr(self.editor, self.step_size_param)], "lr": self.hparams.edit_lr_lr}],
+                                {"params": [getattr(self.editor, n) for n in self.step_size_params], "lr": self.hparams.edit_lr_lr}],
                                fused=fused or None, foreach=None if fused else True)
         total = self._trainer.max_steps if self._trainer is not None else -1
         if not self.hparams.cosine_decay or total <= 0:
@@ -183,7 +184,8 @@ class EditorModule(L.LightningModule):
         blob = (torch.load(best, map_location="cpu", weights_only=True)[CHECKPOINT_KEY] if best
                 else self.editor.export(self.model, self.base_fingerprint()))
         check_finite(blob["state_dict"], "the trained editor")
-        save_blob(out / "editor.safetensors", blob)
+        # the data it was meta-trained on: eval.py refuses a test locality pool that overlaps its pools
+        save_blob(out / "editor.safetensors", {**blob, DATA_KEY: datamodule.data_record()})
         return {"editor": str(out / "editor.safetensors"), "best_checkpoint": best or None,
                 "best_score": float(cb.best_model_score) if best and cb.best_model_score is not None else None,
                 "monitor": getattr(cb, "monitor", None), "base_model": self.base_fingerprint()["name"]}

@@ -25,7 +25,9 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("GS (EM)", "generality", "{:.3f}"), ("GS (tok)", "generality_token_acc", "{:.3f}"),
     ("loc agree", "locality_agreement", "{:.3f}"), ("loc KL", "locality_kl", "{:.4f}"), ("drawdown", "drawdown", "{:+.4f}"), ("± se", "drawdown_stderr", "{:.4f}"),
     ("R->W", "flips_right_to_wrong", "{}"), ("W->R", "flips_wrong_to_right", "{}"),
+    ("loc = base", "locality_base_agreement", "{:.3f}"),
     ("ER end", "edit_retention", "{:.3f}"), ("TestR end", "test_retention", "{:.3f}"),
+    ("TestR (base) end", "test_retention_base", "{:.3f}"), ("rolled back", "n_edits_rolled_back", "{}"),
     ("s/edit", "seconds_per_edit", "{:.4f}"), ("changed", "params_changed", "{:,.0f}"),
 ]
 
@@ -50,11 +52,24 @@ def _cell(entry: dict, key: str, fmt: str) -> str:
     return "-" if v is None else fmt.format(v)
 
 
+# which answers each locality figure compares with: a real pretrained LM rarely gives the gold answer of a
+# locality question, so its gold-based figures are near 0 by construction and the base-answer ones are used
+LOCALITY_FIGURES = ("Locality figures: drawdown, R->W / W->R and TestR compare with the gold answers (exact match "
+                    "on labelled inputs); loc = base and TestR (base) compare with the unedited model's own greedy "
+                    "answers (exact match), the figures to read for a pretrained model whose gold accuracy is near 0; "
+                    "loc agree is top-1 agreement at answer positions.")
+
+
 def table(entries: Sequence[dict]) -> str:
     """The comparison table of all entries, as Markdown (also readable as plain text)."""
     lines = ["| " + " | ".join(c for c, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(e, k, f) for _, k, f in COLUMNS) + " |" for e in entries]
     return "\n".join(lines)
+
+
+def entry_label(entry: dict) -> str:
+    """What tells an entry's editor apart in a report (two checkpoints or budgets of one editor share its name)."""
+    return entry.get("label") or entry["editor"]
 
 
 def _by_mode(entries: Sequence[dict], mode: str) -> list[dict]:
@@ -76,7 +91,7 @@ def plot_retention(entries: Sequence[dict], path: Path) -> bool:
                                   ("train_r", "TrainR", "x--"), ("test_r", "TestR", "d--")):
             ax.plot(e["checkpoints"], _clean(e[key]), style, label=label)
         ax.set_xscale("log")
-        ax.set_title(f"{e['editor']}: retention over the stream")
+        ax.set_title(f"{entry_label(e)}: retention over the stream")
         ax.set_xlabel("edits applied")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("share right / retention ratio")
@@ -100,8 +115,8 @@ def plot_locality_drift(entries: Sequence[dict], path: Path) -> bool:
                                             ("locality_kl", "KL(original || edited)"),
                                             ("drawdown", "accuracy drawdown"))):
             ax = axes[row][col]
-            for editor in sorted({e["editor"] for e in group}):
-                pts = [e for e in group if e["editor"] == editor]
+            for editor in sorted({entry_label(e) for e in group}):
+                pts = [e for e in group if entry_label(e) == editor]
                 if xkey == "checkpoints":
                     xs, ys = pts[0]["checkpoints"], pts[0][f"{key}_curve"]
                 else:
@@ -127,8 +142,8 @@ def plot_batch(entries: Sequence[dict], path: Path) -> bool:
     if not bat:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for editor in sorted({e["editor"] for e in bat}):
-        pts = sorted((e for e in bat if e["editor"] == editor), key=lambda e: e["edits_per_step"])
+    for editor in sorted({entry_label(e) for e in bat}):
+        pts = sorted((e for e in bat if entry_label(e) == editor), key=lambda e: e["edits_per_step"])
         ks = [e["edits_per_step"] for e in pts]
         line = ax.plot(ks, _clean([e["edit_success"] for e in pts]), "o-", label=f"{editor} edit success")[0]
         ax.plot(ks, _clean([e["generality"] for e in pts]), "s--", color=line.get_color(), label=f"{editor} generality")
@@ -147,8 +162,8 @@ def plot_batch(entries: Sequence[dict], path: Path) -> bool:
 
 
 def plot_budget(entries: Sequence[dict], path: Path) -> bool:
-    """Single-edit figures versus the budget of weights an edit may change (``--surgery_n_params``
-    with several values), one line per method. False unless some method ran at two budgets or more."""
+    """Single-edit figures versus the budget of weights an edit may change (``eval.py --editor
+    surgery_grad@10 surgery_grad@100``), one line per method. False unless a method ran at two budgets."""
     single = [e for e in _by_mode(entries, "single") if (e.get("editor_config") or {}).get("n_params")]
     methods = sorted({e["editor"] for e in single})
     if not any(len({e["editor_config"]["n_params"] for e in single if e["editor"] == m}) > 1 for m in methods):
@@ -180,7 +195,7 @@ def write_tensorboard(entries: Sequence[dict], log_dir: Path, summary: str) -> N
         old.unlink()
     with SummaryWriter(str(log_dir)) as w:
         for e in entries:
-            tag = f"{e['editor']}/{e['mode']}"
+            tag = f"{entry_label(e)}/{e['mode']}"
             if e["mode"] == "sequential":
                 for key in ("sr", "gr", "er", "train_r", "test_r", "locality_agreement_curve",
                             "locality_kl_curve", "drawdown_curve"):
@@ -202,18 +217,18 @@ def markdown(report: dict, plots: Sequence[Path]) -> str:
            f"Command: `{report['command']}`", "",
            f"Seed {report['seed']}; {report['n_edits_available']} held-out edits available. "
            "Every number compares the edited model with an untouched copy of the original; "
-           "definitions are at the end.", "", "## Summary", "", table(entries), ""]
-    configs = {e["editor"]: e.get("editor_config") or {} for e in entries}
+           "definitions are at the end.", "", "## Summary", "", LOCALITY_FIGURES, "", table(entries), ""]
+    configs = {entry_label(e): e.get("editor_config") or {} for e in entries}
     out += ["## Editors", ""] + [f"- **{name}**: " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "layers")
                                  + f" ({len(cfg.get('layers', []))} edited matrices)" for name, cfg in configs.items()]
-    notes = [f"- {e['editor']} {e['mode']} K={e['edits_per_step']}: {e['n_edits']} edits used"
+    notes = [f"- {entry_label(e)} {e['mode']} K={e['edits_per_step']}: {e['n_edits']} edits used"
              + (f", {e['n_edits_left_out']} left out (not a whole step/fold)" if e.get("n_edits_left_out") else "")
              + (f"; {e['note']}" if e.get("note") else "")
              for e in entries if e.get("n_edits_left_out") or e.get("note")]
     if notes:
         out += ["", "## Notes", ""] + notes
     for e in _by_mode(entries, "sequential"):
-        out += ["", f"## Sequential stream: {e['editor']} ({e['folds']} fold(s), {e['edits_per_step']} edit(s) per step, "
+        out += ["", f"## Sequential stream: {entry_label(e)} ({e['folds']} fold(s), {e['edits_per_step']} edit(s) per step, "
                 f"{e['n_edits_applied']} applied)", "",
                 "| edits applied | SR | GR | ER | TrainR | TestR | loc agree | loc KL | drawdown |", "|" + "---|" * 9]
         for p, x in enumerate(e["checkpoints"]):
@@ -252,26 +267,42 @@ def write_report(report: dict, path: str | Path) -> dict[str, Path]:
     return written
 
 
-# run-level keys that must agree for entries of several reports to be compared in one
+# run-level keys that must agree for entries of several reports to be compared in one; then eval.py's
+# settings that choose the edits and the locality inputs scored, and the data's fingerprint where both have one
 SAME_PROTOCOL = ("base_model", "dataset", "data_file", "split", "seed", "n_edits_available")
+SAME_SETTINGS = ("n_edits", "loc_per_edit", "n_test_probe")
 
 
 def merge_reports(paths: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
     """Write one report (table, plots, TensorBoard) with the entries of several runs of ``eval.py`` on
     the same held-out edits, e.g. budgets run one command at a time; refuses reports that differ in
-    base model, data, split or seed."""
+    base model, data (its fingerprint where both have one), split, seed, edits or locality settings."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
+    first = reports[0]
     for p, r in zip(paths[1:], reports[1:]):
-        diff = [k for k in SAME_PROTOCOL if r.get(k) != reports[0].get(k)]
+        diff = [k for k in SAME_PROTOCOL if r.get(k) != first.get(k)]
+        diff += [k for k in SAME_SETTINGS if (r.get("eval_args") or {}).get(k) != (first.get("eval_args") or {}).get(k)]
+        if "data_fingerprint" in r and "data_fingerprint" in first:
+            diff += ["data_fingerprint"] if r["data_fingerprint"] != first["data_fingerprint"] else []
         if diff:
             raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}: its figures are not comparable")
-    merged = {k: reports[0].get(k) for k in (*SAME_PROTOCOL, "family", "definitions")}
+    merged = {k: first.get(k) for k in (*SAME_PROTOCOL, "family", "definitions")}
+    merged["eval_args"] = {k: (first.get("eval_args") or {}).get(k) for k in SAME_SETTINGS}
+    if all("data_fingerprint" in r for r in reports):
+        merged["data_fingerprint"] = first["data_fingerprint"]
     merged["command"] = " ; ".join(r["command"] for r in reports)
     merged["merged_from"] = [str(p) for p in paths]
     # budgeted editors are told apart by their budget: the same method may come from several runs
-    merged["entries"] = [{**e, "label": f"{e['editor']}@{e['editor_config']['n_params']}"
-                          if (e.get("editor_config") or {}).get("n_params") else e.get("label", e["editor"])}
-                         for r in reports for e in r["entries"]]
+    merged["entries"] = []
+    for e in (e for r in reports for e in r["entries"]):
+        n = (e.get("editor_config") or {}).get("n_params")
+        e = {**e, "label": f"{e['editor']}@{n}" if n and entry_label(e) == e["editor"] else entry_label(e)}
+        if any((m["label"], m["mode"], m.get("edits_per_step")) == (e["label"], e["mode"], e.get("edits_per_step"))
+               for m in merged["entries"]):
+            raise ValueError(f"two entries labelled {e['label']!r} ({e['mode']}, K={e.get('edits_per_step')}) in "
+                             f"{', '.join(map(str, paths))}: rerun one with its own label (eval.py --editors "
+                             f"'[{{class_path: ..., label: NAME}}]')")
+        merged["entries"].append(e)
     return write_report(merged, out)
 
 

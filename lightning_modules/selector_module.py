@@ -50,7 +50,7 @@ class SelectorModule(EditorModule):
     that monitors a ``val/`` metric, else the last one.
     """
 
-    step_size_param = "log_edit_lrs"
+    step_size_params = ("log_edit_lrs",)
 
     def __init__(self, base_model: str = "runs/base_zsre_gpt2_tiny/model", family: Family = "causal",
                  edit_params: list[str] | None = None, n_params: int = 1000, hidden: int = 16,

@@ -18,6 +18,7 @@ from datamodules.formats import (DataFormatError, detect_task, read_fever_jsonl,
 from datamodules.world import RELATIONS, SPLITS, WorldConfig, generate_world, read_jsonl_plain, template_groups
 
 FORMATS_LOGGER = "datamodules.formats"
+ALL_TO_TRAIN = (1.0, 1e-12, 1e-12)  # loc_shares that leave (all but a 2e-12 chance) every input in the training pool
 
 
 # --------------------------------------------------------------------------- helpers
@@ -144,7 +145,7 @@ def test_zsre_datamodule_reads_jsonl_end_to_end(small_world, tmp_path):
     ])
     nq = _write_jsonl(tmp_path / "nq.jsonl", [{"questions": ["who wrote hamlet"], "answers": ["Shakespeare"]}])
     dm = ZsreDataModule(train_path=str(train), loc_path=str(nq), tokenizer=str(small_world / "tokenizer"),
-                        n_edits=1, shuffle=False)
+                        n_edits=1, shuffle=False, loc_shares=ALL_TO_TRAIN)
     dm.setup("fit")
     recs = dm.splits["train"].records
     assert [(r.prompt, r.target) for r in recs] == [("Where was Ada born?", "Lyon")]
@@ -166,7 +167,7 @@ def test_zsre_datamodule_reads_toolkit_json_end_to_end(small_world, tmp_path):
                      "nq question: largest ocean", "Pacific"),
     ]))
     dm = ZsreDataModule(train_path=str(path), tokenizer=str(small_world / "tokenizer"),
-                        n_edits=2, loc_per_edit=1, shuffle=False)
+                        n_edits=2, loc_per_edit=1, shuffle=False, loc_shares=ALL_TO_TRAIN)
     dm.setup("fit")
     assert [(r.prompt, r.target, r.rephrases) for r in dm.splits["train"].records] == [
         ("Where was Ada born?", "Paris", ["What is Ada's birthplace?"]),
@@ -425,8 +426,7 @@ def test_epoch_sampler_orders_the_same_for_one_process_and_two(small_world):
 
 def test_meta_training_validation_and_test_locality_inputs_are_disjoint(small_world):
     """Meta-training's KL inputs, validation's and test's locality inputs are three disjoint parts of the
-    pool, and (the world lists a subject's questions together) share no wording of the same fact but at
-    the two cut points."""
+    pool, and (pools are assigned by subject) share no subject."""
     dm = ZsreDataModule(**_world_paths(small_world, "zsre"), loc_per_edit=3, redraw=True, hard_loc=1)
     dm.setup("fit")
     ids = lambda ex: tuple(ex["input_ids"])
@@ -439,7 +439,7 @@ def test_meta_training_validation_and_test_locality_inputs_are_disjoint(small_wo
     assert sum(len(v) for v in dm.loc_pools.values()) == len(dm.loc_pairs)
     names = lambda pairs: {w for p in pairs for w in re.findall(r"[A-Z]\w+", p.prompt)} - {"What", "Where", "Which", "Who", "In", "For", "By", "The"}
     subj = {k: names(v) for k, v in dm.loc_split_pairs.items()}
-    assert len(subj["train"] & subj["val"]) + len(subj["val"] & subj["test"]) + len(subj["train"] & subj["test"]) <= 2
+    assert not subj["train"] & subj["val"] and not subj["val"] & subj["test"] and not subj["train"] & subj["test"]
 
 
 def test_locality_filter_drops_overlapping_inputs(small_world, tmp_path):
@@ -459,7 +459,7 @@ def test_locality_filter_drops_overlapping_inputs(small_world, tmp_path):
         _toolkit_row("Fay", "Who employs Fay?", "Acme", "Globex", "Which firm does Fay work for?",
                      "nq question: who was Ada Byron's mother", "Anne"),  # 'Ada' alone is not the subject
     ]))
-    dm = ZsreDataModule(train_path=str(path), tokenizer=str(small_world / "tokenizer"))
+    dm = ZsreDataModule(train_path=str(path), tokenizer=str(small_world / "tokenizer"), loc_shares=ALL_TO_TRAIN)
     dm.setup("fit")
     assert sorted(p.prompt for p in dm.loc_pairs) == ["who was Ada Byron's mother", "who wrote hamlet"]
 
@@ -472,13 +472,19 @@ def test_locality_filter_drops_overlapping_inputs(small_world, tmp_path):
         {"questions": ["Where was Ada born?", "who wrote hamlet", "What is Ada's birthplace?",
                        "Which firm does Bob work for?", "Where was Ada born"], "answers": ["a", "b", "c", "d", "e"]}])
     dm = ZsreDataModule(train_path=str(train), val_path=str(val), loc_path=str(nq),
-                        tokenizer=str(small_world / "tokenizer"))
+                        tokenizer=str(small_world / "tokenizer"), loc_shares=(1.0, 1.0, 1e-12))
     dm.setup("fit")
-    assert [p.prompt for p in dm.loc_pairs] == ["who wrote hamlet", "Where was Ada born"]
+    pools = {k: [p.prompt for p in v] for k, v in dm.loc_split_pairs.items()}
+    # the meta-training pool loses what any split's edits say; validation's only what its own edits say
+    assert set(pools["train"]) <= {"who wrote hamlet", "Where was Ada born"}
+    assert set(pools["val"]) <= {"who wrote hamlet", "Where was Ada born", "Where was Ada born?",
+                                 "What is Ada's birthplace?"}
+    assert sorted(p.prompt for p in dm.loc_pairs) == sorted(pools["train"] + pools["val"])
     only_overlap = _write_jsonl(tmp_path / "nq-overlap.jsonl", [
         {"questions": ["Where was Ada born?"], "answers": ["Paris"]}])
-    dm = ZsreDataModule(train_path=str(train), loc_path=str(only_overlap), tokenizer=str(small_world / "tokenizer"))
-    with pytest.raises(ValueError, match="no locality inputs left"):
+    dm = ZsreDataModule(train_path=str(train), loc_path=str(only_overlap), tokenizer=str(small_world / "tokenizer"),
+                        loc_shares=ALL_TO_TRAIN)
+    with pytest.raises(ValueError, match="no train locality inputs"):
         dm.setup("fit")
 
 

@@ -2,6 +2,7 @@
 very small world (tiny random GPT-2 / BERT, untrained MEND), the report schema, and refusals."""
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import subprocess
@@ -13,13 +14,15 @@ import torch
 import yaml
 
 from datamodules.encoding import collate, encode
+from datamodules.formats import read_nq
 from editors.ft import FineTune
 from editors.layers import select_layers
-from editors.losses import forward_logits, scores
-from editors.base import EditedModel, merge_deltas_
+from editors.losses import forward_logits, scores, top1_agreement
+from editors.base import DeltaEditor, EditedModel, merge_deltas_
 from editors.mend import MEND
 from editors.until_right import UntilRight
-from lightning_modules.evaluation import (DEFINITIONS, EditMetrics, drawdown, flip_counts, retention, select_rows,
+from lightning_modules.evaluation import (DEFINITIONS, BaseLocality, EditData, EditMetrics, drawdown, flip_counts,
+                                          greedy_answers, locality_scores, retention, run_sequential, select_rows,
                                           stream_checkpoints)
 from lightning_modules.models import build_tiny
 
@@ -64,16 +67,19 @@ def test_edit_metrics_aggregate_hand_made_steps():
                    "generality": torch.tensor([0.5, 0.0]), "generality_token_acc": torch.tensor([0.5, 0.5]),
                    "agreement": torch.tensor([1.0, 0.5, 1.0]), "kl": torch.tensor([0.0, 0.3, 0.0]),
                    "pre_right": torch.tensor([t, t, f]), "post_right": torch.tensor([f, t, t]),
-                   "labelled": torch.tensor([t, t, t])}, seconds=1.0, params_changed=10)
+                   "labelled": torch.tensor([t, t, t]), "base_agreement": torch.tensor([1.0, 0.0, 1.0])},
+                  seconds=1.0, params_changed=10)
     m.update_step({"edit_success": torch.tensor([1.0]), "edit_success_token_acc": torch.tensor([1.0]),
                    "generality": torch.tensor([1.0]), "generality_token_acc": torch.tensor([1.0]),
                    "agreement": torch.tensor([0.0, 1.0]), "kl": torch.tensor([0.6, 0.0]),
                    "pre_right": torch.tensor([t, t]), "post_right": torch.tensor([f, f]),
-                   "labelled": torch.tensor([t, f])}, seconds=3.0, params_changed=30)
+                   "labelled": torch.tensor([t, f]), "base_agreement": torch.tensor([0.0, 1.0])},
+                  seconds=3.0, params_changed=30)
     out = m.compute(n_base_params=100)
     assert out["edit_success"] == pytest.approx(2 / 3)
     assert out["generality"] == pytest.approx(0.5)
     assert out["locality_agreement"] == pytest.approx(3.5 / 5)
+    assert out["locality_base_agreement"] == pytest.approx(3 / 5)
     assert out["locality_kl"] == pytest.approx(0.9 / 5)
     # labelled inputs only: before right [1, 1, 0, 1], after right [0, 1, 1, 0]
     assert (out["flips_right_to_wrong"], out["flips_wrong_to_right"], out["n_locality_labelled"]) == (2, 1, 4)
@@ -95,6 +101,149 @@ def test_select_rows_trims_padding_without_changing_scores(tiny_models, tokenize
     for a, b in zip(scores(forward_logits(model, one, "causal"), one["labels"], "causal"),
                     scores(forward_logits(model, alone, "causal"), alone["labels"], "causal")):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- what the scores count
+def _collate_for(tokenizer, family):
+    start = tokenizer.bos_token_id if family == "seq2seq" else None
+    return lambda feats: collate(feats, tokenizer.pad_token_id, family, start)
+
+
+def _loc_pairs(small_world, n: int = 24) -> tuple[list[str], list[str]]:
+    pairs = read_nq(small_world / "nq-loc.jsonl")[:n]
+    return [p.prompt for p in pairs], [p.answer for p in pairs]
+
+
+@pytest.mark.parametrize("family", ["causal", "seq2seq"])
+def test_teacher_forced_exact_match_is_greedy_generation(tiny_models, tokenizer, small_world, family):
+    """Exact match under teacher forcing (every target token, end-of-answer included, is the argmax)
+    is 'greedy decoding gives the target': the greedy answers built from the padded teacher-forced
+    forward equal `generate()`'s (one prompt at a time, KV cache, no padding), the model's exact match
+    on them is 1, and on any other answer 0. What `generate()` needs for this: plain greedy settings
+    (a model's generation config may force an end token at the length cap, as BART's
+    forced_eos_token_id does, or forbid repeats), a cap longer than the target, and no exact tie
+    between the two top logits (rounding differs between the two forwards)."""
+    from transformers import GenerationConfig
+
+    model = tiny_models[family]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts, gold = _loc_pairs(small_world)
+    feats = encode(tokenizer, family, prompts, gold)
+    col = _collate_for(tokenizer, family)
+    # make the end-of-answer token the first answer token of a quarter of the inputs, so that answers of
+    # several lengths end with it
+    logits = forward_logits(model, col(feats), family)
+    first = [f["labels"].count(-100) - 1 if family == "causal" else 0 for f in feats]
+    at = logits[torch.arange(len(feats)), torch.tensor(first)]
+    eos_bias = torch.zeros(logits.shape[-1])
+    eos_bias[eos] = float((at.max(-1).values - at[:, eos]).quantile(0.25))
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + eos_bias)
+    cap = 5
+    model.generation_config.forced_eos_token_id = None  # BART's: the end token forced at the cap, not greedy
+    answers = greedy_answers(model, feats, family, col, eos, max_tokens=cap)
+    plain = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=cap, eos_token_id=eos, pad_token_id=pad,
+                             decoder_start_token_id=tokenizer.bos_token_id)
+    ends = set()
+    for f, a in zip(feats, answers):
+        prompt = f["input_ids"][:f["labels"].count(-100)] if family == "causal" else f["input_ids"]
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             generation_config=plain)[0].tolist()
+        generated = out[len(prompt):] if family == "causal" else out[1:]
+        answer = [t for t in a["labels"] if t != -100]
+        assert answer == generated, "teacher-forced greedy answer == generate()"
+        ends.add((len(answer), answer[-1] == eos))
+    assert len({n for n, _ in ends}) > 1 and any(e for _, e in ends), "several lengths, some ending with the end token"
+    em = scores(forward_logits(model, col(answers), family), col(answers)["labels"], family)[0]
+    assert em.tolist() == [1.0] * len(answers)
+    # any other answer (its last token changed) is not the greedy one: exact match 0
+    other = []
+    for a in answers:
+        bad = (a["labels"][-1] + 1) % len(tokenizer)
+        ids = a["input_ids"][:-1] + [bad] if family == "causal" else a["input_ids"]
+        other.append({"input_ids": ids, "labels": a["labels"][:-1] + [bad]})
+    assert scores(forward_logits(model, col(other), family), col(other)["labels"], family)[0].sum() == 0
+
+
+def test_locality_agreement_counts_answer_positions_only():
+    """Top-1 agreement on a causal locality input counts the positions that predict its answer tokens (as
+    MEND's retain rate), not its prompt; an input without an answer counts all its real positions."""
+    labels = torch.tensor([[-100, -100, -100, 7, 8], [-100, -100, -100, -100, -100]])
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+             "labels": labels}
+    pre = torch.zeros(2, 5, 10)
+    pre[..., 1] = 1.0
+    post = pre.clone()
+    post[:, 0, 2] = 2.0  # disagree at a prompt position
+    assert top1_agreement(pre, post, batch, "causal").tolist() == pytest.approx([1.0, 0.8])
+    post[0, 2, 3] = 2.0  # disagree where the first answer token is predicted
+    assert top1_agreement(pre, post, batch, "causal")[0].item() == 0.5
+
+
+def test_base_agreement_is_informative_where_gold_accuracy_is_zero(tokenizer, small_world):
+    """A random GPT-2 never gives a gold answer, so drawdown is 0 for any edit; agreement with its own
+    greedy answers is 1 for an edit that changes nothing and falls for one that changes a lot. The
+    base's outputs are computed once per input: scoring again runs only the edited model, and a cache
+    with no room (the base run again for the KL) gives the same figures."""
+    from lightning_modules.models import build_tiny
+
+    torch.manual_seed(0)
+    model = build_tiny("tiny-gpt2", tokenizer, TINY["tiny-gpt2"]).eval()
+    prompts, gold = _loc_pairs(small_world)
+    feats = encode(tokenizer, "causal", prompts, gold)
+    col = _collate_for(tokenizer, "causal")
+    base = BaseLocality(model, "causal", col, tokenizer.eos_token_id)
+    same, broken = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        for p in broken.transformer.h[-1].mlp.parameters():
+            p.add_(torch.randn_like(p))
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    noop = locality_scores(base, same, feats, chunk=8)
+    n_base_calls = len(calls)
+    assert n_base_calls > 0 and not noop["pre_right"].any() and not noop["post_right"].any(), "gold accuracy 0"
+    assert noop["base_agreement"].tolist() == [1.0] * len(feats)
+    assert noop["agreement"].tolist() == [1.0] * len(feats) and noop["kl"].abs().max() < 1e-6
+    hit = locality_scores(base, broken, feats, chunk=8)
+    assert len(calls) == n_base_calls, "the base model ran once per input, not once per edit"
+    assert hit["base_agreement"].mean() < 0.9 and not hit["post_right"].any()
+    answers = col([r["answer"] for r in base.rows(feats)])  # scored directly, without the gold forward's help
+    direct = scores(forward_logits(broken, answers, "causal"), answers["labels"], "causal")[0]
+    assert hit["base_agreement"].tolist() == direct.tolist()
+    assert drawdown(hit["pre_right"], hit["post_right"]) == 0.0, "the gold figure cannot see this edit"
+    again = locality_scores(BaseLocality(model, "causal", col, tokenizer.eos_token_id, max_bytes=0), broken, feats, 8)
+    for k, v in hit.items():
+        torch.testing.assert_close(again[k].float(), v.float(), rtol=1e-5, atol=1e-6, msg=k)
+    assert base.cached_bytes > 0
+
+
+class _NoEdit(DeltaEditor):
+    """An editor whose edits change nothing."""
+
+    def deltas(self, model, batch, family, loc_batch=None):
+        return {}
+
+
+def test_sequential_scores_the_edits_made_and_counts_the_skipped(setup_eval, tokenizer):
+    """Under only_when_wrong, items the model already answers are skipped: SR / GR / ER are over the edits
+    made (here none succeeds: 0, where averaging over all items would credit the skipped ones), and the
+    skipped ones are counted."""
+    from datamodules.edit_data import FeverDataModule
+
+    init = yaml.safe_load(Path(setup_eval["fever_config"]).read_text())["data"]["init_args"]
+    dm = FeverDataModule(**init)
+    dm.setup("test")
+    data = EditData(dm, "test", n_train_probe=10)
+    model = setup_eval["fever_model"]
+    ids = list(range(12))
+    right = scores(forward_logits(model, data.edits(ids), "classifier"), data.edits(ids)["labels"], "classifier")[0]
+    n_right = int(right.sum())
+    assert 0 < n_right < 12, "the random classifier gets some edits right already"
+    seq = run_sequential(_NoEdit(), model, data, ids, only_when_wrong=True, n_test_probe=20, progress=False)
+    assert (seq["n_edits_skipped"], seq["n_edits_applied"]) == (n_right, 12 - n_right)
+    assert seq["sr"] == seq["er"] == [0.0] * len(seq["checkpoints"]) and seq["edit_success"] == 0.0
+    assert seq["test_r"][-1] == seq["test_r_base"][-1] == 1.0, "nothing changed"
+    every = run_sequential(_NoEdit(), model, data, ids, n_test_probe=20, progress=False)
+    assert every["n_edits_skipped"] == 0 and every["edit_success"] == pytest.approx(n_right / 12)
 
 
 # ---------------------------------------------------------------- baselines
@@ -223,7 +372,7 @@ def all_modes_ft(setup_eval):
 
 def test_single_mode_mend_report_schema(setup_eval, tmp_path):
     path = tmp_path / "single.json"
-    _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.safetensors",
+    _run("--config", setup_eval["zsre_config"], "--editor_path", setup_eval["root"] / "editor.safetensors",
          "--mode", "single", "--report", path)
     rep = json.loads(path.read_text())
     for key in REPORT_KEYS + ("config", "seed", "definitions", "entries"):
@@ -241,7 +390,7 @@ def test_single_mode_mend_report_schema(setup_eval, tmp_path):
 
 
 def test_loc_per_edit_all_scores_every_held_out_locality_input_for_every_edit(setup_eval):
-    args = ("--config", setup_eval["zsre_config"], "--editor", "ft", "--mode", "single", "--n_edits", 3, "--ft_steps", 1)
+    args = ("--config", setup_eval["zsre_config"], "--mode", "single", "--n_edits", 3, "--editors+", "{class_path: ft, init_args: {max_steps: 1}}")
     rep = _run(*args, "--loc_per_edit", "all")["entries"][0]
     pool = rep["n_locality_inputs"] // 3
     assert rep["n_locality_inputs"] == 3 * pool and pool > 20, "every edit scored on the whole held-out pool"
@@ -250,7 +399,7 @@ def test_loc_per_edit_all_scores_every_held_out_locality_input_for_every_edit(se
 
 
 def test_mend_until_right_runs_beside_mend_on_the_same_checkpoint(setup_eval):
-    rep = _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.safetensors",
+    rep = _run("--config", setup_eval["zsre_config"], "--editor_path", setup_eval["root"] / "editor.safetensors",
                "--mode", "single", "--editor", "mend", "mend_until_right")
     mend, under_rule = rep["entries"]
     assert under_rule["editor"] == "mend_until_right" and under_rule["n_edits"] == mend["n_edits"] == 20
@@ -261,21 +410,22 @@ def test_mend_until_right_runs_beside_mend_on_the_same_checkpoint(setup_eval):
 
 def test_until_right_scales_default_to_the_configs_validation_grid(setup_eval, tmp_path):
     """A config that validates under the rule (model.init_args.until_right_scales) is evaluated under
-    the same grid unless --until_right_scales says otherwise."""
+    the same grid unless the editor's own scales say otherwise."""
     cfg = yaml.safe_load(Path(setup_eval["zsre_config"]).read_text())
     cfg["model"].setdefault("init_args", {})["until_right_scales"] = [1.0, 0.5]
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    args = ("--config", path, "--ckpt_path", setup_eval["root"] / "editor.safetensors", "--mode", "single",
+    args = ("--config", path, "--editor_path", setup_eval["root"] / "editor.safetensors", "--mode", "single",
             "--editor", "mend_until_right", "--n_edits", 2, "--loc_per_edit", 1)
     assert _run(*args)["entries"][0]["editor_config"]["scales"] == [0.5, 1.0]
-    assert _run(*args, "--until_right_scales", 2, 3)["entries"][0]["editor_config"]["scales"] == [2.0, 3.0]
+    assert _run(*args[:-6], "--editors+", "{class_path: mend_until_right, init_args: {scales: [2, 3]}}",
+                *args[-4:])["entries"][0]["editor_config"]["scales"] == [2.0, 3.0]
 
 
 def test_single_mode_data_parallel_equals_one_process(setup_eval, tmp_path, child_env):
     """--devices 2 (DDP, gloo) scores every held-out edit once, as one process does: the same report
     figures over an odd number of edits (timings aside)."""
-    args = ["--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "editor.safetensors",
+    args = ["--config", setup_eval["zsre_config"], "--editor_path", setup_eval["root"] / "editor.safetensors",
             "--mode", "single", "--n_edits", 19, "--accelerator", "cpu"]
     _run(*args, "--report", tmp_path / "one.json")
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args), "--devices", "2", "--strategy",
@@ -299,6 +449,11 @@ def test_batch_mode_caps_k_and_k1_equals_single(setup_eval, all_modes_ft):
     assert batch[12]["requested_edits_per_step"] == [25, 125] and "capped" in batch[12]["note"]
     assert (batch[5]["n_edits"], batch[5]["n_edits_left_out"]) == (10, 2)
     assert batch[12]["n_steps"] == 1
+    # each step scores the locality pool once (not once per edit of the step): counts are per step
+    pool = single["n_locality_inputs"] // 12
+    for k, e in batch.items():
+        assert e["n_locality_inputs"] == e["n_steps"] * pool, k
+        assert e["n_locality_labelled"] == e["n_steps"] * single["n_locality_labelled"] // 12, k
     assert "single" in batch[1]["note"]  # --mode all reuses the single run for K = 1
     assert single["edit_success"] > 0.9  # FT steps until the edit is right
     # K = 1 is the single protocol: the plain loop and the LightningModule must agree
@@ -315,9 +470,13 @@ def test_sequential_mode_curves_and_report_files(all_modes_ft):
     assert all(k in seq for k in SEQUENTIAL_KEYS)
     assert seq["checkpoints"] == [1, 10, 12]
     assert all(len(seq[k]) == 3 for k in SEQUENTIAL_KEYS)
-    assert seq["er"][0] == seq["sr"][0]  # one edit: re-scoring it is scoring it right after
+    assert seq["sr"] == [1.0, 1.0, 1.0], "FT steps until each edit is right"
+    assert seq["er"][0] == 1.0 and seq["er"][-1] < 0.5, "later fine-tuning undoes earlier edits"
     assert seq["sr"][-1] == pytest.approx(seq["edit_success"])
-    assert seq["n_edits_applied"] == 12 and seq["base_model_unchanged"]
+    assert (seq["n_edits_applied"], seq["n_edits_skipped"]) == (12, 0) and seq["base_model_unchanged"]
+    # a random GPT-2 gives no gold locality answer: TestR is undefined, its own answers are not kept
+    assert seq["initial_test_accuracy"] == 0.0 and seq["test_r"] == [None] * 3
+    assert seq["test_r_base"][-1] < 0.5 and seq["test_retention_base"] == seq["test_r_base"][-1]
     assert seq["params_changed"] > 0
     for name in ("report.md", "report_retention.png", "report_locality_drift.png", "report_batch.png"):
         assert (path.parent / name).stat().st_size > 0, name
@@ -332,23 +491,27 @@ def test_sequential_classifier_folds_only_when_wrong_and_retention(setup_eval):
     (seq,) = rep["entries"]
     assert (seq["folds"], seq["n_edits"], seq["n_edits_left_out"]) == (2, 12, 1)
     assert seq["checkpoints"] == [1, 6]
-    assert seq["n_edits_applied"] <= 12
-    # a random classifier gets about half of the labels right: retention ratios are defined
-    assert seq["initial_train_accuracy"] > 0 and seq["initial_test_accuracy"] > 0
-    assert all(r is not None and r >= 0 for r in seq["train_r"] + seq["test_r"])
+    # a random classifier gets about half of the edits right already: those are skipped, not scored
+    assert seq["n_edits_applied"] + seq["n_edits_skipped"] == 12 and 0 < seq["n_edits_skipped"] < 12
+    # ... and about half of the labels: retention ratios are defined, and agree with the flip counts
+    init, lab = seq["initial_test_accuracy"], seq["n_locality_labelled"]
+    r2w, w2r = seq["flips_right_to_wrong"], seq["flips_wrong_to_right"]
+    assert seq["initial_train_accuracy"] > 0 and init > 0 and all(r is not None for r in seq["train_r"])
+    assert seq["test_r"][-1] == pytest.approx((init - (r2w - w2r) / lab) / init)
+    assert seq["test_r_base"][-1] == pytest.approx(1 - (r2w + w2r) / lab), "a flipped label is a changed answer"
     assert seq["dataset"] == "fever"
 
 
 # ---------------------------------------------------------------- refusals
 def test_refuses_checkpoint_of_another_base_model(setup_eval):
     with pytest.raises(eval_cli.EvalError, match="was trained for base model"):
-        _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "other.safetensors")
+        _run("--config", setup_eval["zsre_config"], "--editor_path", setup_eval["root"] / "other.safetensors")
 
 
 def test_refuses_missing_checkpoint_and_mend_without_one(setup_eval):
     with pytest.raises(eval_cli.EvalError, match="does not exist"):
-        _run("--config", setup_eval["zsre_config"], "--ckpt_path", setup_eval["root"] / "missing.ckpt")
-    with pytest.raises(eval_cli.EvalError, match="need --ckpt_path"):
+        _run("--config", setup_eval["zsre_config"], "--editor_path", setup_eval["root"] / "missing.ckpt")
+    with pytest.raises(eval_cli.EvalError, match="needs --editor_path"):
         _run("--config", setup_eval["zsre_config"], "--editor", "mend")
 
 
@@ -371,7 +534,7 @@ def test_definitions_cover_sequential_curves():
 
 def test_split_val_scores_validation_edits_on_the_validation_pool(setup_eval):
     """Design choices are made with --split val: validation edits, validation locality inputs."""
-    args = ("--config", setup_eval["zsre_config"], "--editor", "ft", "--mode", "single", "--ft_steps", 1)
+    args = ("--config", setup_eval["zsre_config"], "--mode", "single", "--editors+", "{class_path: ft, init_args: {max_steps: 1}}")
     val = _run(*args, "--split", "val")["entries"][0]
     test = _run(*args, "--n_edits", 3)["entries"][0]
     assert val["split"] == "val" and test["split"] == "test"
@@ -383,8 +546,7 @@ def test_surgery_and_patcher_run_under_every_protocol(setup_eval):
     """The new editors through eval.py: a surgery selector never reports more changed weights than its
     budget; the patcher adds neurons (counted as added parameters) and keeps a stream."""
     args = ("--config", setup_eval["zsre_config"], "--n_edits", 4, "--loc_per_edit", 3)
-    rep = _run(*args, "--editor", "surgery_dynamic", "surgery_l1", "patcher", "--mode", "single",
-               "--surgery_n_params", 50)
+    rep = _run(*args, "--editor", "surgery_dynamic@50", "surgery_l1@50", "patcher", "--mode", "single")
     by = {e["editor"]: e for e in rep["entries"]}
     for name in ("surgery_dynamic", "surgery_l1"):
         assert 0 < by[name]["params_changed"] <= 50 and by[name]["edit_success"] > 0
@@ -443,13 +605,13 @@ def test_eval_cli_takes_dotted_overrides_print_config_and_run_dir(setup_eval, tm
     with pytest.raises(SystemExit) as e:
         eval_cli.main(["--config", str(tmp_path / "saved.yaml"), "--print_config"])
     assert e.value.code == 0 and "run_dir" in capsys.readouterr().out
-    rep = _run("--config", setup_eval["zsre_config"], "--editor", "ft", "--n_edits", 2, "--ft_steps", 1,
+    rep = _run("--config", setup_eval["zsre_config"], "--n_edits", 2, "--editors+", "{class_path: ft, init_args: {max_steps: 1}}",
                "--run_dir", tmp_path / "job", "--split", "val")
     assert rep["split"] == "val" and (tmp_path / "job" / "report_val.json").exists()
 
 
 def test_surgery_budget_sweep_reports_each_budget_and_plots_it(setup_eval, tmp_path):
-    rep = _run("--config", setup_eval["zsre_config"], "--editor", "surgery_grad", "--surgery_n_params", 5, 50,
+    rep = _run("--config", setup_eval["zsre_config"], "--editor", "surgery_grad@5", "surgery_grad@50",
                "--n_edits", 2, "--loc_per_edit", 3, "--report", tmp_path / "sweep.json")
     got = {e["label"]: e for e in rep["entries"]}
     assert set(got) == {"surgery_grad@5", "surgery_grad@50"}
@@ -463,10 +625,10 @@ def test_surgery_budget_sweep_reports_each_budget_and_plots_it(setup_eval, tmp_p
 def test_reports_of_the_same_edits_merge_and_others_are_refused(setup_eval, tmp_path):
     from lightning_modules.report import merge_reports
 
-    args = ("--config", setup_eval["zsre_config"], "--editor", "surgery_grad", "--n_edits", 2, "--loc_per_edit", 3)
+    args = ("--config", setup_eval["zsre_config"], "--n_edits", 2, "--loc_per_edit", 3)
     for n in (5, 50):
-        _run(*args, "--surgery_n_params", n, "--report", tmp_path / f"n{n}.json")
-    _run(*args, "--surgery_n_params", 5, "--split", "val", "--report", tmp_path / "val.json")
+        _run(*args, "--editor", f"surgery_grad@{n}", "--report", tmp_path / f"n{n}.json")
+    _run(*args, "--editor", "surgery_grad@5", "--split", "val", "--report", tmp_path / "val.json")
     merge_reports([tmp_path / "n5.json", tmp_path / "n50.json"], tmp_path / "merged.json")
     merged = json.loads((tmp_path / "merged.json").read_text())
     assert [e["label"] for e in merged["entries"]] == ["surgery_grad@5", "surgery_grad@50"]
@@ -476,9 +638,20 @@ def test_reports_of_the_same_edits_merge_and_others_are_refused(setup_eval, tmp_
 
 
 def test_patcher_options_reach_the_editor_and_unknown_ones_are_refused(setup_eval):
-    args = ("--config", setup_eval["zsre_config"], "--editor", "patcher", "--n_edits", 1, "--loc_per_edit", 2)
-    rep = _run(*args, "--patcher_options", "{top_k: 4, memory_margin: -5}")
+    args = ("--config", setup_eval["zsre_config"], "--n_edits", 1, "--loc_per_edit", 2)
+    rep = _run(*args, "--editors+", "{class_path: patcher, init_args: {top_k: 4, memory_margin: -5}}")
     (entry,) = rep["entries"]
     assert entry["editor_config"]["top_k"] == 4 and entry["editor_config"]["memory_margin"] == -5
-    with pytest.raises(eval_cli.EvalError, match="--patcher_options.*no_such"):
-        _run(*args, "--patcher_options", "{no_such: 1}")
+    with pytest.raises(eval_cli.EvalError, match="Patcher.*no_such"):
+        _run(*args, "--editors+", "{class_path: patcher, init_args: {no_such: 1}}")
+
+
+def test_edits_an_editor_gave_up_on_are_counted_in_every_protocol(setup_eval):
+    """A patcher with no training steps leaves every edit wrong and rolls it back: evaluation counts them
+    (n_edits_rolled_back) in single mode and in the stream, where they count as made and failed."""
+    args = ("--config", setup_eval["zsre_config"], "--n_edits", 3, "--loc_per_edit", 2,
+            "--editors+", "{class_path: patcher, init_args: {max_steps: 0}}")
+    single = _run(*args, "--mode", "single")["entries"][0]
+    assert single["n_edits_rolled_back"] == 3 and single["edit_success"] == 0 and single["params_changed"] == 0
+    seq = _run(*args, "--mode", "sequential", "--edit_only_when_wrong")["entries"][0]
+    assert seq["n_edits_rolled_back"] == seq["n_edits_applied"] == 3 and seq["sr"][-1] == 0

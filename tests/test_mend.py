@@ -8,7 +8,8 @@ from datamodules.encoding import collate, encode
 from editors.layers import gradient_pieces, select_layers, weight_update
 from editors.losses import forward_logits, nll
 from editors.base import merge_deltas_
-from editors.mend import MEND, LowRankResidualNet
+from editors.hypernet import LowRankResidualNet
+from editors.mend import MEND
 from lightning_modules.models import decoder_start_id
 
 
@@ -83,7 +84,7 @@ def test_functional_edit_leaves_base_bit_identical_and_merge_matches(tiny_models
 
 
 def test_running_norm_matches_batch_statistics_and_ignores_padding():
-    from editors.mend import RunningNorm
+    from editors.hypernet import RunningNorm
 
     torch.manual_seed(0)
     norm = RunningNorm(2, 3)
@@ -98,7 +99,7 @@ def test_running_norm_matches_batch_statistics_and_ignores_padding():
 
 
 def test_input_preconditioner_is_ridge_inverse_of_input_correlation_and_identity_before_statistics():
-    from editors.mend import InputPreconditioner
+    from editors.hypernet import InputPreconditioner
 
     torch.manual_seed(0)
     pre = InputPreconditioner(2, 3, ridge=0.5)

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback
 
 import train
 from datamodules.base_data import BaseTaskDataModule
 from datamodules.encoding import build_word_tokenizer
 from datamodules.formats import DataFormatError, read_fever_jsonl, read_zsre_jsonl, read_zsre_toolkit
+from editors.io import LocalityOverlapError, load_editor_file
 from lightning_modules import base_task
 
 eval_cli = importlib.import_module("eval")
@@ -62,8 +64,9 @@ def _write_zsre(d: Path) -> dict[str, str]:
     d.mkdir()
     (d / "val.json").write_text(json.dumps([record(*f) for f in _facts(SUBJECTS[6:8])]))
     loc = _facts(SUBJECTS[10:])
-    (d / "nq.json").write_text(json.dumps({"questions": [RELATIONS[r][1].format(s=s) for s, r, _ in loc],
-                                           "answers": [[o] for *_, o in loc]}))
+    # every wording: locality pools are drawn by hash, and 8 questions may leave one empty
+    (d / "nq.json").write_text(json.dumps({"questions": [t.format(s=s) for s, r, _ in loc for t in (RELATIONS[r][1], *RELATIONS[r][2])],
+                                           "answers": [[o] for *_, o in loc for _ in range(3)]}))
     return {"train": _jsonl(d / "train.jsonl", [row(*f) for f in _facts(SUBJECTS[:6])]), "val": str(d / "val.json"),
             "test": _jsonl(d / "test.jsonl", [row(*f) for f in _facts(SUBJECTS[8:10])]), "loc": str(d / "nq.json")}
 
@@ -115,7 +118,7 @@ def _meta_train_and_evaluate(config: str, paths: dict[str, str], run: Path) -> d
     path.write_text(yaml.safe_dump(cfg))
     train.main(["--config", str(path)])
     assert (run / "editor.safetensors").exists()
-    report = eval_cli.main(["--config", str(path), "--ckpt_path", str(run / "editor.safetensors"), "--mode", "single",
+    report = eval_cli.main(["--config", str(path), "--editor_path", str(run / "editor.safetensors"), "--mode", "single",
                             "--editor", "mend", "--report", str(run / "report.json")])
     assert json.loads((run / "report.json").read_text())["entries"], "the report was written"
     return report
@@ -172,6 +175,21 @@ def test_zsre_own_model_own_files_base_training_annotation_mend_and_report(tmp_p
     assert entry["n_edits"] == len(read_zsre_jsonl(data / "zsre-test.jsonl")) > 0
     for k in ("edit_success", "generality", "drawdown", "locality_kl"):
         assert math.isfinite(entry[k]), k
+    # the report says what data it scored: the editor file's record of meta-training's data, grouping
+    # by subject in the toolkit's file only, and the rows left without an agreeing rephrase
+    _, header = load_editor_file(tmp_path / "run" / "editor.safetensors", "MEND")
+    trained = header["data"]
+    assert set(trained["loc_ids"]) == {"train", "val"} and all(trained["loc_ids"].values())
+    assert report["data_fingerprint"]["loc_pools"]["test"] == trained["loc_pools"]["test"]
+    assert report["data_fingerprint"]["edits"]["test"] == trained["edits"]["test"]
+    assert entry["data_fingerprint"] == report["data_fingerprint"]
+    assert report["grouping"] == {"edits": "mixed", "locality": "prompt"}
+    test_rows = [json.loads(l) for l in (data / "zsre-test.jsonl").read_text().splitlines()]
+    assert report["rows_dropped"]["test"]["without rephrases"] == sum(not r["filtered_rephrases"] for r in test_rows)
+    # other pool shares at evaluation: test inputs meta-training or validation saw, refused before any edit
+    with pytest.raises(LocalityOverlapError, match="locality inputs were in the (train|val) locality pool"):
+        eval_cli.main(["--config", str(tmp_path / "run.yaml"), "--editor_path", str(tmp_path / "run" / "editor.safetensors"),
+                       "--mode", "single", "--editor", "mend", "--data.init_args.loc_shares", "[0.1, 0.1, 0.8]"])
     _no_world(tmp_path)
 
 
@@ -225,3 +243,25 @@ def test_own_training_files_errors_name_file_and_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="annotate.test"):
         BaseTaskDataModule(world_dir=None, tokenizer=tok, family="classifier", train_files=[files["train"]],
                            annotate={"test": str(tmp_path / "missing.jsonl")}).setup()
+
+
+class NoTraining(Callback):
+    def on_train_start(self, *args) -> None:
+        raise AssertionError("the job started training")
+
+
+def test_base_job_missing_a_file_its_export_needs_fails_before_training(small_world, tmp_path, monkeypatch):
+    """A world directory with the base corpus but not the files annotation reads at the end of the job
+    (world.json: the world's kind): refused with one line before the first step, nothing exported."""
+    monkeypatch.chdir(tmp_path)
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "base-qa.jsonl").write_bytes((small_world / "base-qa.jsonl").read_bytes())
+    args = ["--config", str(ROOT / "configs" / "base_zsre_gpt2_tiny.yaml"), "--world_dir", "null",
+            "--run_dir", str(tmp_path / "base"), "--model.init_args.tokenizer", str(small_world / "tokenizer"),
+            "--model.init_args.tiny_config", '{"n_layer": 1, "n_embd": 8, "n_head": 1}',
+            "--data.init_args.world_dir", str(world), "--data.init_args.tokenizer", str(small_world / "tokenizer"),
+            *QUIET, "--trainer.callbacks", json.dumps([{"class_path": "test_own_data.NoTraining"}])]
+    with pytest.raises(FileNotFoundError, match=r"world\.json not found: the export annotates the world"):
+        train.main(args)
+    assert not (tmp_path / "base" / "model").exists()

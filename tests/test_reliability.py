@@ -415,17 +415,17 @@ EVAL_CORRUPTIONS = [
     (["--editor", "rome"], "rome"),
     (["--n_edits", "0"], "n_edits"),
     (["--loc_per_edit", "many"], "many"),
-    (["--surgery_n_params", "lots"], "lots"),
+    (["--editor", "surgery_grad@lots"], "lots"),
     (["--data.class_path", "datamodules.edit_data.NoSuchData"], "NoSuchData"),
     (["--model.init_args.base_model", "{tmp}/no-model"], "no-model"),  # missing or unusable files
     (["--data.init_args.test_path", "{tmp}/missing.jsonl"], "missing.jsonl"),
     (["--data.init_args.test_path", "{tmp}/not-json.jsonl"], "not-json.jsonl:1"),
     (["--data.init_args.loc_path", "{tmp}/missing-loc.jsonl"], "missing-loc.jsonl"),
     (["--data.init_args.test_path", "{tmp}/long-target.jsonl"], "long-target.jsonl"),
-    (["--editor", "mend"], "need --ckpt_path"),
-    (["--editor", "mend", "--ckpt_path", "{tmp}/missing.safetensors"], "missing.safetensors"),
-    (["--editor", "mend", "--ckpt_path", "{tmp}/not-json.jsonl"], "not-json.jsonl"),
-    (["--editor", "selector"], "selector_ckpt_path"),
+    (["--editor", "mend"], "needs --editor_path"),
+    (["--editor", "mend", "--editor_path", "{tmp}/missing.safetensors"], "missing.safetensors"),
+    (["--editor", "mend", "--editor_path", "{tmp}/not-json.jsonl"], "not-json.jsonl"),
+    (["--editor", "selector"], "needs --editor_path"),
     (["--report", "{tmp}/a-file/report.json"], "cannot write to output directory {tmp}/a-file"),
     (["--split", "val", "--data.init_args.val_path", None], "no val split"),
 ]
@@ -441,7 +441,7 @@ def test_eval_py_refuses_bad_configs_and_options_with_one_error_line(tiny_base, 
     (tmp_path / "long-target.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(_mend_config(tiny_base, small_world, tmp_path / "out")))
     ok = ["--config", str(tmp_path / "cfg.yaml"), "--editor", "ft", "--n_edits", "1", "--loc_per_edit", "2",
-          "--ft_steps", "1", "--no_progress"]
+          "--editors", "[{class_path: ft, init_args: {max_steps: 1}, label: ft1}]", "--no_progress"]
     cases = [("uncorrupted", ok, None)]
     for extra, expected in EVAL_CORRUPTIONS:
         extra = [("null" if a is None else a.format(tmp=tmp_path)) for a in extra]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datamodules.edit_data import FeverDataModule, ZsreDataModule, carve_by_subject, split_points
+from datamodules.edit_data import FeverDataModule, ZsreDataModule, carve_by_subject
 from datamodules.formats import EditRecord
 from datamodules.world import WorldConfig
 
@@ -105,14 +105,6 @@ def test_carving_validation_out_of_train_is_by_subject_and_deterministic(caplog)
     assert carve_by_subject(no_subject, 0.1)[1], "rows without a subject are carved by their edit input"
     with pytest.raises(ValueError, match="validation edits"):
         carve_by_subject(recs[:3], 0.01)
-
-
-def test_locality_pool_cut_points():
-    assert split_points(8, [0.5, 0.25, 0.25]) == [0, 4, 6, 8]
-    assert split_points(3, [0.5, 0.25, 0.25]) == [0, 1, 2, 3]  # every part non-empty
-    assert split_points(5, [1.0]) == [0, 5]
-    with pytest.raises(ValueError, match="cannot be cut"):
-        split_points(2, [0.5, 0.25, 0.25])
 
 
 def test_evaluation_scores_only_the_test_pool(world):

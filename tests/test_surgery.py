@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from datamodules.encoding import collate, encode
 from editors.base import EditedModel, WeightDelta
@@ -74,7 +75,9 @@ def test_tiny_budget_holds_for_every_method(tiny_models, tokenizer, method, dens
                            dense_optimizer=dense)
     d = ed.deltas(model, batch, "causal")
     assert n_differ(WeightDelta(d).merged(model), model) == ed.last_changed <= 3
-    assert ed.last_steps <= 4 + 4  # probe / L1 phase + tuning
+    # probe / L1 phase (dynamic: at most shrink_every steps per shrink), then tuning
+    assert ed.last_steps - ed.last_tune_steps <= max(4, ed.config["shrink_every"] * len(ed.shrink_schedule))
+    assert ed.last_tune_steps <= 4
 
 
 def test_an_edit_already_right_changes_nothing(tiny_models, tokenizer):
@@ -139,3 +142,70 @@ def test_refusals(tiny_models):
     with pytest.raises(ValueError, match="unknown dense_optimizer"):
         Surgery(layers, dense_optimizer="sgd")
     assert Surgery(layers, n_params=total).n_candidates == total
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_bases_get_finite_float32_changes(tiny_models, tokenizer, dtype):
+    """Adam's eps is 0 in fp16 (a zero gradient gave 0/0 = NaN) and ngd's step scale overflowed it: the
+    changes and the optimiser state are float32 whatever the base's dtype, for every method and for FT."""
+    from editors.ft import FineTune
+
+    model = tiny_models["causal"].to(dtype)
+    batch = edit_batch(model, tokenizer, "causal")
+    editors = [Surgery.for_model(model, n_params=1000, method=m) for m in METHODS]
+    for ed in editors + [FineTune.for_model(model, lr=1e-2)]:
+        d = ed.deltas(model, batch, "causal")
+        assert all(x.dtype == torch.float32 and bool(torch.isfinite(x).all()) for x in d.values()), ed.name
+        assert right(EditedModel(model, d), batch, "causal"), ed.name
+
+
+def test_dynamic_tunes_its_survivors_however_long_the_shrinking(tiny_models, tokenizer):
+    """24,576 candidates down to 10 take 12 shrinks: their steps used to eat the whole cap, so the
+    survivors were returned untuned (and wrong); now they get ``max_steps`` of their own."""
+    model = tiny_models["causal"]
+    batch = edit_batch(model, tokenizer, "causal")
+    ed = Surgery.for_model(model, n_params=10, method="dynamic", lr=0.05, max_steps=6)
+    sched = ed.shrink_schedule
+    assert sched[-1] == 10 and sched == sorted(set(sched), reverse=True) and ed.config["shrinks"] == len(sched) == 12
+    d = ed.deltas(model, batch, "causal")
+    shrink_steps = ed.last_steps - ed.last_tune_steps
+    assert shrink_steps >= ed.config["max_steps"], "the shrinking alone outlasts the cap (old code: 0 tuning steps)"
+    assert shrink_steps <= ed.config["shrink_every"] * len(sched)
+    assert 0 < ed.last_tune_steps <= ed.config["max_steps"] and ed.last_right
+    assert right(EditedModel(model, d), batch, "causal") and ed.last_changed <= 10
+
+
+def known_entries_model(model, live: int):
+    """``model`` with all but ``live`` hidden units of its last FFN dead (zero pre-activation, gelu 0 = 0):
+    only the ``live`` input rows of that FFN's output matrix can change the output."""
+    with torch.no_grad():
+        fc = model.transformer.h[-1].mlp.c_fc
+        fc.weight[:, live:] = 0
+        fc.bias[live:] = 0
+    return model
+
+
+@pytest.mark.parametrize("method", ["grad", "delta", "dynamic", "l1"])
+def test_selection_finds_the_entries_that_matter_and_beats_random(tiny_models, tokenizer, method):
+    """A problem whose right entries are known: of the 4,096 entries of the last c_proj only the 4 live
+    rows (128 entries) act on the output. Each selector spends its whole budget there and lowers the
+    edit loss more than ``random`` at the same budget and steps (~31 of whose 32 entries are dead)."""
+    from editors.losses import nll
+
+    model = known_entries_model(tiny_models["causal"], live=4)
+    batch = edit_batch(model, tokenizer, "causal")
+    kw = dict(n_params=32, lr=0.1, max_steps=5, l1_steps=5, probe_steps=2)
+    layers = select_layers(model, [r"transformer\.h\.2\.mlp\.c_proj\.weight"])
+
+    def edit(m: str) -> tuple[Tensor, float]:
+        (change,) = Surgery(layers, method=m, **kw).deltas(model, batch, "causal").values()
+        with torch.no_grad():
+            return change, float(nll(forward_logits(EditedModel(model, {layers[0].name: change}), batch, "causal"),
+                                     batch["labels"], "causal"))
+
+    rand, rand_loss = edit("random")
+    assert int((rand != 0).sum()) <= 4, "the problem discriminates: random's dead entries never move"
+    change, loss = edit(method)
+    assert change.shape == (128, 32) and not change[4:].any(), "only entries of the live rows change"
+    assert int((change != 0).sum()) == 32, "the whole budget goes to entries that act on the output"
+    assert loss < rand_loss - 0.3

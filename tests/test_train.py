@@ -86,6 +86,26 @@ def test_base_training_writes_model_annotated_data_and_is_cached(bases, capsys):
     AutoModelForCausalLM.from_pretrained(str(bases / "base_causal" / "model"))
 
 
+class RecordTrainMode(Callback):
+    """Records, at every training step, whether each module of the base model is in train mode."""
+
+    seen: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        RecordTrainMode.seen.append(all(m.training for m in pl_module.model.modules()))
+
+
+def test_base_fine_tuned_from_a_saved_model_trains_in_train_mode(bases, tmp_path):
+    """from_pretrained returns eval mode: fine-tuning a saved base ran with dropout off."""
+    RecordTrainMode.seen = []
+    out = str(tmp_path / "again")
+    train.main(base_args("causal", bases) + [
+        "--model.init_args.model_name_or_path", str(bases / "base_causal" / "model"),
+        "--model.init_args.output_dir", out, "--trainer.default_root_dir", out,
+        "--trainer.callbacks", json.dumps([{"class_path": "test_train.RecordTrainMode"}])])
+    assert RecordTrainMode.seen and all(RecordTrainMode.seen)
+
+
 @pytest.mark.parametrize("cosine", [False, True])
 def test_base_learning_rate_warms_up_then_holds_or_decays_to_zero(small_world, cosine):
     from types import SimpleNamespace

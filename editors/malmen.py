@@ -1,0 +1,159 @@
+"""MALMEN: mass editing by least-squares aggregation (Tan, Zhang and Fu, ICLR 2024).
+
+MEND (:mod:`editors.mend`) applies K edits at once by summing their per-token updates
+``delta~ u~^T``; the sum lets edits cancel and spill into each other, so quality falls as K grows.
+MALMEN keeps the same per-token networks (:mod:`editors.hypernet`) but uses them to produce, for
+every edit token ``t`` of every edit, a *value shift* ``v_t = -alpha_l * delta~_t`` (the change the
+token's output of layer ``l`` should get: a descent step on that output through ``g``) and then
+fits one weight change to all of them by ridge least squares over the tokens' keys ``u_t``
+(the layer inputs, unchanged)::
+
+    S_l = argmin_S  sum_t ||u_t S - v_t||^2 + lambda_l ||S||^2 = (U^T U + lambda_l I)^-1 U^T V
+
+with ``S_l [d_in, d_out]`` acting as ``y += x S_l`` (GPT-2's Conv1D weight layout; a Linear weight
+gets ``S_l^T``) and ``lambda_l = exp(log_ridges[l])`` learned per layer. ``U^T U`` and ``U^T V`` are
+accumulated ``token_chunk`` tokens at a time and the system is solved by a Cholesky factorisation in
+float32 (float64 for a float64 model) whatever the base dtype, so the cost of the solve does not
+depend on K. The base model's forward/backward for the pieces runs ``edit_chunk`` edits at a time.
+
+Plain torch: no Lightning here. Typical use::
+
+    editor = MALMEN.load("runs/malmen/editor.safetensors", model)   # refuses a different base model
+    edited = editor.edit(model, batch_of_1000_edits, family="causal")
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from datamodules.encoding import Family
+from editors.base import DeltaEditor, EditorContext
+from editors.hypernet import PieceNetworks
+from editors.io import FileEditor
+from editors.layers import LayerSpec, gradient_pieces, select_layers
+from editors.losses import forward_logits, nll
+
+Pieces = dict[str, tuple[Tensor, Tensor]]  # per layer (u [T, d_in], delta [T, d_out]) of real tokens
+
+
+class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
+    """The editor: :class:`editors.hypernet.PieceNetworks`, a step size ``edit_lrs`` and a log ridge
+    ``log_ridges`` per edited layer. ``init_ridge`` 0 (no ridge) is allowed for analysis and fails
+    with a clear error when the keys do not span the layer's input space."""
+
+    def __init__(self, layers: Sequence[LayerSpec | Mapping[str, Any]], rank: int = 1920, n_hidden: int = 2,
+                 init_edit_lr: float = 1e-3, init_ridge: float = 1.0, edit_chunk: int = 64,
+                 token_chunk: int = 4096) -> None:
+        super().__init__()
+        if init_ridge < 0 or min(edit_chunk, token_chunk) < 1:
+            raise ValueError(f"init_ridge must not be negative and edit_chunk, token_chunk at least 1; got "
+                             f"{init_ridge}, {edit_chunk}, {token_chunk}")
+        self.name = "malmen"
+        self.layers = [l if isinstance(l, LayerSpec) else LayerSpec(**l) for l in layers]
+        self.edit_chunk, self.token_chunk = edit_chunk, token_chunk
+        self.config = {"layers": [asdict(l) for l in self.layers], "rank": rank, "n_hidden": n_hidden,
+                       "init_edit_lr": init_edit_lr, "init_ridge": init_ridge, "edit_chunk": edit_chunk,
+                       "token_chunk": token_chunk}
+        self._build_networks(rank, n_hidden)
+        self.edit_lrs = nn.Parameter(torch.full((len(self.layers),), float(init_edit_lr)))
+        self.log_ridges = nn.Parameter(torch.full((len(self.layers),), math.log(init_ridge) if init_ridge else -math.inf))
+
+    @classmethod
+    def for_model(cls, model: nn.Module, edit_params: list[str] | None = None, **kw: Any) -> "MALMEN":
+        """An untrained editor for ``model``'s default (or given) edited matrices."""
+        return cls(select_layers(model, edit_params), **kw)
+
+    @classmethod
+    def for_evaluation(cls, context: EditorContext, path: str) -> "MALMEN":
+        """The trained editor in file ``path`` (refused unless trained for ``context.model``)."""
+        return cls.load(path, context.model)
+
+    # -- the pieces: keys and value gradients of the edit tokens, edit_chunk edits at a time
+    def pieces(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> Pieces:
+        """Per layer ``(u, delta)`` of every token that carries gradient (padding left out), for the sum
+        over edits of each edit's mean token NLL (each edit's pieces at the scale they have alone)."""
+        rows = batch["input_ids"].shape[0]
+        parts: dict[str, tuple[list[Tensor], list[Tensor]]] = {l.name: ([], []) for l in self.layers}
+        for a in range(0, rows, self.edit_chunk):
+            mb = {k: v[a:a + self.edit_chunk] for k, v in batch.items()}
+            n = mb["input_ids"].shape[0]
+            p = gradient_pieces(model, self.layers, lambda: nll(forward_logits(model, mb, family), mb["labels"], family) * n)
+            for name, (u, d) in p.items():
+                keep = (u != 0).any(-1) & (d != 0).any(-1)
+                parts[name][0].append(u[keep])
+                parts[name][1].append(d[keep])
+        return {k: (torch.cat(u), torch.cat(d)) for k, (u, d) in parts.items()}
+
+    def token_chunks(self, pieces: Pieces) -> Iterator[Pieces]:
+        """``pieces`` ``token_chunk`` tokens (of each layer) at a time."""
+        n = max(u.shape[0] for u, _ in pieces.values())
+        for a in range(0, n, self.token_chunk):
+            yield {k: (u[a:a + self.token_chunk], d[a:a + self.token_chunk]) for k, (u, d) in pieces.items()}
+
+    @torch.no_grad()
+    def update_statistics(self, pieces: Sequence[Pieces]) -> None:
+        """Fold all tokens of ``pieces`` (several problems) into the input statistics in one update per
+        network (summed over processes): the same statistics however the tokens are chunked."""
+        for k, norm in enumerate(self.norms):
+            sums = sum(norm.sums(*self._group_inputs(c, k, 1)) for p in pieces for c in self.token_chunks(p))
+            norm.fold(sums)
+
+    # -- value shifts and the least-squares change
+    def value_shifts(self, pieces: Pieces) -> dict[str, Tensor]:
+        """Per layer ``v [T, d_out] = -alpha_l * delta~`` (differentiable in the editor's parameters)."""
+        t = self._transformed(pieces, 1, update=False)
+        return {l.name: -self.edit_lrs[i] * t[l.name][1][0, :pieces[l.name][0].shape[0]]
+                for i, l in enumerate(self.layers)}
+
+    def ridges(self) -> Tensor:
+        return self.log_ridges.exp()
+
+    @torch.no_grad()
+    def normal_equations(self, pieces: Pieces) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer ``(U^T U, U^T V)``, accumulated ``token_chunk`` tokens at a time in float32 (or wider)."""
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for chunk in self.token_chunks(pieces):
+            v = self.value_shifts(chunk)
+            for l in self.layers:
+                u = chunk[l.name][0]
+                dt = torch.promote_types(u.dtype, torch.float32)
+                u, vl = u.to(dt), v[l.name].to(dt)
+                uu, uv = out.get(l.name, (u.new_zeros(l.d_in, l.d_in), u.new_zeros(l.d_in, l.d_out)))
+                out[l.name] = (uu.addmm_(u.T, u), uv.addmm_(u.T, vl))
+        return out
+
+    @torch.no_grad()
+    def solve(self, eqs: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer ``(S [d_in, d_out], L)``: the ridge solution and the Cholesky factor of
+        ``U^T U + lambda I`` (meta-training reuses it for the gradient)."""
+        out = {}
+        lam = self.ridges()
+        for i, l in enumerate(self.layers):
+            uu, uv = eqs[l.name]
+            A = uu + lam[i].to(uu.dtype) * torch.eye(l.d_in, dtype=uu.dtype, device=uu.device)
+            L, info = torch.linalg.cholesky_ex(A)
+            if int(info):
+                raise ValueError(f"{l.name}: the least-squares system is singular (ridge {float(lam[i]):g}; the edit "
+                                 f"tokens' keys do not span the layer's {l.d_in} inputs): use a positive ridge")
+            out[l.name] = (torch.cholesky_solve(uv, L), L)
+        return out
+
+    @staticmethod
+    def to_weight(spec: LayerSpec, S: Tensor) -> Tensor:
+        """``S [..., d_in, d_out]`` (``y += x S``) in the layer's stored weight layout."""
+        return S if spec.kind == "conv1d" else S.transpose(-1, -2)
+
+    def solved(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> dict[str, tuple[Tensor, Tensor]]:
+        """:meth:`solve` for all edits of ``batch`` together (no graph)."""
+        pieces = self.pieces(model, batch, family)
+        return self.solve(self.normal_equations(pieces))
+
+    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+               loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The weight changes (to add) that apply all edits of ``batch`` at once (``loc_batch`` unused)."""
+        solved = self.solved(model, batch, family)
+        return {l.name: self.to_weight(l, solved[l.name][0]) for l in self.layers}

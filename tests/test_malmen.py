@@ -1,0 +1,266 @@
+"""MALMEN: the least-squares aggregation, its memory-decoupled meta-gradient, meta-training through
+train.py (DDP, resume) and its refusals."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+import train
+from datamodules.encoding import collate, encode
+from editors.base import EditedModel
+from editors.io import load_editor_file
+from editors.layers import dense_edit, gradient_pieces
+from editors.losses import forward_logits, kl_pre_post, nll, scores
+from editors.malmen import MALMEN
+from lightning_modules.malmen_module import decoupled_meta_gradients, problem_rows
+from lightning_modules.models import decoder_start_id
+from test_train import QUIET, ROOT, _val_metrics, base_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["Where was Foo born?", "What is the occupation of Bar?", "Which language does Baz speak?",
+           "Where was Qux born?", "What is the occupation of Foo?", "Which language does Bar speak?"]
+TARGETS = ["Arvenna", "painter", "Orvic", "New Ember", "farmer", "Orvic"]
+
+
+def _batch(tokenizer, model, family: str, prompts: list[str], targets: list[str]) -> dict:
+    if family == "classifier":
+        targets = ["SUPPORTS" if i % 2 else "REFUTES" for i in range(len(prompts))]
+    return collate(encode(tokenizer, family, prompts, targets), tokenizer.pad_token_id, family, decoder_start_id(model))
+
+
+def _trained_looking(editor: MALMEN, model, batch, family: str) -> MALMEN:
+    """The editor with non-identity networks and input statistics (an untrained one is too special a case)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for net in editor.nets:
+            for p in (net.U, net.b, net.scale, net.shift):
+                p.add_(0.2 * torch.randn_like(p))
+    editor.update_statistics([editor.pieces(model, batch, family)])
+    return editor
+
+
+@pytest.mark.parametrize("family", ["causal", "classifier"])
+def test_aggregated_change_solves_the_normal_equation(tiny_models, tokenizer, family):
+    """Chunked accumulation of U^T U and U^T V and the Cholesky solve give the ridge solution of a direct
+    solve over all tokens of all edits at once, in the layer's own weight layout (Conv1D and Linear)."""
+    model = tiny_models[family].double()
+    batch = _batch(tokenizer, model, family, PROMPTS[:3], TARGETS[:3])
+    editor = MALMEN.for_model(model, rank=8, init_ridge=0.3, init_edit_lr=0.1, edit_chunk=2, token_chunk=2).double()
+    editor = _trained_looking(editor, model, batch, family)
+    got = editor.deltas(model, batch, family)
+    rows = batch["input_ids"].shape[0]
+    pieces = gradient_pieces(model, editor.layers, lambda: nll(forward_logits(model, batch, family), batch["labels"], family) * rows)
+    real = {k: (u[(u != 0).any(-1) & (d != 0).any(-1)], d[(u != 0).any(-1) & (d != 0).any(-1)]) for k, (u, d) in pieces.items()}
+    with torch.no_grad():
+        V = editor.value_shifts(real)
+    lam = editor.ridges()
+    for i, l in enumerate(editor.layers):
+        U = real[l.name][0]
+        assert U.shape[0] > editor.token_chunk, "the test needs several token chunks"
+        A = U.T @ U + lam[i] * torch.eye(l.d_in, dtype=U.dtype)
+        S = torch.linalg.solve(A, U.T @ V[l.name])
+        torch.testing.assert_close(got[l.name], S if l.kind == "conv1d" else S.T)
+        S_got = got[l.name] if l.kind == "conv1d" else got[l.name].T
+        torch.testing.assert_close(A @ S_got, U.T @ V[l.name])  # the normal equation itself
+
+
+def test_single_edit_with_vanishing_ridge_fits_its_value_shifts_and_is_right(tiny_models, tokenizer):
+    """K = 1, lambda -> 0: the change moves the edit's own tokens' outputs by exactly their value shifts
+    (the edit's keys are fewer than the layer's inputs, so an exact fit exists), and with an untrained
+    (identity) network, a descent step on the last block's output, the edit input becomes right."""
+    model = tiny_models["causal"].double()
+    batch = _batch(tokenizer, model, "causal", PROMPTS[:1], TARGETS[:1])
+    editor = MALMEN.for_model(model, [r"transformer\.h\.2\.mlp\.c_proj\.weight"], rank=8, init_ridge=1e-10,
+                              init_edit_lr=100.0).double()
+    (layer,) = editor.layers
+    assert not scores(forward_logits(model, batch, "causal"), batch["labels"], "causal")[0].bool().any()
+    pieces = editor.pieces(model, batch, "causal")
+    u = pieces[layer.name][0]
+    with torch.no_grad():
+        v = editor.value_shifts(pieces)[layer.name]
+    dw = editor.deltas(model, batch, "causal")[layer.name]
+    torch.testing.assert_close(u @ dw, v, rtol=1e-6, atol=1e-8)
+    post = forward_logits(EditedModel(model, {layer.name: dw}), batch, "causal")
+    assert scores(post, batch["labels"], "causal")[0].bool().all()
+
+
+def test_decoupled_meta_gradient_equals_end_to_end(tiny_models, tokenizer):
+    """The four-pass gradient (micro-batched base model and networks, the solve without a graph,
+    dL/dS backpropagated through the solve by hand) equals autograd through one graph from the
+    editor's parameters to the meta-loss, for 2 problems of 3 edits."""
+    model = tiny_models["causal"].double()
+    P, fam = 2, "causal"
+    inner = _batch(tokenizer, model, fam, PROMPTS, TARGETS)
+    outer = _batch(tokenizer, model, fam, [p.replace("Where", "In which place") for p in PROMPTS], TARGETS)
+    loc_q = ["What is the capital of Zed?", "Who wrote Yon?", "Where is Mount Ox?", "What colour is Teal?"] * 3
+    loc = _batch(tokenizer, model, fam, loc_q, ["Arvenna", "painter", "Orvic", "farmer"] * 3)
+    batch = {"n_problems": P, "edit_inner": inner, "edit_outer": outer, "loc": loc}
+    editor = MALMEN.for_model(model, rank=8, init_ridge=0.5, init_edit_lr=0.1, edit_chunk=2, token_chunk=5).double()
+    editor = _trained_looking(editor, model, inner, fam)
+    ref = copy.deepcopy(editor)
+    grads, logs = decoupled_meta_gradients(editor, model, batch, fam, c_edit=0.1, c_loc=1.0)
+
+    pieces = [ref.pieces(model, problem_rows(inner, b, P), fam) for b in range(P)]
+    ref.update_statistics(pieces)
+    loss = torch.zeros((), dtype=torch.float64)
+    for b in range(P):
+        v, lam = ref.value_shifts(pieces[b]), ref.ridges()
+        deltas = {}
+        for i, l in enumerate(ref.layers):
+            U = pieces[b][l.name][0]
+            S = torch.linalg.solve(U.T @ U + lam[i] * torch.eye(l.d_in, dtype=U.dtype), U.T @ v[l.name])
+            deltas[l.name] = ref.to_weight(l, S).unsqueeze(0)
+        o, lc = problem_rows(outer, b, P), problem_rows(loc, b, P)
+        with dense_edit(model, ref.layers, deltas):
+            post_o, post_l = forward_logits(model, o, fam), forward_logits(model, lc, fam)
+        with torch.no_grad():
+            pre_l = forward_logits(model, lc, fam)
+        loss = loss + (0.1 * nll(post_o, o["labels"], fam) + kl_pre_post(pre_l, post_l, lc, fam).mean()) / P
+    loss.backward()
+    assert float(logs["loss"]) == pytest.approx(float(loss), rel=1e-9)
+    for (name, p), g in zip(ref.named_parameters(), grads):
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+        torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12, msg=name)
+    for k, v in editor.state_dict().items():  # the same statistics update
+        torch.testing.assert_close(v, ref.state_dict()[k], msg=k)
+
+
+def test_singular_system_without_ridge_is_refused(tiny_models, tokenizer):
+    model = tiny_models["causal"]
+    batch = _batch(tokenizer, model, "causal", PROMPTS[:1], TARGETS[:1])
+    editor = MALMEN.for_model(model, rank=8, init_ridge=0.0)
+    with pytest.raises(ValueError, match="singular.*use a positive ridge"):
+        editor.deltas(model, batch, "causal")
+    with pytest.raises(ValueError, match="init_ridge must not be negative"):
+        MALMEN.for_model(model, init_ridge=-1.0)
+
+
+def test_editor_file_round_trip_and_refuses_another_base(tiny_models, tokenizer, tmp_path):
+    model = tiny_models["causal"]
+    editor = MALMEN.for_model(model, rank=8, init_ridge=0.3)
+    torch.nn.init.normal_(editor.nets[0].U)
+    path = editor.save(tmp_path / "editor.safetensors", model)
+    loaded = MALMEN.load(path, model)
+    assert loaded.config == editor.config
+    for k, v in editor.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    with pytest.raises(ValueError, match="was trained for base model"):
+        MALMEN.load(path, type(model)(model.config))
+    with pytest.raises(ValueError, match="holds a MALMEN editor, not MEND"):
+        from editors.mend import MEND
+        MEND.load(path, model)
+    from editors.base import EditorContext, build_editor  # what eval.py builds from a spec
+    built = build_editor({"class_path": "editors.malmen.MALMEN", "init_args": {"path": str(path)}}, EditorContext(model))
+    assert isinstance(built, MALMEN) and torch.equal(built.log_ridges, editor.log_ridges)
+
+
+# -- meta-training through train.py
+def malmen_args(bases: Path, out: Path, *extra: str) -> list[str]:
+    data, base = bases / "base_causal" / "data", bases / "base_causal" / "model"
+    return ["--config", str(ROOT / "configs" / "malmen_zsre_gpt2_tiny.yaml"),
+            "--model.init_args.base_model", str(base), "--model.init_args.rank", "16",
+            "--model.init_args.edit_chunk", "2", "--model.init_args.token_chunk", "16",
+            "--model.init_args.output_dir", str(out),
+            "--data.init_args.train_path", str(data / "zsre-train.jsonl"),
+            "--data.init_args.val_path", str(data / "zsre-val.jsonl"),
+            "--data.init_args.test_path", str(data / "zsre-test.jsonl"),
+            "--data.init_args.loc_path", str(data / "nq-loc.jsonl"), "--data.init_args.tokenizer", str(base),
+            "--data.init_args.n_edits", "3", "--data.init_args.loc_per_edit", "2",
+            "--trainer.default_root_dir", str(out), "--trainer.callbacks", "[]",
+            "--trainer.max_steps", "3", "--trainer.val_check_interval", "2", "--data.init_args.val_limit", "5",
+            "--trainer.enable_checkpointing", "false", *QUIET, *extra]
+
+
+def csv_logger(out: Path) -> list[str]:
+    return ["--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                            "init_args": {"save_dir": str(out)}})]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> Path:
+    """A tiny GPT-2 QA model (one epoch on a 30-subject world) through train.py, as test_train builds it."""
+    tmp = tmp_path_factory.mktemp("bases")
+    train.main(base_args("causal", tmp))
+    return tmp
+
+
+# K = 1: each process's sampler interleaves the edits (rank r takes r, r + 2, ...), so problems of K > 1
+# edits would group different edits in the two runs
+DDP_COMMON = ["--data.init_args.shuffle", "false", "--trainer.accelerator", "cpu", "--seed_everything", "0",
+              "--data.init_args.n_edits", "1"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(bases, tmp_path_factory, child_env):
+    """The 2-process run (1 problem each per step), in the background while the 1-process run trains."""
+    out = tmp_path_factory.mktemp("ddp")
+    cmd = [sys.executable, str(ROOT / "train.py"),
+           *malmen_args(bases, out, *DDP_COMMON, "--data.init_args.batch_size", "1", "--trainer.devices", "2",
+                        "--trainer.strategy", "ddp", *csv_logger(out))]
+    with open(out / "train.log", "w") as log:  # a file, not a pipe: a full pipe would block the child
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT)
+    yield out, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_ddp_two_processes_equal_one_process_same_global_batch(bases, ddp_run, tmp_path):
+    """2 CPU processes (gloo) x 1 problem per step == 1 process x 2 problems: the same editor after 3
+    steps (networks, step sizes, ridges, input statistics: the gradient all-reduce and the statistics
+    fold) and the same validation metrics."""
+    single = tmp_path / "single"
+    train.main(malmen_args(bases, single, *DDP_COMMON, "--data.init_args.batch_size", "2", "--trainer.devices", "1",
+                           *csv_logger(single)))
+    ddp, proc = ddp_run
+    assert proc.wait(timeout=600) == 0, (ddp / "train.log").read_text()[-3000:]
+    a = load_editor_file(single / "editor.safetensors", "MALMEN")[0]
+    b = load_editor_file(ddp / "editor.safetensors", "MALMEN")[0]
+    assert a["nets.0.U"].abs().max() > 0 and a["norms.0.count"].min() > 0, "the networks and statistics moved"
+    assert not torch.equal(a["log_ridges"], torch.zeros_like(a["log_ridges"])), "the ridges trained"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    va, vb = _val_metrics(single), _val_metrics(ddp)
+    assert va and set(va) == set(vb) and "val/edit_success" in va
+    for k in va:
+        assert va[k] == pytest.approx(vb[k], rel=1e-3, abs=1e-5), k
+
+
+def test_resume_equals_uninterrupted_run(bases, tmp_path):
+    """Killed after step 3 of 4 (last.ckpt at step 2) and resumed with --ckpt_path last: the same editor
+    as an unbroken run (manual optimisation: Adam state, schedule and data order restored)."""
+    ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 0, "dirpath": "CKPT"}}
+    common = ["--data.init_args.shuffle", "true", "--trainer.limit_train_batches", "3",
+              "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "true", "--trainer.max_steps", "4"]
+
+    def run(out: Path, *callbacks: dict, resume: bool = False) -> None:
+        args = malmen_args(bases, out, *common, "--trainer.callbacks", json.dumps([ckpt, *callbacks]),
+                           *(["--ckpt_path", "last"] if resume else []))
+        train.main([a.replace("CKPT", str(out / "checkpoints")) for a in args])
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(full)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(part, {"class_path": "test_train.KillAfter", "init_args": {"step": 3}})
+    last = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2 and not any(k.startswith("model.") for k in last["state_dict"])
+    run(part, resume=True)
+    resumed = load_editor_file(part / "editor.safetensors", "MALMEN")[0]
+    unbroken = load_editor_file(full / "editor.safetensors", "MALMEN")[0]
+    assert not torch.equal(last["state_dict"]["editor.edit_lrs"], resumed["edit_lrs"]), "the resumed run trained"
+    for k in unbroken:
+        torch.testing.assert_close(resumed[k], unbroken[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_more_edits_per_step_than_the_training_split_holds_is_refused(bases, tmp_path):
+    with pytest.raises(MisconfigurationException, match="edits per step, but the training split has only"):
+        train.main(malmen_args(bases, tmp_path / "big", "--data.init_args.n_edits", "100000"))
