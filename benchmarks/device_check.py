@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.run import FAM, SEQ, fwd_bwd, machine, make_batch, round_robin, step_batch, trained_looking  # noqa: E402
+from benchmarks.run import FAM, fwd_bwd, machine, make_batch, round_robin, step_batch, trained_looking  # noqa: E402
 from datamodules.atomic import write_text  # noqa: E402
 from editors.mend import MEND  # noqa: E402
 from editors.patcher import Patcher  # noqa: E402
@@ -167,9 +167,6 @@ def check_model(name: str, kind: str, cfg: dict[str, Any], device: torch.device,
     out["ratio_to_fwd_bwd"] = {k: t[k] / t["fwd_bwd"] for k in ("mend_edit", "patcher_edit", "surgery_dynamic_edit")}
     out["ratio_to_fwd_bwd"]["mend_step_bf16"] = st["mend_step_bf16"] / st["fwd_bwd"]
     out["peak_memory_bytes"] = mem
-    del step, mend, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
@@ -234,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.models:
         kind, cfg = (TINY if args.tiny else MODELS)[name]
         res["models"][name] = check_model(name, kind, cfg, device, dtype, reps, warmup, rank)
+        if device.type == "cuda":  # the model is gone with check_model's frame: hand its memory back
+            torch.cuda.empty_cache()
         print(f"[device-check] {name}: {json.dumps(res['models'][name]['ratio_to_fwd_bwd'])}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         res["smoke_train"] = {"ok": True, "seconds": 0.0, "skipped": True} if args.no_train else smoke_train(Path(tmp), device)

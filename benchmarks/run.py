@@ -40,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from datamodules.atomic import write_text  # noqa: E402
 from datamodules.encoding import collate  # noqa: E402
 from editors.losses import forward_logits, nll  # noqa: E402
+from editors.malmen import MALMEN  # noqa: E402
 from editors.mend import MEND  # noqa: E402
 from editors.patcher import Patcher  # noqa: E402
 from editors.selector import Selector  # noqa: E402
@@ -51,7 +52,8 @@ SHAPES = {"tiny": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=5000),
 SEQ, TARGET = 32, 8
 FAM = "causal"
 TARGETS = {"edit_ratio_tiny_1": 2.2, "edit_ratio_gpt2s_1": 1.15, "edit_ratio_gpt2s_10": 1.25,
-           "step_ratio_tiny_1": 5.0, "step_ratio_gpt2s_1": 2.8, "memory_ratio_gpt2s": 1.5, "memory_ratio_tiny": 1.5}
+           "step_ratio_tiny_1": 5.0, "step_ratio_gpt2s_1": 2.8, "memory_ratio_gpt2s": 1.5, "memory_ratio_tiny": 1.5,
+           "malmen_step_memory_ratio_tiny_1000_over_10": 1.5}
 REFERENCE = {"edit_ratio_tiny_1": 3.3, "edit_ratio_gpt2s_1": 1.42, "edit_ratio_gpt2s_10": 1.59,
              "step_ratio_tiny_1": 10.0, "step_ratio_gpt2s_1": 3.9}
 
@@ -338,6 +340,36 @@ def bench_model(shape: str, quick: bool, tmp: Path, res: dict, prof: dict) -> No
     model.zero_grad(set_to_none=True)
 
 
+def bench_malmen(shape: str, res: dict) -> None:
+    """MALMEN: memory of one memory-decoupled meta-training step at K = 10 and K = 1,000 edits (micro-batch
+    of 8 edits fixed; resident tensors + the step's transient peak, as ``memory_ratio_*``), and a
+    K = 1,000 edit against one forward+backward over the same 1,000 inputs, beside MEND's edit of them."""
+    from lightning_modules.malmen_module import decoupled_meta_gradients
+
+    model = build_model(shape)
+    vocab, raw = model.config.vocab_size, res["raw"][shape]
+    editor = trained_looking(MALMEN.for_model(model, rank=1920, edit_chunk=8))
+    mend = trained_looking(MEND.for_model(model, rank=1920).eval())
+    resident = tensor_bytes(list(model.parameters()) + list(editor.parameters()) + list(editor.buffers()))
+
+    def step(k: int) -> Callable[[], object]:
+        batch = {"n_problems": 1, **{part: make_batch(vocab, k, 70 + i)
+                                     for i, part in enumerate(("edit_inner", "edit_outer", "loc"))}}
+        return lambda: decoupled_meta_gradients(editor, model, batch, FAM, 0.1, 1.0)
+
+    mem = {k: resident + peak_alloc(step(k)) for k in (10, 1000)}
+    raw["malmen_step_memory_bytes"] = mem
+    res[f"malmen_step_memory_ratio_{shape}_1000_over_10"] = mem[1000] / mem[10]
+    big = make_batch(vocab, 1000, 80)
+    t = round_robin({"fwd_bwd_1000": lambda: fwd_bwd(model, big),
+                     "malmen_edit_1000": torch.no_grad()(lambda: editor.make_edit(model, big, FAM)),
+                     "mend_edit_1000": lambda: edit(mend, model, big)}, 1, 0)  # each call takes seconds: one round
+    raw.update(t)
+    for name in ("malmen", "mend"):
+        res[f"edit_ratio_{shape}_{name}_1000"] = t[f"{name}_edit_1000"] / t["fwd_bwd_1000"]
+    model.zero_grad(set_to_none=True)
+
+
 def machine() -> dict[str, str]:
     import lightning
 
@@ -410,6 +442,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.models:
             bench_model(shape, args.quick, Path(tmp), res, prof)
+            if shape == "tiny":  # a K = 1,000 step on GPT-2 small is minutes of CPU: tiny only
+                bench_malmen(shape, res)
             print({k: round(v, 3) for k, v in res.items() if isinstance(v, float)}, flush=True)
     res["seconds"] = time.time() - start
     out = Path(args.out)

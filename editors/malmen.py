@@ -11,7 +11,11 @@ fits one weight change to all of them by ridge least squares over the tokens' ke
     S_l = argmin_S  sum_t ||u_t S - v_t||^2 + lambda_l ||S||^2 = (U^T U + lambda_l I)^-1 U^T V
 
 with ``S_l [d_in, d_out]`` acting as ``y += x S_l`` (GPT-2's Conv1D weight layout; a Linear weight
-gets ``S_l^T``) and ``lambda_l = exp(log_ridges[l])`` learned per layer. ``U^T U`` and ``U^T V`` are
+gets ``S_l^T``) and ``lambda_l = exp(log_ridges[l])`` learned per layer. Optionally
+(``key_cov_weight`` w > 0) the penalty is also ``w ||C_l^(1/2) S||^2`` with ``C_l`` the mean ``u u^T``
+of the keys of other inputs seen in meta-training (training edits and locality inputs), as MEMIT's
+key covariance does (Meng et al., ICLR 2023): the change is kept small along the directions other
+inputs use, not uniformly (an option, not in the published MALMEN; docs/experiments.md). ``U^T U`` and ``U^T V`` are
 accumulated ``token_chunk`` tokens at a time and the system is solved by a Cholesky factorisation in
 float32 (float64 for a float64 model) whatever the base dtype, so the cost of the solve does not
 depend on K. The base model's forward/backward for the pieces runs ``edit_chunk`` edits at a time.
@@ -32,7 +36,7 @@ from torch import Tensor, nn
 
 from datamodules.encoding import Family
 from editors.base import DeltaEditor, EditorContext
-from editors.hypernet import PieceNetworks
+from editors.hypernet import PieceNetworks, _sum_over_processes
 from editors.io import FileEditor
 from editors.layers import LayerSpec, gradient_pieces, select_layers
 from editors.losses import forward_logits, nll
@@ -47,20 +51,25 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
 
     def __init__(self, layers: Sequence[LayerSpec | Mapping[str, Any]], rank: int = 1920, n_hidden: int = 2,
                  init_edit_lr: float = 1e-3, init_ridge: float = 1.0, edit_chunk: int = 64,
-                 token_chunk: int = 4096) -> None:
+                 token_chunk: int = 4096, key_cov_weight: float = 0.0) -> None:
         super().__init__()
-        if init_ridge < 0 or min(edit_chunk, token_chunk) < 1:
-            raise ValueError(f"init_ridge must not be negative and edit_chunk, token_chunk at least 1; got "
-                             f"{init_ridge}, {edit_chunk}, {token_chunk}")
+        if init_ridge < 0 or key_cov_weight < 0 or min(edit_chunk, token_chunk) < 1:
+            raise ValueError(f"init_ridge must not be negative, nor key_cov_weight, and edit_chunk, token_chunk at "
+                             f"least 1; got {init_ridge}, {key_cov_weight}, {edit_chunk}, {token_chunk}")
         self.name = "malmen"
         self.layers = [l if isinstance(l, LayerSpec) else LayerSpec(**l) for l in layers]
         self.edit_chunk, self.token_chunk = edit_chunk, token_chunk
         self.config = {"layers": [asdict(l) for l in self.layers], "rank": rank, "n_hidden": n_hidden,
                        "init_edit_lr": init_edit_lr, "init_ridge": init_ridge, "edit_chunk": edit_chunk,
-                       "token_chunk": token_chunk}
+                       "token_chunk": token_chunk, "key_cov_weight": key_cov_weight}
         self._build_networks(rank, n_hidden)
         self.edit_lrs = nn.Parameter(torch.full((len(self.layers),), float(init_edit_lr)))
         self.log_ridges = nn.Parameter(torch.full((len(self.layers),), math.log(init_ridge) if init_ridge else -math.inf))
+        self.key_cov_weight = key_cov_weight
+        if key_cov_weight:  # per layer: sum of u u^T and count of the other inputs' keys (float64)
+            for i, l in enumerate(self.layers):
+                self.register_buffer(f"key_moment{i}", torch.zeros(l.d_in, l.d_in, dtype=torch.float64))
+            self.register_buffer("key_count", torch.zeros(len(self.layers), dtype=torch.float64))
 
     @classmethod
     def for_model(cls, model: nn.Module, edit_params: list[str] | None = None, **kw: Any) -> "MALMEN":
@@ -102,6 +111,25 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
             sums = sum(norm.sums(*self._group_inputs(c, k, 1)) for p in pieces for c in self.token_chunks(p))
             norm.fold(sums)
 
+    @torch.no_grad()
+    def fold_keys(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> None:
+        """Fold the keys of every real token of ``batch`` (other inputs, not edits) into the key
+        statistics of ``key_cov_weight``, summed over processes."""
+        dev = batch["input_ids"].device
+        sums = [torch.zeros(l.d_in * l.d_in + 1, dtype=torch.float64, device=dev) for l in self.layers]
+        for a in range(0, batch["input_ids"].shape[0], self.edit_chunk):
+            mb = {k: v[a:a + self.edit_chunk] for k, v in batch.items()}
+            keep = mb["attention_mask"].flatten().bool()
+            p = gradient_pieces(model, self.layers, lambda: nll(forward_logits(model, mb, family), mb["labels"], family))
+            for s, l in zip(sums, self.layers):
+                u = p[l.name][0][keep].double()
+                s[:-1] += (u.T @ u).flatten()
+                s[-1] += u.shape[0]
+        for i, s in enumerate(sums):
+            _sum_over_processes(s)
+            getattr(self, f"key_moment{i}").add_(s[:-1].view_as(getattr(self, f"key_moment{i}")))
+            self.key_count[i] += s[-1]
+
     # -- value shifts and the least-squares change
     def value_shifts(self, pieces: Pieces) -> dict[str, Tensor]:
         """Per layer ``v [T, d_out] = -alpha_l * delta~`` (differentiable in the editor's parameters)."""
@@ -135,6 +163,8 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
         for i, l in enumerate(self.layers):
             uu, uv = eqs[l.name]
             A = uu + lam[i].to(uu.dtype) * torch.eye(l.d_in, dtype=uu.dtype, device=uu.device)
+            if self.key_cov_weight:
+                A = A + (self.key_cov_weight / self.key_count[i].clamp_min(1) * getattr(self, f"key_moment{i}")).to(A.dtype)
             L, info = torch.linalg.cholesky_ex(A)
             if int(info):
                 raise ValueError(f"{l.name}: the least-squares system is singular (ridge {float(lam[i]):g}; the edit "

@@ -61,6 +61,9 @@ def decoupled_meta_gradients(editor: MALMEN, model: nn.Module, batch: dict, fami
     pieces = [editor.pieces(model, problem_rows(inner, b, P), family) for b in range(P)]  # pass 1
     if update_statistics:
         editor.update_statistics(pieces)
+        if editor.key_cov_weight:  # the key statistics: all tokens of the training edits and locality inputs
+            for part in (inner, loc):
+                editor.fold_keys(model, part, family)
     params = list(editor.parameters())
     grads = [torch.zeros_like(p) for p in params]
     logs = {"loss": torch.zeros(()), "l_edit": torch.zeros(()), "kl": torch.zeros(())}
@@ -116,6 +119,7 @@ class MALMENModule(EditorModule):
     def __init__(self, base_model: str = "runs/base_zsre_gpt2_tiny/model", family: Family = "causal",
                  edit_params: list[str] | None = None, rank: int = 1920, n_hidden: int = 2,
                  init_edit_lr: float = 1e-3, init_ridge: float = 1.0, edit_chunk: int = 64, token_chunk: int = 4096,
+                 key_cov_weight: float = 0.0,
                  lr: float = 1e-4, edit_lr_lr: float = 1e-3, c_edit: float = 0.1, c_loc: float = 1.0,
                  cosine_decay: bool = False, grad_clip: float | None = 100.0, output_dir: str = "runs/malmen",
                  base_dtype: BaseDtype | None = None) -> None:
@@ -127,7 +131,8 @@ class MALMENModule(EditorModule):
         self.automatic_optimization = False  # the step accumulates its own gradient (see the module docstring)
         self._load_base(base_model, family, base_dtype)
         self.editor = MALMEN.for_model(self.model, edit_params, rank=rank, n_hidden=n_hidden, init_edit_lr=init_edit_lr,
-                                       init_ridge=init_ridge, edit_chunk=edit_chunk, token_chunk=token_chunk)
+                                       init_ridge=init_ridge, edit_chunk=edit_chunk, token_chunk=token_chunk,
+                                       key_cov_weight=key_cov_weight)
         self.val = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS})
 
     def on_fit_start(self) -> None:

@@ -21,7 +21,7 @@ from editors.losses import forward_logits, kl_pre_post, nll, scores
 from editors.malmen import MALMEN
 from lightning_modules.malmen_module import decoupled_meta_gradients, problem_rows
 from lightning_modules.models import decoder_start_id
-from test_train import QUIET, ROOT, _val_metrics, base_args
+from test_train import QUIET, ROOT, _val_metrics, base_args, check_resume_equals_unbroken
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -235,32 +235,42 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(bases, ddp_run, t
 
 
 def test_resume_equals_uninterrupted_run(bases, tmp_path):
-    """Killed after step 3 of 4 (last.ckpt at step 2) and resumed with --ckpt_path last: the same editor
-    as an unbroken run (manual optimisation: Adam state, schedule and data order restored)."""
-    ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 0, "dirpath": "CKPT"}}
-    common = ["--data.init_args.shuffle", "true", "--trainer.limit_train_batches", "3",
-              "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "true", "--trainer.max_steps", "4"]
-
-    def run(out: Path, *callbacks: dict, resume: bool = False) -> None:
-        args = malmen_args(bases, out, *common, "--trainer.callbacks", json.dumps([ckpt, *callbacks]),
-                           *(["--ckpt_path", "last"] if resume else []))
-        train.main([a.replace("CKPT", str(out / "checkpoints")) for a in args])
-
-    full, part = tmp_path / "full", tmp_path / "part"
-    run(full)
-    with pytest.raises(RuntimeError, match="killed"):
-        run(part, {"class_path": "test_train.KillAfter", "init_args": {"step": 3}})
-    last = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert last["global_step"] == 2 and not any(k.startswith("model.") for k in last["state_dict"])
-    run(part, resume=True)
-    resumed = load_editor_file(part / "editor.safetensors", "MALMEN")[0]
-    unbroken = load_editor_file(full / "editor.safetensors", "MALMEN")[0]
-    assert not torch.equal(last["state_dict"]["editor.edit_lrs"], resumed["edit_lrs"]), "the resumed run trained"
-    for k in unbroken:
-        torch.testing.assert_close(resumed[k], unbroken[k], rtol=1e-5, atol=1e-7, msg=k)
+    """Killed and resumed: the same editor as an unbroken run (manual optimisation: Adam state, schedule
+    and data order restored)."""
+    check_resume_equals_unbroken(lambda out, *extra: malmen_args(bases, out, *extra), tmp_path, "MALMEN", "edit_lrs")
 
 
 def test_more_edits_per_step_than_the_training_split_holds_is_refused(bases, tmp_path):
     with pytest.raises(MisconfigurationException, match="edits per step, but the training split has only"):
         train.main(malmen_args(bases, tmp_path / "big", "--data.init_args.n_edits", "100000"))
+
+
+def test_key_covariance_penalty_solves_the_memit_style_normal_equation(tiny_models, tokenizer):
+    """With ``key_cov_weight`` w, the change solves (U^T U + lambda I + w C) S = U^T V, C the mean u u^T
+    over all real tokens of the other inputs folded in (here: three other questions), and differs from
+    the plain ridge solution; the statistics travel with the editor's state."""
+    model = tiny_models["causal"].double()
+    batch = _batch(tokenizer, model, "causal", PROMPTS[:3], TARGETS[:3])
+    other = _batch(tokenizer, model, "causal", PROMPTS[3:], TARGETS[3:])
+    editor = MALMEN.for_model(model, rank=8, init_ridge=0.3, init_edit_lr=0.1, edit_chunk=2, key_cov_weight=5.0).double()
+    editor = _trained_looking(editor, model, batch, "causal")
+    editor.fold_keys(model, other, "causal")
+    got = editor.deltas(model, batch, "causal")
+    rows = batch["input_ids"].shape[0]
+    pieces = gradient_pieces(model, editor.layers, lambda: nll(forward_logits(model, batch, "causal"), batch["labels"], "causal") * rows)
+    real = {k: (u[(u != 0).any(-1) & (d != 0).any(-1)], d[(u != 0).any(-1) & (d != 0).any(-1)]) for k, (u, d) in pieces.items()}
+    keys = gradient_pieces(model, editor.layers, lambda: nll(forward_logits(model, other, "causal"), other["labels"], "causal"))
+    mask = other["attention_mask"].flatten().bool()
+    with torch.no_grad():
+        V = editor.value_shifts(real)
+    plain = MALMEN.for_model(model, rank=8, init_ridge=0.3, init_edit_lr=0.1).double()
+    plain.load_state_dict({k: v for k, v in editor.state_dict().items() if not k.startswith("key_")})
+    ridge_only = plain.deltas(model, batch, "causal")
+    for i, l in enumerate(editor.layers):
+        U, Uo = real[l.name][0], keys[l.name][0][mask]
+        A = U.T @ U + editor.ridges()[i] * torch.eye(l.d_in, dtype=U.dtype) + 5.0 * Uo.T @ Uo / Uo.shape[0]
+        torch.testing.assert_close(got[l.name], torch.linalg.solve(A, U.T @ V[l.name]))
+        assert not torch.allclose(got[l.name], ridge_only[l.name])
+    assert int(editor.key_count[0]) == int(mask.sum())
+    with pytest.raises(ValueError, match="nor key_cov_weight"):
+        MALMEN.for_model(model, key_cov_weight=-1.0)

@@ -25,7 +25,7 @@ from editors.layers import dense_edit
 from editors.mend import MEND
 from editors.selector import Selector
 from lightning_modules.models import decoder_start_id
-from test_train import base_args
+from test_train import base_args, check_resume_equals_unbroken
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
@@ -313,30 +313,9 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(single_run, ddp_r
 
 
 def test_resume_equals_uninterrupted_run(bases, tmp_path):
-    """Killed after step 3 of 4 (last.ckpt at step 2) and resumed with --ckpt_path last: the same selector
-    as an unbroken run (editor, Adam state, cosine schedule and data order restored)."""
-    ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 0, "dirpath": "CKPT"}}
-    common = ["--data.init_args.shuffle", "true", "--trainer.limit_train_batches", "3",
-              "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "true", "--trainer.max_steps", "4"]
-
-    def run(out: Path, *callbacks: dict, resume: bool = False) -> None:
-        args = selector_args(bases, out, *common, "--trainer.callbacks", json.dumps([ckpt, *callbacks]),
-                             *(["--ckpt_path", "last"] if resume else []))
-        train.main([a.replace("CKPT", str(out / "checkpoints")) for a in args])
-
-    full, part = tmp_path / "full", tmp_path / "part"
-    run(full)
-    with pytest.raises(RuntimeError, match="killed"):
-        run(part, {"class_path": "test_train.KillAfter", "init_args": {"step": 3}})
-    last = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert last["global_step"] == 2 and not any(k.startswith("model.") for k in last["state_dict"])
-    run(part, resume=True)
-    resumed = load_editor_file(part / "editor.safetensors", "Selector")[0]
-    unbroken = load_editor_file(full / "editor.safetensors", "Selector")[0]
-    assert not torch.equal(last["state_dict"]["editor.unit_prior"], resumed["unit_prior"]), "the resumed run trained"
-    for k in unbroken:
-        torch.testing.assert_close(resumed[k], unbroken[k], rtol=1e-5, atol=1e-7, msg=k)
+    """Killed and resumed: the same selector as an unbroken run (editor, Adam state, cosine schedule and data order)."""
+    check_resume_equals_unbroken(lambda out, *extra: selector_args(bases, out, *extra), tmp_path, "Selector",
+                                 "unit_prior")
 
 
 def test_export_writes_the_best_monitored_editor(bases, tmp_path):

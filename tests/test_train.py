@@ -147,6 +147,34 @@ def _editor_state(path: Path) -> dict[str, torch.Tensor]:
     return load_editor_file(path, "MEND")[0]
 
 
+def check_resume_equals_unbroken(make_args, tmp_path: Path, editor_class: str, trained_key: str) -> None:
+    """An editor job killed after step 3 of 4 (last.ckpt at step 2) and resumed with --ckpt_path last ends
+    with the editor an unbroken run exports (editor, optimizer state, schedule and data order restored).
+    ``make_args(out, *extra)``: the job's train.py arguments; ``trained_key``: an editor tensor training moves."""
+    ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 0, "dirpath": "CKPT"}}
+    common = ["--data.init_args.shuffle", "true", "--trainer.limit_train_batches", "3",
+              "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "true", "--trainer.max_steps", "4"]
+
+    def run(out: Path, *callbacks: dict, resume: bool = False) -> None:
+        args = make_args(out, *common, "--trainer.callbacks", json.dumps([ckpt, *callbacks]),
+                         *(["--ckpt_path", "last"] if resume else []))
+        train.main([a.replace("CKPT", str(out / "checkpoints")) for a in args])
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(full)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(part, {"class_path": "test_train.KillAfter", "init_args": {"step": 3}})
+    last = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2 and not any(k.startswith("model.") for k in last["state_dict"])
+    run(part, resume=True)
+    resumed = load_editor_file(part / "editor.safetensors", editor_class)[0]
+    unbroken = load_editor_file(full / "editor.safetensors", editor_class)[0]
+    assert not torch.equal(last["state_dict"][f"editor.{trained_key}"], resumed[trained_key]), "the resumed run trained"
+    for k in unbroken:
+        torch.testing.assert_close(resumed[k], unbroken[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
 class KillAfter(Callback):
     """Dies with an error at the end of training step ``step`` (or of the first step of epoch
     ``epoch``), like a killed job (the checkpoint of that step is not written: Lightning runs
