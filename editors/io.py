@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from torch import Tensor, nn
 
 from datamodules.atomic import atomic_path
-from editors.layers import check_fingerprint, fingerprint
+from editors.layers import check_fingerprint, fingerprint, select_layers
+
+if TYPE_CHECKING:
+    from editors.base import EditorContext
 
 FORMAT = 2  # editor file format; 1 was a pickled dict (hypedit 0.1), refused on load
 HEADER_KEY = "hypedit"
@@ -99,6 +102,16 @@ class FileEditor:
         fp = dict(base_fingerprint) if base_fingerprint is not None else fingerprint(model, self.layers)
         return {"class": type(self).__name__, "config": self.config, "fingerprint": fp,
                 "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+
+    @classmethod
+    def for_model(cls, model: nn.Module, edit_params: list[str] | None = None, **kw: Any):
+        """An untrained editor for ``model``'s default (or given) edited matrices."""
+        return cls(select_layers(model, edit_params), **kw)
+
+    @classmethod
+    def for_evaluation(cls, context: "EditorContext", path: str):
+        """The trained editor in file ``path`` (refused unless trained for ``context.model``)."""
+        return cls.load(path, context.model)
 
     def save(self, path: str | Path, model: nn.Module) -> Path:
         """Write the editor file (safetensors + JSON header, atomically)."""

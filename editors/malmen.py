@@ -35,10 +35,10 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.encoding import Family
-from editors.base import DeltaEditor, EditorContext
+from editors.base import DeltaEditor
 from editors.hypernet import PieceNetworks, _sum_over_processes
 from editors.io import FileEditor
-from editors.layers import LayerSpec, gradient_pieces, select_layers
+from editors.layers import LayerSpec, gradient_pieces
 from editors.losses import forward_logits, nll
 
 Pieces = dict[str, tuple[Tensor, Tensor]]  # per layer (u [T, d_in], delta [T, d_out]) of real tokens
@@ -70,16 +70,6 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
             for i, l in enumerate(self.layers):
                 self.register_buffer(f"key_moment{i}", torch.zeros(l.d_in, l.d_in, dtype=torch.float64))
             self.register_buffer("key_count", torch.zeros(len(self.layers), dtype=torch.float64))
-
-    @classmethod
-    def for_model(cls, model: nn.Module, edit_params: list[str] | None = None, **kw: Any) -> "MALMEN":
-        """An untrained editor for ``model``'s default (or given) edited matrices."""
-        return cls(select_layers(model, edit_params), **kw)
-
-    @classmethod
-    def for_evaluation(cls, context: EditorContext, path: str) -> "MALMEN":
-        """The trained editor in file ``path`` (refused unless trained for ``context.model``)."""
-        return cls.load(path, context.model)
 
     # -- the pieces: keys and value gradients of the edit tokens, edit_chunk edits at a time
     def pieces(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> Pieces:

@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.encoding import Family
-from editors.base import DeltaEditor, EditorContext
+from editors.base import DeltaEditor
 from editors.hypernet import PieceNetworks
 from editors.io import FileEditor
-from editors.layers import LayerSpec, gradient_pieces, select_layers, weight_update
+from editors.layers import LayerSpec, gradient_pieces, weight_update
 from editors.losses import forward_logits, nll
 
 
@@ -45,16 +45,6 @@ class MEND(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
                        "init_edit_lr": init_edit_lr, "precondition_ridge": precondition_ridge}
         self._build_networks(rank, n_hidden, precondition_ridge)
         self.edit_lrs = nn.Parameter(torch.full((len(self.layers),), float(init_edit_lr)))
-
-    @classmethod
-    def for_model(cls, model: nn.Module, edit_params: list[str] | None = None, **kw: Any) -> "MEND":
-        """An untrained editor for ``model``'s default (or given) edited matrices."""
-        return cls(select_layers(model, edit_params), **kw)
-
-    @classmethod
-    def for_evaluation(cls, context: EditorContext, path: str) -> "MEND":
-        """The trained editor in file ``path`` (refused unless trained for ``context.model``)."""
-        return cls.load(path, context.model)
 
     # -- the edit
     def transform(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int = 1) -> dict[str, Tensor]:

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from datamodules.encoding import Family
 from editors.base import DeltaEditor, EditorContext
 from editors.io import FileEditor
-from editors.layers import LayerSpec, gradient_pieces, select_layers
+from editors.layers import LayerSpec, gradient_pieces
 from editors.losses import forward_logits, nll, scores
 
 N_FEATURES = 3  # per unit: log-norm of its row/column of G, log-rms and log-|sum| of its pieces over tokens
@@ -103,11 +103,6 @@ class Selector(FileEditor, nn.Module, DeltaEditor):
         self.col_net = _unit_net(hidden)
         self.log_edit_lrs = nn.Parameter(torch.full((L,), math.log(init_edit_lr)))
         self.last_steps = 0  # masked gradient steps the last edit took after the first (until_right_steps)
-
-    @classmethod
-    def for_model(cls, model: nn.Module, edit_params: list[str] | None = None, **kw: Any) -> "Selector":
-        """An untrained selector for ``model``'s default (or given) candidate matrices."""
-        return cls(select_layers(model, edit_params), **kw)
 
     @classmethod
     def for_evaluation(cls, context: EditorContext, path: str, until_right_steps: int | None = None) -> "Selector":

@@ -3,9 +3,6 @@ train.py (DDP, resume) and its refusals."""
 from __future__ import annotations
 
 import copy
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,13 +12,12 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 import train
 from datamodules.encoding import collate, encode
 from editors.base import EditedModel
-from editors.io import load_editor_file
 from editors.layers import dense_edit, gradient_pieces
 from editors.losses import forward_logits, kl_pre_post, nll, scores
 from editors.malmen import MALMEN
 from lightning_modules.malmen_module import decoupled_meta_gradients, problem_rows
 from lightning_modules.models import decoder_start_id
-from test_train import QUIET, ROOT, _val_metrics, base_args, check_resume_equals_unbroken
+from test_train import QUIET, ROOT, assert_runs_equal, base_args, check_resume_equals_unbroken, csv_logger, start_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,11 +175,6 @@ def malmen_args(bases: Path, out: Path, *extra: str) -> list[str]:
             "--trainer.enable_checkpointing", "false", *QUIET, *extra]
 
 
-def csv_logger(out: Path) -> list[str]:
-    return ["--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                            "init_args": {"save_dir": str(out)}})]
-
-
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> Path:
     """A tiny GPT-2 QA model (one epoch on a 30-subject world) through train.py, as test_train builds it."""
@@ -202,11 +193,8 @@ DDP_COMMON = ["--data.init_args.shuffle", "false", "--trainer.accelerator", "cpu
 def ddp_run(bases, tmp_path_factory, child_env):
     """The 2-process run (1 problem each per step), in the background while the 1-process run trains."""
     out = tmp_path_factory.mktemp("ddp")
-    cmd = [sys.executable, str(ROOT / "train.py"),
-           *malmen_args(bases, out, *DDP_COMMON, "--data.init_args.batch_size", "1", "--trainer.devices", "2",
-                        "--trainer.strategy", "ddp", *csv_logger(out))]
-    with open(out / "train.log", "w") as log:  # a file, not a pipe: a full pipe would block the child
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT)
+    proc = start_train(malmen_args(bases, out, *DDP_COMMON, "--data.init_args.batch_size", "1", "--trainer.devices",
+                                   "2", "--trainer.strategy", "ddp", *csv_logger(out)), out, child_env)
     yield out, proc
     if proc.poll() is None:
         proc.kill()
@@ -222,16 +210,9 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(bases, ddp_run, t
                            *csv_logger(single)))
     ddp, proc = ddp_run
     assert proc.wait(timeout=600) == 0, (ddp / "train.log").read_text()[-3000:]
-    a = load_editor_file(single / "editor.safetensors", "MALMEN")[0]
-    b = load_editor_file(ddp / "editor.safetensors", "MALMEN")[0]
+    a = assert_runs_equal(single, ddp, "MALMEN", "val/edit_success")
     assert a["nets.0.U"].abs().max() > 0 and a["norms.0.count"].min() > 0, "the networks and statistics moved"
     assert not torch.equal(a["log_ridges"], torch.zeros_like(a["log_ridges"])), "the ridges trained"
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
-    va, vb = _val_metrics(single), _val_metrics(ddp)
-    assert va and set(va) == set(vb) and "val/edit_success" in va
-    for k in va:
-        assert va[k] == pytest.approx(vb[k], rel=1e-3, abs=1e-5), k
 
 
 def test_resume_equals_uninterrupted_run(bases, tmp_path):

@@ -6,10 +6,7 @@ same global batch, and a resumed run equal to an unbroken one."""
 from __future__ import annotations
 
 import copy
-import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,8 @@ from editors.layers import dense_edit
 from editors.mend import MEND
 from editors.selector import Selector
 from lightning_modules.models import decoder_start_id
-from test_train import base_args, check_resume_equals_unbroken
+from test_train import _val_metrics as val_metrics
+from test_train import assert_runs_equal, base_args, check_resume_equals_unbroken, csv_logger, start_train
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
@@ -212,15 +210,6 @@ def selector_args(bases: Path, out: Path, *extra: str, family: str = "causal") -
             "--trainer.enable_checkpointing", "false", *QUIET, *extra]
 
 
-def csv_logger(out: Path) -> list[str]:
-    return ["--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                            "init_args": {"save_dir": str(out)}})]
-
-
-def val_metrics(out: Path) -> dict[str, float]:
-    (path,) = out.glob("lightning_logs/version_*/metrics.csv")
-    rows = list(csv.DictReader(path.open()))
-    return {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/") and v != ""}
 
 
 @pytest.fixture(scope="module")
@@ -242,11 +231,8 @@ def ddp_run(bases, tmp_path_factory, child_env):
     """The 2-process run, started in the background (a child process: DDP relaunches its command) while
     the single-process run trains in this one."""
     out = tmp_path_factory.mktemp("ddp")
-    cmd = [sys.executable, str(ROOT / "train.py"),
-           *selector_args(bases, out, *DDP_COMMON, "--data.init_args.batch_size", "1", "--trainer.devices", "2",
-                          "--trainer.strategy", "ddp", *csv_logger(out))]
-    with open(out / "train.log", "w") as log:  # a file, not a pipe: a full pipe would block the child
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT)
+    proc = start_train(selector_args(bases, out, *DDP_COMMON, "--data.init_args.batch_size", "1", "--trainer.devices",
+                                     "2", "--trainer.strategy", "ddp", *csv_logger(out)), out, child_env)
     yield out, proc
     if proc.poll() is None:
         proc.kill()
@@ -301,15 +287,8 @@ def test_fever_config_meta_trains_the_classifier(bases, tmp_path):
 def test_ddp_two_processes_equal_one_process_same_global_batch(single_run, ddp_run):
     (single, _), (ddp, proc) = single_run, ddp_run
     assert proc.wait(timeout=600) == 0, (ddp / "train.log").read_text()[-3000:]
-    a = load_editor_file(single / "editor.safetensors", "Selector")[0]
-    b = load_editor_file(ddp / "editor.safetensors", "Selector")[0]
+    a = assert_runs_equal(single, ddp, "Selector", "val/params_changed")
     assert a["unit_prior"].abs().max() > 0, "the scorer trained (the comparison is not of untouched zeros)"
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
-    va, vb = val_metrics(single), val_metrics(ddp)
-    assert va and set(va) == set(vb) and "val/params_changed" in va
-    for k in va:
-        assert va[k] == pytest.approx(vb[k], rel=1e-3, abs=1e-5), k
 
 
 def test_resume_equals_uninterrupted_run(bases, tmp_path):

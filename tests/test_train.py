@@ -272,20 +272,41 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(bases, tmp_path, 
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     for out, extra in ((single, ["--data.init_args.batch_size", "2", "--trainer.devices", "1"]),
                        (ddp, ["--data.init_args.batch_size", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp"])):
-        logger = json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out)}})
-        cmd = [sys.executable, str(ROOT / "train.py"), *mend_args("causal", bases, out, *common, *extra),
-               "--trainer.logger", logger]
+        cmd = [sys.executable, str(ROOT / "train.py"), *mend_args("causal", bases, out, *common, *extra), *csv_logger(out)]
         res = subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
-    a, b = _editor_state(single / "editor.safetensors"), _editor_state(ddp / "editor.safetensors")
+    # editor networks, step sizes, normalisation and preconditioner statistics alike
+    a = assert_runs_equal(single, ddp, "MEND", "val/edit_success")
     assert a["norms.0.count"].min() > 0 and a["preconds.0.count"].min() > 0, "input statistics were updated"
     assert a["nets.0.U"].abs().max() > 0, "the networks trained (the comparison is not of untouched zeros)"
-    for k in a:  # editor networks, step sizes, normalisation and preconditioner statistics alike
+
+
+def csv_logger(out: Path) -> list[str]:
+    """train.py arguments that log metrics as CSV under ``out`` (for :func:`_val_metrics`)."""
+    return ["--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                            "init_args": {"save_dir": str(out)}})]
+
+
+def start_train(args: list[str], out: Path, env: dict[str, str]) -> subprocess.Popen:
+    """train.py as a child process (DDP relaunches its own command), its output in ``out/train.log``: a
+    file, not a pipe, which would block the child once full."""
+    with open(out / "train.log", "w") as log:
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+def assert_runs_equal(single: Path, ddp: Path, editor_class: str, metric: str) -> dict[str, torch.Tensor]:
+    """The two runs exported the same editor (every tensor) and logged the same validation metrics
+    (``metric`` among them); returns the single run's editor tensors."""
+    a = load_editor_file(single / "editor.safetensors", editor_class)[0]
+    b = load_editor_file(ddp / "editor.safetensors", editor_class)[0]
+    for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     va, vb = _val_metrics(single), _val_metrics(ddp)
-    assert va and set(va) == set(vb) and "val/edit_success" in va
+    assert va and set(va) == set(vb) and metric in va
     for k in va:
         assert va[k] == pytest.approx(vb[k], rel=1e-3, abs=1e-5), k
+    return a
 
 
 def _val_metrics(out: Path) -> dict[str, float]:
