@@ -63,6 +63,7 @@ EDITOR_ALIASES: dict[str, dict[str, Any]] = {
     **{f"surgery_{m}": {"class_path": "editors.surgery.Surgery", "init_args": {"method": m}} for m in SURGERY_METHODS},
     "selector": {"class_path": "editors.selector.Selector", "init_args": {"path": EDITOR_FILE}},
     "malmen": {"class_path": "editors.malmen.MALMEN", "init_args": {"path": EDITOR_FILE}},
+    "rledit": {"class_path": "editors.rledit.RLEdit", "init_args": {"path": EDITOR_FILE}},
     "patcher": {"class_path": "editors.patcher.Patcher"},
 }
 # --mode all without --editor (the MEND ones only with --editor_path)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.encoding import Family, TargetTooLong, collate, encode, load_tokenizer
@@ -97,26 +98,44 @@ class EpochSampler(DistributedSampler):
     """A :class:`DistributedSampler` (one process or many) that yields ``(index, epoch)``, so the
     dataset can redraw items per epoch; Lightning calls ``set_epoch`` on it every epoch.
 
-    ``even=False`` (evaluation) shards ``rank, rank + world, ...`` without padding or dropping:
-    shards may differ by one item, and every item is scored exactly once, so metrics under DDP equal
-    one process's. Training keeps even shards, as DDP's gradient all-reduce needs equal step counts."""
+    Items are dealt to the processes in blocks of ``block`` consecutive items (of this epoch's order):
+    a block is one edit problem (``n_edits`` edits applied together, or one stream), so the problems
+    of a global step under DDP are the ones one process with the whole global batch forms, not
+    problems of interleaved edits. ``block`` 1 is :class:`DistributedSampler`'s ``rank, rank + world, ...``.
 
-    def __init__(self, *args: Any, even: bool = True, **kwargs: Any) -> None:
+    ``even=False`` (evaluation) shards without padding: shards may differ by one block, every whole
+    block is scored exactly once and a ragged last block is left out, as one process's batches leave
+    it out, so metrics under DDP equal one process's. Training keeps
+    even shards (whole blocks), as DDP's gradient all-reduce needs equal step counts."""
+
+    def __init__(self, *args: Any, even: bool = True, block: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not even and self.shuffle:
             raise ValueError("uneven (evaluation) shards are taken in order: shuffle must be False")
-        self.even = even
+        self.even, self.block = even, block
         self.skip = 0  # leading items of this epoch's shard already consumed (set by ResumableLoader)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        own = super().__iter__() if self.even else self._uneven_shard()
-        return ((i, self.epoch) for i in islice(own, self.skip, None))
+        return ((i, self.epoch) for i in islice(self._shard(), self.skip, None))
 
     def __len__(self) -> int:
-        return super().__len__() if self.even else len(self._uneven_shard())
+        return len(self._shard())
 
-    def _uneven_shard(self) -> range:
-        return range(self.rank, len(self.dataset), self.num_replicas)
+    def _shard(self) -> list[int]:
+        n = len(self.dataset)
+        if self.shuffle:  # DistributedSampler's order: the same permutation in every process
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        b, w = self.block, self.num_replicas
+        if self.even:  # whole rounds of one block per process (training drops the rest)
+            order = order[:n // (b * w) * b * w]
+        elif n >= b:  # whole problems only, as one process's collate keeps them (a shorter split: one short problem)
+            order = order[:n // b * b]
+        blocks = [order[a:a + b] for a in range(0, len(order), b)]
+        return [i for blk in blocks[self.rank::w] for i in blk]
 
 
 class ResumableLoader(DataLoader):
@@ -467,7 +486,7 @@ class EditDataModule(L.LightningDataModule):
         # scores every edit once on whichever process holds it
         train = split == "train"
         sampler = EpochSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=hp.seed, drop_last=True,
-                               even=train)
+                               even=train, block=hp.n_edits)
         return (ResumableLoader if train else DataLoader)(
             ds, batch_size=hp.n_edits * hp.batch_size, sampler=sampler, drop_last=train,
             num_workers=hp.num_workers, collate_fn=self.collate)

@@ -250,6 +250,18 @@ class PieceNetworks:
         mask = (x[..., :d_in] != 0).any(-1) & (x[..., d_in:] != 0).any(-1)  # padding carries no gradient
         return x, mask
 
+    @torch.no_grad()
+    def fold_statistics(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int = 1) -> None:
+        """Fold the tokens' pieces into the input statistics (all processes together), as
+        :meth:`_transformed` does while training: for a caller that transforms the same pieces more
+        than once and needs the same statistics each time (a stream step, recomputed)."""
+        pres = self.preconds if self.preconds is not None else [None] * len(self.groups)
+        for k, (((d_in, _), _), norm, pre) in enumerate(zip(self.groups, self.norms, pres)):
+            x, mask = self._group_inputs(pieces, k, n_problems)
+            norm.update(x, mask)
+            if pre is not None:
+                pre.update(x[..., :d_in], mask)
+
     def _transformed(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int,
                      update: bool | None = None) -> dict[str, tuple[Tensor, Tensor]]:
         """Per layer ``(u~ [P, n, d_in], delta~ [P, n, d_out])``: the tokens' pieces through ``g``, split

@@ -62,11 +62,19 @@ class MEND(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
         rows = batch["input_ids"].shape[0]
         if rows % n_problems:
             raise ValueError(f"{rows} edit rows cannot be split into {n_problems} equal problems")
-        # the sum over edits of each edit's mean token NLL: every edit's pieces have the scale they
-        # have alone, however many edits share a problem or a batch (a mean would shrink them by 1/K)
-        pieces = gradient_pieces(model, self.layers,
-                                 lambda: nll(forward_logits(model, batch, family), batch["labels"], family) * rows)
-        t = self._transformed(pieces, n_problems)
+        return self.factors(self.pieces(model, batch, family), n_problems)
+
+    def pieces(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer ``(u, delta)`` of every token of ``batch`` (padding as zero rows) for the sum over
+        edits of each edit's mean token NLL: every edit's pieces have the scale they have alone, however
+        many edits share a problem or a batch (a mean would shrink them by 1/K)."""
+        rows = batch["input_ids"].shape[0]
+        return gradient_pieces(model, self.layers, lambda: nll(forward_logits(model, batch, family), batch["labels"], family) * rows)
+
+    def factors(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int = 1,
+                update: bool | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """:meth:`batched_factors` from already computed :meth:`pieces` (``update``: see ``_transformed``)."""
+        t = self._transformed(pieces, n_problems, update)
         return {l.name: (t[l.name][0], -self.edit_lrs[i] * t[l.name][1]) for i, l in enumerate(self.layers)}
 
     def to_deltas(self, factors: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:

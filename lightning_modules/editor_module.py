@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from datamodules.encoding import Family
@@ -126,6 +127,24 @@ class EditorModule(L.LightningModule):
         for k, metric in self.val.items():  # compute() reduces across processes
             self.log(f"val/{k}", metric.compute(), prog_bar=k in ("edit_success", "generality", "drawdown"))
             metric.reset()
+
+    def manual_step(self, grads: list[torch.Tensor], grad_clip: float | None) -> None:
+        """One optimisation step from gradients a module computed itself (manual optimisation, in the
+        order of ``editor.parameters()``): averaged over data-parallel processes with one all-reduce,
+        clipped to norm ``grad_clip``, then Adam and the learning-rate schedule."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            grads = list((flat / dist.get_world_size()).split([g.numel() for g in grads]))
+        for p, g in zip(self.editor.parameters(), grads):
+            p.grad = g.view_as(p)
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        if grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if sched is not None:
+            sched.step()
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         nets = [p for n, p in self.editor.named_parameters() if n not in self.step_size_params]

@@ -27,7 +27,6 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -146,19 +145,7 @@ class MALMENModule(EditorModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         hp = self.hparams
         grads, logs = decoupled_meta_gradients(self.editor, self.model, batch, hp.family, hp.c_edit, hp.c_loc)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([g.flatten() for g in grads])  # one all-reduce: the mean over processes
-            dist.all_reduce(flat)
-            grads = list((flat / dist.get_world_size()).split([g.numel() for g in grads]))
-        for p, g in zip(self.editor.parameters(), grads):
-            p.grad = g.view_as(p)
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        if hp.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if sched is not None:
-            sched.step()
+        self.manual_step(grads, hp.grad_clip)
         self.log_dict({"train/loss": logs["loss"], "train/edit_nll": logs["l_edit"], "train/loc_kl": logs["kl"],
                        "train/ridge": self.editor.ridges().detach().mean()}, prog_bar=True, batch_size=batch["n_problems"])
 

@@ -733,6 +733,29 @@ def test_ddp_evaluation_shards_score_every_edit_once(small_world):
         assert [i for b in loader() for i in b["index"]] == list(range(n))
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_ddp_deals_whole_problems_so_two_processes_form_one_process_problems(small_world, shuffle):
+    """Problems of K = 3 edits (or streams of 3): each step's problems under 2 processes x batch 1 are
+    exactly the problems of one process x batch 2 (the same edits grouped the same way, not edits
+    interleaved across processes); in evaluation the same whole problems are scored, a ragged tail
+    left out by both."""
+    def problems(world: int, rank: int, batch: int, split: str) -> list[list[list[int]]]:
+        dm = ZsreDataModule(**_world_paths(small_world, "zsre"), n_edits=3, batch_size=batch, shuffle=shuffle,
+                            seed=3, val_limit=8)
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank) if world > 1 else None
+        loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+        return [[b["index"][i:i + 3] for i in range(0, len(b["index"]), 3)] for b in loader]
+
+    one, r0, r1 = problems(1, 0, 2, "train"), problems(2, 0, 1, "train"), problems(2, 1, 1, "train")
+    assert len(r0) == len(r1) == len(one) > 0
+    for s in range(len(one)):
+        assert one[s] == r0[s] + r1[s]
+    one, r0, r1 = problems(1, 0, 2, "val"), problems(2, 0, 1, "val"), problems(2, 1, 1, "val")
+    flat = lambda steps: sorted(tuple(p) for st in steps for p in st)  # noqa: E731
+    assert flat(one) == flat(r0 + r1) == [(0, 1, 2), (3, 4, 5)]  # 8 edits: the ragged 2 are left out
+
+
 def test_detect_task_reads_edit_and_locality_files(small_world):
     """Locality claims carry only their gold verdict (no ``prediction``): still FEVER data."""
     for name, task in [("zsre-train.jsonl", "zsre"), ("nq-loc.jsonl", "zsre"), ("fever-train.jsonl", "fever"),

@@ -171,7 +171,7 @@ def malmen_args(bases: Path, out: Path, *extra: str) -> list[str]:
             "--data.init_args.loc_path", str(data / "nq-loc.jsonl"), "--data.init_args.tokenizer", str(base),
             "--data.init_args.n_edits", "3", "--data.init_args.loc_per_edit", "2",
             "--trainer.default_root_dir", str(out), "--trainer.callbacks", "[]",
-            "--trainer.max_steps", "3", "--trainer.val_check_interval", "2", "--data.init_args.val_limit", "5",
+            "--trainer.max_steps", "3", "--trainer.val_check_interval", "2", "--data.init_args.val_limit", "6",
             "--trainer.enable_checkpointing", "false", *QUIET, *extra]
 
 
@@ -183,15 +183,14 @@ def bases(tmp_path_factory) -> Path:
     return tmp
 
 
-# K = 1: each process's sampler interleaves the edits (rank r takes r, r + 2, ...), so problems of K > 1
-# edits would group different edits in the two runs
-DDP_COMMON = ["--data.init_args.shuffle", "false", "--trainer.accelerator", "cpu", "--seed_everything", "0",
-              "--data.init_args.n_edits", "1"]
+# problems of K = 3 edits are dealt to the processes whole (the sampler's blocks), so the 2-process run
+# forms the problems the 1-process run forms
+DDP_COMMON = ["--data.init_args.shuffle", "false", "--trainer.accelerator", "cpu", "--seed_everything", "0"]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(bases, tmp_path_factory, child_env):
-    """The 2-process run (1 problem each per step), in the background while the 1-process run trains."""
+    """The 2-process run (1 problem of 3 edits each per step), in the background while the 1-process run trains."""
     out = tmp_path_factory.mktemp("ddp")
     proc = start_train(malmen_args(bases, out, *DDP_COMMON, "--data.init_args.batch_size", "1", "--trainer.devices",
                                    "2", "--trainer.strategy", "ddp", *csv_logger(out)), out, child_env)
@@ -202,7 +201,7 @@ def ddp_run(bases, tmp_path_factory, child_env):
 
 
 def test_ddp_two_processes_equal_one_process_same_global_batch(bases, ddp_run, tmp_path):
-    """2 CPU processes (gloo) x 1 problem per step == 1 process x 2 problems: the same editor after 3
+    """2 CPU processes (gloo) x 1 problem of K = 3 edits per step == 1 process x 2 problems: the same editor after 3
     steps (networks, step sizes, ridges, input statistics: the gradient all-reduce and the statistics
     fold) and the same validation metrics."""
     single = tmp_path / "single"

@@ -1,0 +1,42 @@
+"""A lifelong hypernetwork editor: MEND's networks meta-trained over streams of edits (RLEdit,
+Li et al., ICML 2025).
+
+A MEND editor (:mod:`editors.mend`) is meta-trained to edit the *base* model. In a stream every edit
+lands on a model that earlier edits already changed: its gradient pieces drift away from the ones the
+networks were trained on, the updates stop fitting, and they overwrite earlier edits. This editor has
+the same networks and the same edit (a descent step ``-alpha_l * sum_t delta~_t u~_t^T`` computed from
+the *current* model's gradient), but it is meta-trained by
+:class:`lightning_modules.rledit_module.RLEditModule` over whole streams: each step's change is computed
+on the model the earlier steps left, and the objective also rewards keeping the earlier edits and
+keeping the accumulated change small (docs/methods.md).
+
+Its files are its own (class ``RLEdit``): an RLEdit file is not loaded as a MEND editor, nor the reverse.
+Plain torch: no Lightning here. Typical use, a stream::
+
+    editor = RLEdit.load("runs/rledit/editor.safetensors", model)   # refuses a different base model
+    for batch in edits:                                             # each step edits the current model
+        model = editor.make_edit(model, batch, family="causal").merge_(model)
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from torch import Tensor
+
+from editors.layers import LayerSpec
+from editors.mend import MEND
+
+
+class RLEdit(MEND):
+    """:class:`editors.mend.MEND`'s networks and step sizes, trained for streams (see the module docstring)."""
+
+    def __init__(self, layers: Sequence[LayerSpec | Mapping[str, Any]], rank: int = 1920, n_hidden: int = 2,
+                 init_edit_lr: float = 1e-4, precondition_ridge: float | None = None) -> None:
+        super().__init__(layers, rank, n_hidden, init_edit_lr, precondition_ridge)
+        self.name = "rledit"
+
+    def step_deltas(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int) -> dict[str, Tensor]:
+        """The dense change ``[n_problems, *weight.shape]`` of one stream step from its :meth:`pieces`,
+        with the statistics as they are (a stream step is computed twice in meta-training, and both
+        passes must see the same normalisation)."""
+        return self.to_deltas(self.factors(pieces, n_problems, update=False))

@@ -1,0 +1,251 @@
+"""The lifelong editor: its stream objective, the two-pass meta-gradient, backtracking, meta-training
+through train.py (DDP, resume), its files and refusals."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+import train
+from editors.base import EditorContext, build_editor
+from editors.io import EditorFileError
+from editors.layers import dense_edit
+from editors.losses import forward_logits, kl_pre_post, nll
+from editors.mend import MEND
+from editors.rledit import RLEdit
+from lightning_modules.editor_module import join_problems, split_problems
+from lightning_modules.rledit_module import backtrack_rows, run_stream, step_rows, stream_meta_gradients
+from test_malmen import PROMPTS, TARGETS, _batch
+from test_train import QUIET, ROOT, assert_runs_equal, base_args, check_resume_equals_unbroken, csv_logger, start_train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LOC_Q = ["What is the capital of Zed?", "Who wrote Yon?", "Where is Mount Ox?", "What colour is Teal?"]
+COEFS = {"c_edit": 0.1, "c_back": 0.3, "c_kl": 1.0, "c_norm": 0.05, "gamma": 0.8, "n_back": 2}
+
+
+def _stream_batch(tokenizer, model, P: int = 2) -> dict:
+    """``P`` streams of ``6 / P`` edits (rows grouped by stream), one paraphrase and 2 locality inputs per edit."""
+    inner = _batch(tokenizer, model, "causal", PROMPTS, TARGETS)
+    outer = _batch(tokenizer, model, "causal", [p.replace("Where", "In which place") for p in PROMPTS], TARGETS)
+    loc = _batch(tokenizer, model, "causal", LOC_Q * 3, ["Arvenna", "painter", "Orvic", "farmer"] * 3)
+    return {"n_problems": P, "edit_inner": inner, "edit_outer": outer, "loc": loc}
+
+
+def _trained_looking(editor: RLEdit, model, batch) -> RLEdit:
+    """Non-identity networks, input statistics and a step size that changes answers."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for net in editor.nets:
+            for p in (net.U, net.b, net.scale, net.shift):
+                p.add_(0.2 * torch.randn_like(p))
+        editor.edit_lrs.fill_(0.05)
+    editor.fold_statistics(editor.pieces(model, batch["edit_inner"], "causal"), 1)
+    return editor
+
+
+@pytest.fixture
+def setup(tiny_models, tokenizer):
+    model = tiny_models["causal"].double()
+    batch = _stream_batch(tokenizer, model)
+    editor = _trained_looking(RLEdit.for_model(model, rank=8, precondition_ridge=1.0).double(), model, batch)
+    return model, batch, editor
+
+
+def test_each_step_edits_the_model_the_earlier_steps_left(setup):
+    """Step t's pieces are those of the base with steps 1..t-1 merged in (recomputed here stream by stream,
+    the changes written into a copy of the model), which differ from the base's own; the stream's final
+    change is the sum of the merged ones."""
+    model, batch, editor = setup
+    P, T = 2, 3
+    a = run_stream(editor, model, batch, "causal", T, COEFS, seeds=[0, 1])
+    inner = batch["edit_inner"]
+    for b in range(P):
+        work = copy.deepcopy(model)
+        params = dict(work.named_parameters())
+        for t in range(T):
+            mine = {k: v[b:b + 1] for k, v in step_rows(inner, P, T, t).items()}
+            p = editor.pieces(work, mine, "causal")
+            for k, (u, d) in p.items():
+                n = u.shape[0]
+                torch.testing.assert_close(a["pieces"][t][k][0][b * n:(b + 1) * n], u)
+                torch.testing.assert_close(a["pieces"][t][k][1][b * n:(b + 1) * n], d)
+            if t:
+                k = editor.layers[0].name
+                assert not torch.allclose(editor.pieces(model, mine, "causal")[k][1], p[k][1]), \
+                    "a later step's gradient must be the edited model's, not the base's"
+            with torch.no_grad():
+                for k, v in editor.step_deltas(p, 1).items():
+                    params[k].add_(v[0])
+        base = dict(model.named_parameters())
+        for k, v in a["D"].items():
+            torch.testing.assert_close(base[k] + v[b], params[k])
+
+
+def test_backtracking_draws_only_earlier_steps_of_the_same_stream():
+    P, T, k = 3, 4, 2
+    n = T * k
+    inner = {"input_ids": torch.arange(P * n).unsqueeze(1), "labels": torch.arange(P * n).unsqueeze(1)}
+    assert backtrack_rows(inner, P, T, 0, 4, [5, 6, 7]) is None
+    for t in range(1, T):
+        rows = backtrack_rows(inner, P, T, t, 3, [5, 6, 7])["input_ids"].view(P, -1)
+        assert rows.shape[1] == min(3, t * k)
+        for b in range(P):
+            assert all(b * n <= int(r) < b * n + t * k for r in rows[b]), (t, b, rows[b])
+            assert len(set(rows[b].tolist())) == rows.shape[1], "without replacement"
+    again = backtrack_rows(inner, P, T, 3, 3, [5, 6, 7])["input_ids"]
+    assert torch.equal(again, backtrack_rows(inner, P, T, 3, 3, [5, 6, 7])["input_ids"]), "seeded"
+
+
+def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup):
+    """Passes A and B (stream without the editor's graph, then one step's graph at a time with the
+    summed later-step gradients) equal autograd through one graph over the whole discounted stream
+    objective (pieces constants, as in MEND), for 2 streams of 3 steps with backtracking and the norm."""
+    model, batch, editor = setup
+    P, T, fam = 2, 3, "causal"
+    ref = copy.deepcopy(editor)
+    grads, logs = stream_meta_gradients(editor, model, batch, fam, T, COEFS, seeds=[3, 4], update_statistics=False)
+
+    inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
+    w = torch.tensor([COEFS["gamma"] ** t for t in range(T)], dtype=torch.float64)
+    w = w / w.sum()
+    D, total = None, torch.zeros((), dtype=torch.float64)
+    for t in range(T):
+        i_t, o_t, l_t = step_rows(inner, P, T, t), step_rows(outer, P, T, t), step_rows(loc, P, T, t, 2)
+        if D is None:
+            p = ref.pieces(model, i_t, fam)
+        else:
+            with dense_edit(model, ref.layers, {k: v.detach() for k, v in D.items()}):
+                p = ref.pieces(model, i_t, fam)
+        dW = ref.step_deltas(p, P)
+        D = dW if D is None else {k: D[k] + dW[k] for k in D}
+        back = backtrack_rows(inner, P, T, t, 2, [3, 4])
+        parts = [o_t, l_t] + ([back] if back is not None else [])
+        with dense_edit(model, ref.layers, D):
+            post = split_problems(forward_logits(model, join_problems(parts, P), fam), parts, P, fam)
+        with torch.no_grad():
+            pre = forward_logits(model, l_t, fam)
+        loss = 0.1 * nll(post[0], o_t["labels"], fam) + kl_pre_post(pre, post[1], l_t, fam).mean()
+        loss = loss + 0.05 * sum((d ** 2).sum() for d in D.values()) / P
+        if back is not None:
+            loss = loss + 0.3 * nll(post[2], back["labels"], fam)
+        total = total + w[t] * loss
+    total.backward()
+    assert float(logs["loss"]) == pytest.approx(float(total), rel=1e-9)
+    assert float(logs["l_back"]) > 0 and float(logs["norm"]) > 0
+    for (name, p), g in zip(ref.named_parameters(), grads):
+        assert p.grad is not None, name
+        torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12, msg=name)
+    assert max(float(g.abs().max()) for g in grads) > 0
+
+
+def test_a_stream_of_one_step_is_mends_objective(setup):
+    """T = 1, no norm penalty: the same loss and gradient as MEND's meta-training objective (c_edit NLL on
+    the paraphrases + c_loc KL on the locality inputs, each problem edited by its own change)."""
+    model, batch, editor = setup
+    fam, P = "causal", 2
+    coefs = {**COEFS, "c_norm": 0.0, "gamma": 1.0}
+    grads, logs = stream_meta_gradients(editor, model, batch, fam, 1, coefs, seeds=[0, 0], update_statistics=False)
+    mend = MEND(editor.layers, rank=8, precondition_ridge=1.0).double()
+    mend.load_state_dict(editor.state_dict())
+    mend.eval()  # the statistics as they are (the stream folds them after its step)
+    inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
+    deltas = mend.to_deltas(mend.batched_factors(model, inner, fam, P))
+    with torch.no_grad():
+        pre = forward_logits(model, loc, fam)
+    with dense_edit(model, mend.layers, deltas):
+        post = split_problems(forward_logits(model, join_problems([outer, loc], P), fam), [outer, loc], P, fam)
+    loss = 0.1 * nll(post[0], outer["labels"], fam) + kl_pre_post(pre, post[1], loc, fam).mean()
+    loss.backward()
+    assert float(logs["loss"]) == pytest.approx(float(loss), rel=1e-9)
+    for (name, p), g in zip(mend.named_parameters(), grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12, msg=name)
+
+
+def test_editor_file_is_its_own_and_refuses_another_base(setup, tiny_models, tmp_path):
+    model, _, editor = setup
+    path = editor.save(tmp_path / "rledit.safetensors", model)
+    loaded = build_editor({"class_path": "editors.rledit.RLEdit", "init_args": {"path": str(path)}}, EditorContext(model))
+    assert isinstance(loaded, RLEdit) and torch.equal(loaded.edit_lrs, editor.edit_lrs.float())
+    with pytest.raises(EditorFileError, match="holds a RLEdit editor, not MEND"):
+        MEND.load(path, model)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        dict(other.named_parameters())[editor.layers[0].name].add_(1.0)
+    with pytest.raises(ValueError, match="was trained for base model"):
+        RLEdit.load(path, other)
+
+
+# -- meta-training through train.py
+def rledit_args(bases: Path, out: Path, *extra: str) -> list[str]:
+    data, base = bases / "base_causal" / "data", bases / "base_causal" / "model"
+    return ["--config", str(ROOT / "configs" / "rledit_zsre_gpt2_tiny.yaml"),
+            "--model.init_args.base_model", str(base), "--model.init_args.rank", "16",
+            "--model.init_args.init_editor", "null", "--model.init_args.output_dir", str(out),
+            "--data.init_args.train_path", str(data / "zsre-train.jsonl"),
+            "--data.init_args.val_path", str(data / "zsre-val.jsonl"),
+            "--data.init_args.test_path", str(data / "zsre-test.jsonl"),
+            "--data.init_args.loc_path", str(data / "nq-loc.jsonl"), "--data.init_args.tokenizer", str(base),
+            "--data.init_args.n_edits", "3", "--data.init_args.batch_size", "1", "--data.init_args.loc_per_edit", "2",
+            "--model.init_args.init_edit_lr", "0.01", "--model.init_args.c_norm", "0.01",
+            "--trainer.default_root_dir", str(out), "--trainer.callbacks", "[]",
+            "--trainer.max_steps", "3", "--trainer.val_check_interval", "2", "--data.init_args.val_limit", "6",
+            "--trainer.enable_checkpointing", "false", *QUIET, *extra]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("bases")
+    train.main(base_args("causal", tmp))
+    return tmp
+
+
+# streams of 3 edits are dealt to the processes whole (the sampler's blocks), so the 2-process run
+# sees the streams the 1-process run sees
+DDP_COMMON = ["--data.init_args.shuffle", "false", "--trainer.accelerator", "cpu", "--seed_everything", "0"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(bases, tmp_path_factory, child_env):
+    out = tmp_path_factory.mktemp("ddp")
+    proc = start_train(rledit_args(bases, out, *DDP_COMMON, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                                   *csv_logger(out)), out, child_env)
+    yield out, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_ddp_two_processes_equal_one_process_same_global_batch(bases, ddp_run, tmp_path):
+    """2 CPU processes (gloo) x 1 stream per step == 1 process x 2 streams: the same editor after 3 steps
+    (networks, step sizes, input statistics) and the same validation metrics (streams of 3 edits)."""
+    single = tmp_path / "single"
+    train.main(rledit_args(bases, single, *DDP_COMMON, "--data.init_args.batch_size", "2", "--trainer.devices", "1",
+                           *csv_logger(single)))
+    ddp, proc = ddp_run
+    assert proc.wait(timeout=600) == 0, (ddp / "train.log").read_text()[-3000:]
+    a = assert_runs_equal(single, ddp, "RLEdit", "val/edit_retention")
+    assert a["nets.0.U"].abs().max() > 0 and a["norms.0.count"].min() > 0, "the networks and statistics moved"
+
+
+def test_resume_equals_uninterrupted_run(bases, tmp_path):
+    check_resume_equals_unbroken(lambda out, *extra: rledit_args(bases, out, *extra), tmp_path, "RLEdit", "edit_lrs")
+
+
+def test_refusals(bases, tmp_path):
+    with pytest.raises(MisconfigurationException, match="not a multiple of edits_per_step"):
+        train.main(rledit_args(bases, tmp_path / "a", "--model.init_args.edits_per_step", "2"))
+    with pytest.raises(MisconfigurationException, match="shorten the streams"):
+        train.main(rledit_args(bases, tmp_path / "b", "--data.init_args.n_edits", "100000"))
+    mend = MEND.for_model(train_model(bases), rank=8)
+    path = mend.save(tmp_path / "mend.safetensors", train_model(bases))
+    with pytest.raises(ValueError, match=r"another shape than this editor: .*'rank'"):
+        train.main(rledit_args(bases, tmp_path / "c", "--model.init_args.init_editor", str(path)))
+
+
+def train_model(bases: Path):
+    from lightning_modules.models import load_model
+    return load_model(str(bases / "base_causal" / "model"), "causal")
