@@ -15,6 +15,7 @@ profile of where the time goes, then ``benchmarks/NOTES.md``).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -43,6 +44,7 @@ from editors.losses import forward_logits, nll  # noqa: E402
 from editors.malmen import MALMEN  # noqa: E402
 from editors.mend import MEND  # noqa: E402
 from editors.patcher import Patcher  # noqa: E402
+from editors.rledit import RLEdit  # noqa: E402
 from editors.selector import Selector  # noqa: E402
 from editors.surgery import Surgery  # noqa: E402
 from lightning_modules.evaluation import BaseLocality, score_step  # noqa: E402
@@ -370,6 +372,34 @@ def bench_malmen(shape: str, res: dict) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def bench_rledit(shape: str, res: dict, n_steps: int = 10) -> None:
+    """The lifelong editor: one meta-training step over a stream of ``n_steps`` single-edit steps (both passes,
+    no optimizer), and one stream edit (the pieces on the current model, the change, merged into it), each
+    as a ratio to one forward+backward of the base over one edit's input."""
+    from lightning_modules.rledit_module import stream_meta_gradients
+
+    model = build_model(shape)
+    vocab, raw = model.config.vocab_size, res["raw"][shape]
+    editor = trained_looking(RLEdit.for_model(model, rank=1920, precondition_ridge=1.0))
+    batch = {"n_problems": 1, "index": list(range(n_steps)), "edit_inner": make_batch(vocab, n_steps, 90),
+             "edit_outer": make_batch(vocab, n_steps, 91), "loc": make_batch(vocab, 4 * n_steps, 92)}
+    coefs = {"edit": 0.1, "back": 0.1, "kl": 1.0, "norm": 0.0, "gamma": 1.0, "n_back": 4}
+    one = make_batch(vocab, 1, 93)
+    work = copy.deepcopy(model)
+
+    def stream_edit() -> None:
+        editor.make_edit(work, one, FAM).merge_(work)
+
+    t = round_robin({"rledit_fwd_bwd_1": lambda: fwd_bwd(model, one),
+                     f"rledit_step_T{n_steps}": lambda: stream_meta_gradients(editor, model, batch, FAM, n_steps, coefs,
+                                                                              [0], update_statistics=False),
+                     "rledit_stream_edit": stream_edit}, 5, 1)
+    raw.update(t)
+    res[f"rledit_step_ratio_{shape}_T{n_steps}"] = t[f"rledit_step_T{n_steps}"] / t["rledit_fwd_bwd_1"]
+    res[f"rledit_stream_edit_ratio_{shape}"] = t["rledit_stream_edit"] / t["rledit_fwd_bwd_1"]
+    model.zero_grad(set_to_none=True)
+
+
 def machine() -> dict[str, str]:
     import lightning
 
@@ -444,6 +474,7 @@ def main() -> None:
             bench_model(shape, args.quick, Path(tmp), res, prof)
             if shape == "tiny":  # a K = 1,000 step on GPT-2 small is minutes of CPU: tiny only
                 bench_malmen(shape, res)
+                bench_rledit(shape, res)
             print({k: round(v, 3) for k, v in res.items() if isinstance(v, float)}, flush=True)
     res["seconds"] = time.time() - start
     out = Path(args.out)

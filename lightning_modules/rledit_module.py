@@ -89,7 +89,8 @@ def stream_seed(indices: list[int], step: int) -> int:
 
 def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_steps: int, coefs: dict[str, float],
                seeds: list[int], with_grad: bool = True, score: bool = False) -> dict[str, Any]:
-    """Pass A of the module docstring over the batch's streams: returns ``pieces`` (per step), ``G`` (per step,
+    """Pass A of the module docstring over the batch's streams (``coefs``: the weights ``edit``, ``back``,
+    ``kl``, ``norm`` of the step loss's terms, the discount ``gamma`` and ``n_back``): returns ``pieces`` (per step), ``G`` (per step,
     dL_t/dD_t; with ``with_grad``), ``D`` (the final changes, [P, *weight.shape]) and the objective's terms
     (``logs``); with ``score``, the per-edit exact-match scores just after each step (``es``, ``gs``)."""
     P, layers = batch["n_problems"], editor.layers
@@ -99,7 +100,7 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
     weights = (weights / weights.sum()).tolist()
     D: dict[str, Tensor] | None = None
     pieces, G, es, gs = [], [], [], []
-    logs = {k: torch.zeros((), dtype=torch.float64) for k in ("loss", "l_edit", "l_back", "kl", "norm")}
+    logs = {k: torch.zeros((), dtype=torch.float64) for k in ("loss", "edit", "back", "kl", "norm")}
     for t in range(n_steps):
         inner_t, outer_t = step_rows(inner, P, n_steps, t), step_rows(outer, P, n_steps, t)
         loc_t = step_rows(loc, P, n_steps, t, per_loc)
@@ -118,11 +119,11 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
         Dl = {k: v.detach().requires_grad_(with_grad) for k, v in D.items()}
         with torch.set_grad_enabled(with_grad), dense_edit(model, layers, Dl):
             post = split_problems(forward_logits(model, join_problems(parts, P), family), parts, P, family)
-            terms = {"l_edit": nll(post[0], outer_t["labels"], family),
+            terms = {"edit": nll(post[0], outer_t["labels"], family),
                      "kl": kl_pre_post(pre_loc, post[1], loc_t, family).mean(),
-                     "l_back": nll(post[2], back["labels"], family) if back is not None else torch.zeros(()),
+                     "back": nll(post[2], back["labels"], family) if back is not None else torch.zeros(()),
                      "norm": sum((d.to(torch.promote_types(d.dtype, torch.float32)) ** 2).sum() for d in Dl.values()) / P}
-            loss_t = sum(coefs[f"c_{k.removeprefix('l_')}"] * v for k, v in terms.items())
+            loss_t = sum(coefs[k] * v for k, v in terms.items())
         if with_grad:
             G.append(dict(zip(Dl, torch.autograd.grad(weights[t] * loss_t, list(Dl.values())))))
         for k, v in terms.items():
@@ -199,7 +200,7 @@ class RLEditModule(EditorModule):
 
     def coefs(self) -> dict[str, float]:
         hp = self.hparams
-        return {"c_edit": hp.c_edit, "c_back": hp.c_back, "c_kl": hp.c_loc, "c_norm": hp.c_norm, "gamma": hp.gamma,
+        return {"edit": hp.c_edit, "back": hp.c_back, "kl": hp.c_loc, "norm": hp.c_norm, "gamma": hp.gamma,
                 "n_back": hp.n_back}
 
     def n_steps(self) -> int:
@@ -226,7 +227,7 @@ class RLEditModule(EditorModule):
         grads, logs = stream_meta_gradients(self.editor, self.model, batch, hp.family, self.n_steps(), self.coefs(),
                                             self._seeds(batch, self.global_step))
         self.manual_step(grads, hp.grad_clip)
-        self.log_dict({"train/loss": logs["loss"], "train/edit_nll": logs["l_edit"], "train/back_nll": logs["l_back"],
+        self.log_dict({"train/loss": logs["loss"], "train/edit_nll": logs["edit"], "train/back_nll": logs["back"],
                        "train/loc_kl": logs["kl"], "train/change_norm": logs["norm"]},
                       prog_bar=True, batch_size=batch["n_problems"])
 

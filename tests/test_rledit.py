@@ -24,15 +24,15 @@ from test_train import QUIET, ROOT, assert_runs_equal, base_args, check_resume_e
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LOC_Q = ["What is the capital of Zed?", "Who wrote Yon?", "Where is Mount Ox?", "What colour is Teal?"]
-COEFS = {"c_edit": 0.1, "c_back": 0.3, "c_kl": 1.0, "c_norm": 0.05, "gamma": 0.8, "n_back": 2}
+COEFS = {"edit": 0.1, "back": 0.3, "kl": 1.0, "norm": 0.05, "gamma": 0.8, "n_back": 2}
 
 
-def _stream_batch(tokenizer, model, P: int = 2) -> dict:
+def _stream_batch(tokenizer, model, family: str, P: int = 2) -> dict:
     """``P`` streams of ``6 / P`` edits (rows grouped by stream), one paraphrase and 2 locality inputs per edit."""
-    inner = _batch(tokenizer, model, "causal", PROMPTS, TARGETS)
-    outer = _batch(tokenizer, model, "causal", [p.replace("Where", "In which place") for p in PROMPTS], TARGETS)
-    loc = _batch(tokenizer, model, "causal", LOC_Q * 3, ["Arvenna", "painter", "Orvic", "farmer"] * 3)
-    return {"n_problems": P, "edit_inner": inner, "edit_outer": outer, "loc": loc}
+    inner = _batch(tokenizer, model, family, PROMPTS, TARGETS)
+    outer = _batch(tokenizer, model, family, [p.replace("Where", "In which place") for p in PROMPTS], TARGETS)
+    loc = _batch(tokenizer, model, family, LOC_Q * 3, ["Arvenna", "painter", "Orvic", "farmer"] * 3)
+    return {"n_problems": P, "edit_inner": inner, "edit_outer": outer, "loc": loc, "family": family}
 
 
 def _trained_looking(editor: RLEdit, model, batch) -> RLEdit:
@@ -43,14 +43,14 @@ def _trained_looking(editor: RLEdit, model, batch) -> RLEdit:
             for p in (net.U, net.b, net.scale, net.shift):
                 p.add_(0.2 * torch.randn_like(p))
         editor.edit_lrs.fill_(0.05)
-    editor.fold_statistics(editor.pieces(model, batch["edit_inner"], "causal"), 1)
+    editor.fold_statistics(editor.pieces(model, batch["edit_inner"], batch["family"]), 1)
     return editor
 
 
-@pytest.fixture
-def setup(tiny_models, tokenizer):
-    model = tiny_models["causal"].double()
-    batch = _stream_batch(tokenizer, model)
+@pytest.fixture(params=["causal", "classifier"])
+def setup(tiny_models, tokenizer, request):
+    model = tiny_models[request.param].double()
+    batch = _stream_batch(tokenizer, model, request.param)
     editor = _trained_looking(RLEdit.for_model(model, rank=8, precondition_ridge=1.0).double(), model, batch)
     return model, batch, editor
 
@@ -60,22 +60,22 @@ def test_each_step_edits_the_model_the_earlier_steps_left(setup):
     the changes written into a copy of the model), which differ from the base's own; the stream's final
     change is the sum of the merged ones."""
     model, batch, editor = setup
-    P, T = 2, 3
-    a = run_stream(editor, model, batch, "causal", T, COEFS, seeds=[0, 1])
+    P, T, fam = 2, 3, batch["family"]
+    a = run_stream(editor, model, batch, fam, T, COEFS, seeds=[0, 1])
     inner = batch["edit_inner"]
     for b in range(P):
         work = copy.deepcopy(model)
         params = dict(work.named_parameters())
         for t in range(T):
             mine = {k: v[b:b + 1] for k, v in step_rows(inner, P, T, t).items()}
-            p = editor.pieces(work, mine, "causal")
+            p = editor.pieces(work, mine, fam)
             for k, (u, d) in p.items():
                 n = u.shape[0]
                 torch.testing.assert_close(a["pieces"][t][k][0][b * n:(b + 1) * n], u)
                 torch.testing.assert_close(a["pieces"][t][k][1][b * n:(b + 1) * n], d)
             if t:
                 k = editor.layers[0].name
-                assert not torch.allclose(editor.pieces(model, mine, "causal")[k][1], p[k][1]), \
+                assert not torch.allclose(editor.pieces(model, mine, fam)[k][1], p[k][1]), \
                     "a later step's gradient must be the edited model's, not the base's"
             with torch.no_grad():
                 for k, v in editor.step_deltas(p, 1).items():
@@ -105,7 +105,7 @@ def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup):
     summed later-step gradients) equal autograd through one graph over the whole discounted stream
     objective (pieces constants, as in MEND), for 2 streams of 3 steps with backtracking and the norm."""
     model, batch, editor = setup
-    P, T, fam = 2, 3, "causal"
+    P, T, fam = 2, 3, batch["family"]
     ref = copy.deepcopy(editor)
     grads, logs = stream_meta_gradients(editor, model, batch, fam, T, COEFS, seeds=[3, 4], update_statistics=False)
 
@@ -135,7 +135,7 @@ def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup):
         total = total + w[t] * loss
     total.backward()
     assert float(logs["loss"]) == pytest.approx(float(total), rel=1e-9)
-    assert float(logs["l_back"]) > 0 and float(logs["norm"]) > 0
+    assert float(logs["back"]) > 0 and float(logs["norm"]) > 0
     for (name, p), g in zip(ref.named_parameters(), grads):
         assert p.grad is not None, name
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12, msg=name)
@@ -146,8 +146,8 @@ def test_a_stream_of_one_step_is_mends_objective(setup):
     """T = 1, no norm penalty: the same loss and gradient as MEND's meta-training objective (c_edit NLL on
     the paraphrases + c_loc KL on the locality inputs, each problem edited by its own change)."""
     model, batch, editor = setup
-    fam, P = "causal", 2
-    coefs = {**COEFS, "c_norm": 0.0, "gamma": 1.0}
+    fam, P = batch["family"], 2
+    coefs = {**COEFS, "norm": 0.0, "gamma": 1.0}
     grads, logs = stream_meta_gradients(editor, model, batch, fam, 1, coefs, seeds=[0, 0], update_statistics=False)
     mend = MEND(editor.layers, rank=8, precondition_ridge=1.0).double()
     mend.load_state_dict(editor.state_dict())
