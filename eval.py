@@ -62,6 +62,8 @@ EDITOR_ALIASES: dict[str, dict[str, Any]] = {
     "ft_kl": {"class_path": "editors.ft.FineTune", "init_args": {"c_loc": 1.0}},
     **{f"surgery_{m}": {"class_path": "editors.surgery.Surgery", "init_args": {"method": m}} for m in SURGERY_METHODS},
     "selector": {"class_path": "editors.selector.Selector", "init_args": {"path": EDITOR_FILE}},
+    # the selector before meta-training (about the "largest |gradient|" rule): what meta-training buys
+    "selector_untrained": {"class_path": "editors.selector.Selector", "init_args": {"path": None}},
     "malmen": {"class_path": "editors.malmen.MALMEN", "init_args": {"path": EDITOR_FILE}},
     "rledit": {"class_path": "editors.rledit.RLEdit", "init_args": {"path": EDITOR_FILE}},
     "patcher": {"class_path": "editors.patcher.Patcher"},
@@ -104,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Namespace, dict]:
                         "plots and TensorBoard beside it")
     p.add_argument("--editor_path", type=str | None, default=None,
                    help="trained editor file (train.py's RUN_DIR/editor.safetensors) of the short names mend, "
-                        "mend_until_right and selector; the other editors need none")
+                        "mend_until_right, selector, malmen and rledit; the other editors need none")
     p.add_argument("--ckpt_path", type=str | None, default=None,
                    help="deprecated here: --editor_path (train.py's --ckpt_path resumes a training checkpoint; "
                         "the key in a train.py config is ignored)")

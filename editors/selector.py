@@ -105,8 +105,22 @@ class Selector(FileEditor, nn.Module, DeltaEditor):
         self.last_steps = 0  # masked gradient steps the last edit took after the first (until_right_steps)
 
     @classmethod
-    def for_evaluation(cls, context: EditorContext, path: str, until_right_steps: int | None = None) -> "Selector":
-        """The meta-trained selector in file ``path``; ``until_right_steps`` overrides the file's."""
+    def for_evaluation(cls, context: EditorContext, path: str | None, until_right_steps: int | None = None,
+                       **settings: Any) -> "Selector":
+        """The meta-trained selector in file ``path``; ``until_right_steps`` overrides the file's.
+
+        ``path`` None: an untrained selector (close to the "largest |gradient|" rule, the baseline that
+        meta-training is measured against) for ``context``'s edited matrices, its small random scorer
+        weights seeded by ``context.seed``; ``settings`` are the constructor's (``n_params``, ...)."""
+        if path is None:
+            with torch.random.fork_rng(devices=[]):  # seeded without touching the evaluation's random state
+                torch.manual_seed(context.seed)
+                sel = cls(context.layers(), until_right_steps=until_right_steps or 0, **settings)
+            sel.name = "selector_untrained"
+            return sel
+        if settings:
+            raise ValueError(f"a trained selector's settings are those of its file {path}: {sorted(settings)} apply "
+                             f"only to the untrained one (path: null, the short name selector_untrained)")
         sel = cls.load(path, context.model)
         if until_right_steps is not None:
             sel.until_right_steps = until_right_steps

@@ -148,6 +148,26 @@ def test_budgets_and_duplicate_labels(config):
     assert [e["label"] for e in rep["entries"]] == ["a", "b"]
 
 
+def test_the_untrained_selector_is_evaluated_beside_the_trained_one(config, tmp_path):
+    """selector_untrained needs no file: the selector before meta-training, the baseline of the trained one."""
+    from editors.selector import Selector
+    from lightning_modules.models import load_model
+
+    base = load_model(yaml.safe_load(config.read_text())["model"]["init_args"]["base_model"], "causal")
+    trained = Selector.for_model(base, n_params=40)
+    trained.save(tmp_path / "sel.safetensors", base)
+    rep = _run(config, "--editor", "selector", "selector_untrained@40", "--editor_path", tmp_path / "sel.safetensors",
+               "--n_edits", 2, "--loc_per_edit", 2)
+    got = {e["label"]: e for e in rep["entries"]}
+    assert set(got) == {"selector", "selector_untrained@40"}
+    assert [got[k]["editor"] for k in sorted(got)] == ["selector", "selector_untrained"]
+    for e in got.values():
+        assert e["editor_config"]["n_params"] == 40 and 0 < e["params_changed"] <= 40
+    with pytest.raises(eval_cli.EvalError, match="settings are those of its file"):
+        _run(config, "--editors+", "{class_path: selector, init_args: {n_params: 5}}", "--editor_path",
+             tmp_path / "sel.safetensors", "--n_edits", 1)
+
+
 def test_print_config_shows_the_data_and_trainer_settings_evaluation_uses(config, capsys):
     printed = _print_config(config, capsys, "--loc_per_edit", 3, "--seed", 5)
     data = printed["data"]["init_args"]

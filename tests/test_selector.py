@@ -1,8 +1,9 @@
 """The meta-trained surgery selector (editors/selector.py, lightning_modules/selector_module.py): the budget
 holds (counted on the merged model), the straight-through relaxation's gradient reaches the scorer, the
-per-problem dense edit equals the merged model, editor files round-trip and refuse what they must, and
-train.py meta-trains it: a smoke run that writes the editor, 2 DDP processes equal to 1 process on the
-same global batch, and a resumed run equal to an unbroken one."""
+per-problem dense edit equals the merged model, editor files round-trip and refuse what they must, the
+untrained selector is built for evaluation without a file, and train.py meta-trains it: a smoke run that
+writes the editor, training that lowers the validation meta-loss and raises validation edit success, 2 DDP
+processes equal to 1 process on the same global batch, and a resumed run equal to an unbroken one."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,7 @@ import yaml
 
 import train
 from datamodules.encoding import collate, encode
-from editors.base import WeightDelta
+from editors.base import EditorContext, WeightDelta
 from editors.io import CHECKPOINT_KEY, EditorFileError, load_editor_file
 from editors.losses import forward_logits, kl_pre_post, nll
 from editors.layers import dense_edit
@@ -177,6 +178,31 @@ def test_editor_file_round_trip_and_refusals(tiny_models, tokenizer, tmp_path):
         Selector.load(tmp_path / "mend.safetensors", model)
 
 
+def test_the_untrained_selector_for_evaluation(tiny_models, tokenizer, tmp_path):
+    """``path`` None: a fresh selector for the context's matrices, the same for the same seed, built without
+    touching the global random state; a file's selector takes no settings but until_right_steps."""
+    model = tiny_models["causal"]
+    ctx = EditorContext(model, seed=5)
+    a = Selector.for_evaluation(ctx, None, n_params=64, until_right_steps=2)
+    state = torch.random.get_rng_state()
+    b = Selector.for_evaluation(ctx, None, n_params=64, until_right_steps=2)
+    assert torch.equal(torch.random.get_rng_state(), state), "the evaluation's random state is left alone"
+    other = Selector.for_evaluation(EditorContext(model, seed=6), None, n_params=64)
+    assert a.name == "selector_untrained" and a.n_params == 64
+    assert a.until_right_steps == 2 and other.until_right_steps == 0
+    assert [l.name for l in a.layers] == [l.name for l in Selector.for_model(model).layers]
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert not torch.equal(a.row_net[2].weight, other.row_net[2].weight), "seeded by the context's seed"
+    batch = edit_batch(model, tokenizer, "causal")
+    assert 0 < sum(int((d != 0).sum()) for d in a.eval().deltas(model, batch, "causal").values()) <= 64
+    path = scrambled(Selector.for_model(model, n_params=64)).save(tmp_path / "sel.safetensors", model)
+    loaded = Selector.for_evaluation(ctx, str(path), until_right_steps=3)
+    assert loaded.name == "selector" and loaded.until_right_steps == 3 and loaded.config["until_right_steps"] == 3
+    with pytest.raises(ValueError, match=r"settings are those of its file.*\['n_params'\]"):
+        Selector.for_evaluation(ctx, str(path), n_params=10)
+
+
 def test_bad_budgets_are_refused(tiny_models):
     model = tiny_models["causal"]
     total = sum(l.d_in * l.d_out for l in Selector.for_model(model).layers)
@@ -267,6 +293,34 @@ def test_meta_training_smoke_run_writes_the_editor(bases, single_run):
     # exact match counts an answer right only if all its tokens are: never above token accuracy
     assert m["val/edit_success"] <= m["val/edit_success_token_acc"]
     assert m["val/generality"] <= m["val/generality_token_acc"]
+
+
+@pytest.mark.parametrize("lr,edit_lr_lr", [(1e-2, 2e-2), (1e-2, 0.0), (0.0, 0.0)],
+                         ids=["config_rates", "step_sizes_frozen", "lr_0"])
+def test_meta_training_lowers_the_meta_loss_and_raises_validation_es(bases, tmp_path, lr, edit_lr_lr):
+    """Validation (the tiny world's 11 validation edits with a paraphrase) before and after 60 steps of
+    meta-training through train.py's CLI: the meta-loss falls and edit success rises (here from 8 of 11
+    edits to all 11, for seeds 0 to 3), also with the step sizes frozen, so the learned selection itself
+    helps; at learning rate 0 nothing changes, so the comparison measures the training, not the data."""
+    from lightning_modules.cli import HypeditCLI
+
+    # no sanity validation: the metric states a validation resets under inference mode cannot be updated
+    # by fit's validation afterwards (and this run validates only through trainer.validate)
+    cli = HypeditCLI(args=selector_args(bases, tmp_path, "--trainer.max_steps", "60", "--trainer.val_check_interval",
+                                        "1000", "--trainer.num_sanity_val_steps", "0", "--data.init_args.val_limit",
+                                        "15", "--model.init_args.lr", str(lr), "--model.init_args.edit_lr_lr",
+                                        str(edit_lr_lr)))
+    before = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 60
+    after = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    if lr == 0:
+        assert after == before
+        return
+    assert after["val/loss"] < before["val/loss"], (before, after)
+    assert after["val/edit_success"] > before["val/edit_success"], (before, after)
+    lrs = cli.model.editor.log_edit_lrs.detach()
+    assert torch.equal(lrs, torch.zeros_like(lrs)) == (edit_lr_lr == 0)
 
 
 def test_fever_config_meta_trains_the_classifier(bases, tmp_path):
