@@ -88,31 +88,40 @@ def stream_seed(indices: list[int], step: int) -> int:
 
 
 def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_steps: int, coefs: dict[str, float],
-               seeds: list[int], with_grad: bool = True, score: bool = False) -> dict[str, Any]:
+               seeds: list[int], with_grad: bool = True, score: bool = False, steps: range | None = None
+               ) -> dict[str, Any]:
     """Pass A of the module docstring over the batch's streams (``coefs``: the weights ``edit``, ``back``,
-    ``kl``, ``norm`` of the step loss's terms, the discount ``gamma`` and ``n_back``): returns ``pieces`` (per step), ``G`` (per step,
-    dL_t/dD_t; with ``with_grad``), ``D`` (the final changes, [P, *weight.shape]) and the objective's terms
-    (``logs``); with ``score``, the per-edit exact-match scores just after each step (``es``, ``gs``)."""
+    ``kl``, ``norm`` of the step loss's terms, the discount ``gamma`` and ``n_back``). ``steps`` (default: all
+    ``n_steps``) are the steps the objective scores; the steps before them only edit the model (a burn-in:
+    no loss, no gradient), and the steps after them are not run. Returns ``pieces`` and ``G`` (dL_t/dD_t,
+    with ``with_grad``) of each scored step, ``D`` (the final changes, [P, *weight.shape]) and the
+    objective's terms (``logs``); with ``score``, each scored step's per-edit exact match just after it
+    (``es``, ``gs``)."""
     P, layers = batch["n_problems"], editor.layers
+    steps = range(n_steps) if steps is None else steps
     inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
     per_loc = loc["input_ids"].shape[0] // inner["input_ids"].shape[0]
-    weights = torch.tensor([coefs["gamma"] ** t for t in range(n_steps)], dtype=torch.float64)
+    weights = torch.tensor([coefs["gamma"] ** i for i in range(len(steps))], dtype=torch.float64)
     weights = (weights / weights.sum()).tolist()
     D: dict[str, Tensor] | None = None
     pieces, G, es, gs = [], [], [], []
     logs = {k: torch.zeros((), dtype=torch.float64) for k in ("loss", "edit", "back", "kl", "norm")}
-    for t in range(n_steps):
-        inner_t, outer_t = step_rows(inner, P, n_steps, t), step_rows(outer, P, n_steps, t)
-        loc_t = step_rows(loc, P, n_steps, t, per_loc)
+    for t in range(steps.stop):
+        inner_t = step_rows(inner, P, n_steps, t)
         if D is None:
             p = editor.pieces(model, inner_t, family)
         else:
             with dense_edit(model, layers, D):
                 p = editor.pieces(model, inner_t, family)
-        pieces.append(p)
         with torch.no_grad():
             dW = editor.step_deltas(p, P)
             D = dW if D is None else {k: D[k] + dW[k] for k in D}
+        if t < steps.start:
+            continue
+        w = weights[t - steps.start]
+        pieces.append(p)
+        outer_t, loc_t = step_rows(outer, P, n_steps, t), step_rows(loc, P, n_steps, t, per_loc)
+        with torch.no_grad():
             pre_loc = forward_logits(model, loc_t, family)
         back = backtrack_rows(inner, P, n_steps, t, int(coefs["n_back"]), seeds)
         parts = [outer_t, loc_t] + ([back] if back is not None else []) + ([inner_t] if score else [])
@@ -125,10 +134,10 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
                      "norm": sum((d.to(torch.promote_types(d.dtype, torch.float32)) ** 2).sum() for d in Dl.values()) / P}
             loss_t = sum(coefs[k] * v for k, v in terms.items())
         if with_grad:
-            G.append(dict(zip(Dl, torch.autograd.grad(weights[t] * loss_t, list(Dl.values())))))
+            G.append(dict(zip(Dl, torch.autograd.grad(w * loss_t, list(Dl.values())))))
         for k, v in terms.items():
-            logs[k] += weights[t] * float(v.detach())
-        logs["loss"] += weights[t] * float(loss_t.detach())
+            logs[k] += w * float(v.detach())
+        logs["loss"] += w * float(loss_t.detach())
         if score:
             es.append(scores(post[-1], inner_t["labels"], family)[0].view(P, -1))
             gs.append(scores(post[0], outer_t["labels"], family)[0].view(P, -1))
@@ -139,16 +148,17 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
 
 
 def stream_meta_gradients(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_steps: int,
-                          coefs: dict[str, float], seeds: list[int], update_statistics: bool = True
-                          ) -> tuple[list[Tensor], dict[str, Tensor]]:
+                          coefs: dict[str, float], seeds: list[int], update_statistics: bool = True,
+                          steps: range | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
     """The objective's gradient w.r.t. ``editor.parameters()`` (in that order) by passes A and B of the
-    module docstring, and the objective's terms (means over streams)."""
+    module docstring, and the objective's terms (means over streams); ``steps``: see :func:`run_stream`
+    (a burn-in step's change is a constant: the gradient is truncated there)."""
     P = batch["n_problems"]
-    a = run_stream(editor, model, batch, family, n_steps, coefs, seeds)
+    a = run_stream(editor, model, batch, family, n_steps, coefs, seeds, steps=steps)
     params = list(editor.parameters())
     grads = [torch.zeros_like(p) for p in params]
     H = {k: torch.zeros_like(g) for k, g in a["G"][0].items()}
-    for t in reversed(range(n_steps)):  # pass B: H_t = sum over later steps' G, one step's graph at a time
+    for t in reversed(range(len(a["G"]))):  # pass B: H_t = sum over later steps' G, one step's graph at a time
         H = {k: H[k] + a["G"][t][k] for k in H}
         dW = editor.step_deltas(a["pieces"][t], P)
         out = sum((dW[k] * H[k].to(dW[k].dtype)).sum() for k in dW)
@@ -165,6 +175,11 @@ class RLEditModule(EditorModule):
     """Wraps a frozen base model (``self.model``) and a trainable :class:`RLEdit` (``self.editor``).
 
     ``edits_per_step`` k splits each DataModule problem (``n_edits`` = T x k) into T stream steps.
+    ``window`` (default: all T): a training stream scores only ``window`` consecutive steps, after a
+    burn-in of random length (drawn per training step, uniform over 0..T - window) whose edits change the
+    model without adding to the objective: the editor sees models far into a stream at the cost of a
+    short one (a burn-in step costs about half a scored step), and the gradient is truncated at the
+    window's start. Validation scores every step of its streams.
     ``init_editor``: a trained MEND editor file of the same shape to start from (the networks of an
     editor that already edits the base well; the stream training then teaches it to edit edited models).
     Checkpoints hold the editor only, with the base model's fingerprint.
@@ -173,14 +188,16 @@ class RLEditModule(EditorModule):
     def __init__(self, base_model: str = "runs/base_zsre_gpt2_tiny/model", family: Family = "causal",
                  edit_params: list[str] | None = None, rank: int = 1920, n_hidden: int = 2,
                  init_edit_lr: float = 1e-4, precondition_ridge: float | None = None, init_editor: str | None = None,
-                 edits_per_step: int = 1, n_back: int = 4, gamma: float = 1.0,
+                 edits_per_step: int = 1, window: int | None = None, n_back: int = 4, gamma: float = 1.0,
                  lr: float = 1e-4, edit_lr_lr: float = 1e-3, c_edit: float = 0.1, c_back: float = 0.1,
                  c_loc: float = 1.0, c_norm: float = 0.0, cosine_decay: bool = False, grad_clip: float | None = 100.0,
                  output_dir: str = "runs/rledit", base_dtype: BaseDtype | None = None) -> None:
         super().__init__()
-        if rank < 1 or min(lr, edit_lr_lr, c_back, c_norm, n_back) < 0 or edits_per_step < 1 or not 0 < gamma <= 1:
-            raise ValueError(f"rank and edits_per_step must be at least 1, lr, edit_lr_lr, c_back, c_norm and n_back not "
-                             f"negative, and 0 < gamma <= 1; got rank {rank}, edits_per_step {edits_per_step}, lr {lr}, "
+        if rank < 1 or min(lr, edit_lr_lr, c_back, c_norm, n_back) < 0 or min(edits_per_step, window or 1) < 1 \
+                or not 0 < gamma <= 1:
+            raise ValueError(f"rank, edits_per_step and window must be at least 1, lr, edit_lr_lr, c_back, c_norm and n_back "
+                             f"not negative, and 0 < gamma <= 1; got rank {rank}, edits_per_step {edits_per_step}, window "
+                             f"{window}, lr {lr}, "
                              f"edit_lr_lr {edit_lr_lr}, c_back {c_back}, c_norm {c_norm}, n_back {n_back}, gamma {gamma}")
         self.save_hyperparameters()
         self.automatic_optimization = False  # the step computes its own gradient (see the module docstring)
@@ -211,6 +228,8 @@ class RLEditModule(EditorModule):
         if dm.n_edits % hp.edits_per_step:
             raise MisconfigurationException(f"data n_edits {dm.n_edits} (the stream length) is not a multiple of "
                                             f"edits_per_step {hp.edits_per_step}")
+        if hp.window and hp.window > self.n_steps():
+            raise MisconfigurationException(f"window {hp.window} is longer than the streams' {self.n_steps()} steps")
         need, have = dm.n_edits * dm.batch_size * self.trainer.world_size, len(self.trainer.datamodule.dataset("train"))
         if need > have:
             raise MisconfigurationException(
@@ -223,9 +242,14 @@ class RLEditModule(EditorModule):
         return [stream_seed(list(idx[b * n:(b + 1) * n]), step) for b in range(P)]
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        hp = self.hparams
-        grads, logs = stream_meta_gradients(self.editor, self.model, batch, hp.family, self.n_steps(), self.coefs(),
-                                            self._seeds(batch, self.global_step))
+        hp, T = self.hparams, self.n_steps()
+        steps = None
+        if hp.window and hp.window < T:  # a burn-in of random length (the same in every process), then the window
+            g = torch.Generator().manual_seed(self.global_step)
+            first = int(torch.randint(0, T - hp.window + 1, (1,), generator=g))
+            steps = range(first, first + hp.window)
+        grads, logs = stream_meta_gradients(self.editor, self.model, batch, hp.family, T, self.coefs(),
+                                            self._seeds(batch, self.global_step), steps=steps)
         self.manual_step(grads, hp.grad_clip)
         self.log_dict({"train/loss": logs["loss"], "train/edit_nll": logs["edit"], "train/back_nll": logs["back"],
                        "train/loc_kl": logs["kl"], "train/change_norm": logs["norm"]},

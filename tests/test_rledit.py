@@ -100,17 +100,20 @@ def test_backtracking_draws_only_earlier_steps_of_the_same_stream():
     assert torch.equal(again, backtrack_rows(inner, P, T, 3, 3, [5, 6, 7])["input_ids"]), "seeded"
 
 
-def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup):
+@pytest.mark.parametrize("first", [0, 1])
+def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup, first):
     """Passes A and B (stream without the editor's graph, then one step's graph at a time with the
     summed later-step gradients) equal autograd through one graph over the whole discounted stream
-    objective (pieces constants, as in MEND), for 2 streams of 3 steps with backtracking and the norm."""
+    objective (pieces constants, as in MEND), for 2 streams of 3 steps with backtracking and the norm;
+    with a burn-in (``first`` 1), step 1 edits the model as a constant and is not scored."""
     model, batch, editor = setup
     P, T, fam = 2, 3, batch["family"]
     ref = copy.deepcopy(editor)
-    grads, logs = stream_meta_gradients(editor, model, batch, fam, T, COEFS, seeds=[3, 4], update_statistics=False)
+    grads, logs = stream_meta_gradients(editor, model, batch, fam, T, COEFS, seeds=[3, 4], update_statistics=False,
+                                        steps=range(first, T))
 
     inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
-    w = torch.tensor([COEFS["gamma"] ** t for t in range(T)], dtype=torch.float64)
+    w = torch.tensor([COEFS["gamma"] ** t for t in range(T - first)], dtype=torch.float64)
     w = w / w.sum()
     D, total = None, torch.zeros((), dtype=torch.float64)
     for t in range(T):
@@ -121,7 +124,11 @@ def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup):
             with dense_edit(model, ref.layers, {k: v.detach() for k, v in D.items()}):
                 p = ref.pieces(model, i_t, fam)
         dW = ref.step_deltas(p, P)
+        if t < first:
+            dW = {k: v.detach() for k, v in dW.items()}
         D = dW if D is None else {k: D[k] + dW[k] for k in D}
+        if t < first:
+            continue
         back = backtrack_rows(inner, P, T, t, 2, [3, 4])
         parts = [o_t, l_t] + ([back] if back is not None else [])
         with dense_edit(model, ref.layers, D):
@@ -132,7 +139,7 @@ def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup):
         loss = loss + 0.05 * sum((d ** 2).sum() for d in D.values()) / P
         if back is not None:
             loss = loss + 0.3 * nll(post[2], back["labels"], fam)
-        total = total + w[t] * loss
+        total = total + w[t - first] * loss
     total.backward()
     assert float(logs["loss"]) == pytest.approx(float(total), rel=1e-9)
     assert float(logs["back"]) > 0 and float(logs["norm"]) > 0
@@ -190,7 +197,7 @@ def rledit_args(bases: Path, out: Path, *extra: str) -> list[str]:
             "--data.init_args.test_path", str(data / "zsre-test.jsonl"),
             "--data.init_args.loc_path", str(data / "nq-loc.jsonl"), "--data.init_args.tokenizer", str(base),
             "--data.init_args.n_edits", "3", "--data.init_args.batch_size", "1", "--data.init_args.loc_per_edit", "2",
-            "--model.init_args.init_edit_lr", "0.01", "--model.init_args.c_norm", "0.01",
+            "--model.init_args.init_edit_lr", "0.01", "--model.init_args.c_norm", "0.01", "--model.init_args.window", "2",
             "--trainer.default_root_dir", str(out), "--trainer.callbacks", "[]",
             "--trainer.max_steps", "3", "--trainer.val_check_interval", "2", "--data.init_args.val_limit", "6",
             "--trainer.enable_checkpointing", "false", *QUIET, *extra]
@@ -238,6 +245,8 @@ def test_resume_equals_uninterrupted_run(bases, tmp_path):
 def test_refusals(bases, tmp_path):
     with pytest.raises(MisconfigurationException, match="not a multiple of edits_per_step"):
         train.main(rledit_args(bases, tmp_path / "a", "--model.init_args.edits_per_step", "2"))
+    with pytest.raises(MisconfigurationException, match="window 4 is longer than the streams' 3 steps"):
+        train.main(rledit_args(bases, tmp_path / "w", "--model.init_args.window", "4"))
     with pytest.raises(MisconfigurationException, match="shorten the streams"):
         train.main(rledit_args(bases, tmp_path / "b", "--data.init_args.n_edits", "100000"))
     mend = MEND.for_model(train_model(bases), rank=8)
