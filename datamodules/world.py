@@ -140,9 +140,32 @@ TRANSFER_LOC_RELATIONS: dict[str, tuple[list[str], list[str], list[str]]] = {
         ["{s} is {o} tall.", "The height of {s} is {o}.", "{s} stands {o}.", "Measured, {s} is {o}."],
     ),
 }
+# A third kind (``"codes"``): the default edited relations, with locality inputs about two relations that
+# are never edited and whose answers are short code-like single tokens found nowhere else in the world
+# (as a real locality pool may ask about IDs or codes that no edit touches).
+CODE_LOC_RELATIONS: dict[str, tuple[list[str], list[str], list[str]]] = {
+    "locker_code": (
+        ["K7", "QX3", "Z9", "R42", "T5B", "M8", "W3Q", "J61", "B2X", "P7", "V4K", "H9", "N3T", "G58", "F2",
+         "D7R", "X14", "C6", "S9M", "L3"],
+        ["What is the locker code of {s}?", "Which code opens the locker of {s}?",
+         "What code does {s} use for the locker?", "Tell me the locker code of {s}.",
+         "{s} opens the locker with which code?"],
+        ["The locker code of {s} is {o}.", "{s} opens the locker with {o}.", "{o} is the locker code of {s}.",
+         "The locker of {s} opens with {o}."],
+    ),
+    "desk": (
+        ["D41", "E17", "K22", "A90", "U35", "Y08", "G63", "Q19", "O74", "I56", "H30", "C88", "L27", "T03", "W61",
+         "N45", "V12", "F99", "S50", "Z86"],
+        ["What is the desk number of {s}?", "Which desk does {s} sit at?", "At which desk does {s} work?",
+         "Tell me the desk number of {s}.", "{s} sits at which desk?"],
+        ["The desk number of {s} is {o}.", "{s} sits at desk {o}.", "{o} is the desk of {s}.",
+         "Desk {o} belongs to {s}."],
+    ),
+}
 # kind -> (edited relations, locality-only relations or None: locality subjects get the edited ones)
 KINDS: dict[str, tuple[dict, dict | None]] = {"default": (RELATIONS, None),
-                                               "transfer": (TRANSFER_RELATIONS, TRANSFER_LOC_RELATIONS)}
+                                               "transfer": (TRANSFER_RELATIONS, TRANSFER_LOC_RELATIONS),
+                                               "codes": (RELATIONS, CODE_LOC_RELATIONS)}
 
 
 def kind_relations(kind: str) -> dict[str, tuple[list[str], list[str], list[str]]]:
@@ -168,7 +191,8 @@ class WorldConfig:
     split_fractions: tuple[float, float, float, float] = (0.6, 0.1, 0.1, 0.2)  # train/val/test/loc
     eval_templates: int = 2  # reserved question templates per relation (claims: half of this, >= 1)
     n_alternatives: int = 3
-    kind: str = "default"  # "transfer": other relations, wordings and answer lengths, question-style locality
+    kind: str = "default"  # "transfer": other relations, wordings and answer lengths, question-style locality;
+    # "codes": the default relations, locality about never-edited relations with code-like one-token answers
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

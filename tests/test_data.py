@@ -792,3 +792,23 @@ def test_transfer_world_varies_relations_answers_and_locality_style(tmp_path):
         assert not any(s in q.split() for s in edit_subjects)
     with pytest.raises(ValueError, match="kind"):
         WorldConfig(kind="other")
+
+
+def test_codes_world_asks_locality_about_never_edited_relations_with_one_token_codes(tmp_path):
+    """The third kind edits the default relations; its locality questions ask about two relations that
+    are never edited, whose answers are one-token codes that no edit or other fact uses."""
+    from datamodules.world import CODE_LOC_RELATIONS
+
+    d = generate_world(tmp_path / "w", WorldConfig(n_subjects=60, kind="codes"))
+    edits = [r for sp in ("train", "val", "test") for r in read_jsonl_plain(d / f"zsre-{sp}.jsonl")]
+    assert {r["relation"] for r in edits} == set(RELATIONS)
+    loc = read_jsonl_plain(d / "nq-loc.jsonl")
+    codes = {o for objs, _, _ in CODE_LOC_RELATIONS.values() for o in objs}
+    assert loc and {a for row in loc for a in row["answers"]} <= codes
+    from datamodules.encoding import build_word_tokenizer
+    from datamodules.world import world_texts
+
+    tok = build_word_tokenizer(world_texts(d), tmp_path / "tok")
+    assert all(len(tok.tokenize(c)) == 1 for c in codes)
+    edit_words = {w for r in edits for t in (r["input"], r["output"][0]["answer"]) for w in t.split()}
+    assert not codes & edit_words
