@@ -47,6 +47,17 @@ def save_editor_file(path: str | Path, tensors: Mapping[str, Tensor], header: Ma
     return Path(path)
 
 
+def editor_file_class(path: str | Path) -> str | None:
+    """The editor class an editor file holds (None when it is not a readable one)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {}).get(HEADER_KEY, "{}")).get("class")
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
 def load_editor_file(path: str | Path, expect_class: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """An editor file's (tensors, header); refuses anything else with a message saying what it is."""
     from safetensors import SafetensorError

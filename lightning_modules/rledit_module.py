@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from datamodules.encoding import Family
+from editors.io import editor_file_class
 from editors.layers import dense_edit
 from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement
 from editors.mend import MEND
@@ -180,8 +181,9 @@ class RLEditModule(EditorModule):
     model without adding to the objective: the editor sees models far into a stream at the cost of a
     short one (a burn-in step costs about half a scored step), and the gradient is truncated at the
     window's start. Validation scores every step of its streams.
-    ``init_editor``: a trained MEND editor file of the same shape to start from (the networks of an
-    editor that already edits the base well; the stream training then teaches it to edit edited models).
+    ``init_editor``: a trained MEND (or lifelong) editor file of the same shape to start from: the
+    networks of an editor that already edits the base well (or short streams), which stream training
+    then teaches to edit edited models (or longer streams: a curriculum).
     Checkpoints hold the editor only, with the base model's fingerprint.
     """
 
@@ -204,8 +206,9 @@ class RLEditModule(EditorModule):
         self._load_base(base_model, family, base_dtype)
         self.editor = RLEdit.for_model(self.model, edit_params, rank=rank, n_hidden=n_hidden, init_edit_lr=init_edit_lr,
                                        precondition_ridge=precondition_ridge)
-        if init_editor:
-            start = MEND.load(init_editor, self.model)  # refuses a file trained for another base
+        if init_editor:  # a MEND editor, or a lifelong one to go on from (e.g. trained on shorter streams)
+            start_cls = RLEdit if editor_file_class(init_editor) == "RLEdit" else MEND
+            start = start_cls.load(init_editor, self.model)  # refuses a file trained for another base
             ours = {k: v for k, v in self.editor.config.items() if k != "init_edit_lr"}
             theirs = {k: v for k, v in start.config.items() if k != "init_edit_lr"}
             if ours != theirs:

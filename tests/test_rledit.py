@@ -258,3 +258,18 @@ def test_refusals(bases, tmp_path):
 def train_model(bases: Path):
     from lightning_modules.models import load_model
     return load_model(str(bases / "base_causal" / "model"), "causal")
+
+
+@pytest.mark.parametrize("start", [MEND, RLEdit])
+def test_meta_training_starts_from_a_mend_or_a_lifelong_editor_file(bases, tmp_path, start):
+    from lightning_modules.rledit_module import RLEditModule
+
+    model = train_model(bases)
+    layers = [r"transformer\.h\.[0-2]\.mlp\.c_(fc|proj)\.weight"]
+    editor = start.for_model(model, layers, rank=16, precondition_ridge=1.0)
+    with torch.no_grad():
+        editor.edit_lrs.fill_(0.123)
+    path = editor.save(tmp_path / "start.safetensors", model)
+    module = RLEditModule(base_model=str(bases / "base_causal" / "model"), edit_params=layers, rank=16,
+                          precondition_ridge=1.0, init_editor=str(path))
+    assert torch.equal(module.editor.edit_lrs, editor.edit_lrs) and module.editor.name == "rledit"
