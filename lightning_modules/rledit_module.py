@@ -179,8 +179,9 @@ class RLEditModule(EditorModule):
     ``window`` (default: all T): a training stream scores only ``window`` consecutive steps, after a
     burn-in of random length (drawn per training step, uniform over 0..T - window) whose edits change the
     model without adding to the objective: the editor sees models far into a stream at the cost of a
-    short one (a burn-in step costs about half a scored step), and the gradient is truncated at the
-    window's start. Validation scores every step of its streams.
+    short one (a burn-in step costs about half a scored step), but the gradient is truncated at the
+    window's start, so the burn-in's drift is never charged to the editor (on the built-in world it
+    did not help: docs/methods.md). Validation scores every step of its streams.
     ``init_editor``: a trained MEND (or lifelong) editor file of the same shape to start from: the
     networks of an editor that already edits the base well (or short streams), which stream training
     then teaches to edit edited models (or longer streams: a curriculum).
