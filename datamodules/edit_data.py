@@ -104,15 +104,15 @@ class EpochSampler(DistributedSampler):
     problems of interleaved edits. ``block`` 1 is :class:`DistributedSampler`'s ``rank, rank + world, ...``.
 
     ``even=False`` (evaluation) shards without padding: shards may differ by one block, every whole
-    block is scored exactly once and a ragged last block is left out, as one process's batches leave
-    it out, so metrics under DDP equal one process's. Training keeps
+    block is scored exactly once, and a ragged last block is kept or left out as one process's batches
+    of ``batch_blocks`` problems (per process) would, so metrics under DDP equal one process's. Training keeps
     even shards (whole blocks), as DDP's gradient all-reduce needs equal step counts."""
 
-    def __init__(self, *args: Any, even: bool = True, block: int = 1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, even: bool = True, block: int = 1, batch_blocks: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not even and self.shuffle:
             raise ValueError("uneven (evaluation) shards are taken in order: shuffle must be False")
-        self.even, self.block = even, block
+        self.even, self.block, self.batch_blocks = even, block, batch_blocks
         self.skip = 0  # leading items of this epoch's shard already consumed (set by ResumableLoader)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -132,7 +132,9 @@ class EpochSampler(DistributedSampler):
         b, w = self.block, self.num_replicas
         if self.even:  # whole rounds of one block per process (training drops the rest)
             order = order[:n // (b * w) * b * w]
-        elif n >= b:  # whole problems only, as one process's collate keeps them (a shorter split: one short problem)
+        elif n % b and n % (b * self.batch_blocks * w) >= b:
+            # a ragged last problem: one process's collate drops it when the last (global) batch also holds
+            # whole problems, and keeps it as a short problem when it is alone: the same choice here
             order = order[:n // b * b]
         blocks = [order[a:a + b] for a in range(0, len(order), b)]
         return [i for blk in blocks[self.rank::w] for i in blk]
@@ -486,7 +488,7 @@ class EditDataModule(L.LightningDataModule):
         # scores every edit once on whichever process holds it
         train = split == "train"
         sampler = EpochSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=hp.seed, drop_last=True,
-                               even=train, block=hp.n_edits)
+                               even=train, block=hp.n_edits, batch_blocks=hp.batch_size)
         return (ResumableLoader if train else DataLoader)(
             ds, batch_size=hp.n_edits * hp.batch_size, sampler=sampler, drop_last=train,
             num_workers=hp.num_workers, collate_fn=self.collate)

@@ -739,9 +739,9 @@ def test_ddp_deals_whole_problems_so_two_processes_form_one_process_problems(sma
     exactly the problems of one process x batch 2 (the same edits grouped the same way, not edits
     interleaved across processes); in evaluation the same whole problems are scored, a ragged tail
     left out by both."""
-    def problems(world: int, rank: int, batch: int, split: str) -> list[list[list[int]]]:
+    def problems(world: int, rank: int, batch: int, split: str, n: int = 8) -> list[list[list[int]]]:
         dm = ZsreDataModule(**_world_paths(small_world, "zsre"), n_edits=3, batch_size=batch, shuffle=shuffle,
-                            seed=3, val_limit=8)
+                            seed=3, val_limit=n)
         dm.setup("fit")
         dm.trainer = SimpleNamespace(world_size=world, global_rank=rank) if world > 1 else None
         loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
@@ -751,9 +751,16 @@ def test_ddp_deals_whole_problems_so_two_processes_form_one_process_problems(sma
     assert len(r0) == len(r1) == len(one) > 0
     for s in range(len(one)):
         assert one[s] == r0[s] + r1[s]
-    one, r0, r1 = problems(1, 0, 2, "val"), problems(2, 0, 1, "val"), problems(2, 1, 1, "val")
     flat = lambda steps: sorted(tuple(p) for st in steps for p in st)  # noqa: E731
-    assert flat(one) == flat(r0 + r1) == [(0, 1, 2), (3, 4, 5)]  # 8 edits: the ragged 2 are left out
+    # 8 edits: the ragged 2 fill a last batch alone and are kept as a short problem; 5 edits: they share
+    # the last (global) batch with a whole problem, and one process's collate leaves them out
+    for n, want in ((8, [(0, 1, 2), (3, 4, 5), (6, 7)]), (5, [(0, 1, 2)])):
+        one, r0, r1 = problems(1, 0, 2, "val", n), problems(2, 0, 1, "val", n), problems(2, 1, 1, "val", n)
+        assert flat(one) == flat(r0 + r1) == want, n
+    # eval.py batches 8 edits as one problem and edits them one by one: every edit is served
+    dm = ZsreDataModule(**_world_paths(small_world, "zsre"), n_edits=8, batch_size=1, shuffle=False, val_limit=13)
+    dm.setup("fit")
+    assert [i for b in dm.val_dataloader() for i in b["index"]] == list(range(13))
 
 
 def test_detect_task_reads_edit_and_locality_files(small_world):
