@@ -8,7 +8,7 @@ Huang et al., ICLR 2023):
   (:class:`EditEvalModule`, run by ``trainer.test`` over the DataModule's test loader).
 - ``batch``: K edits applied at once, all K scored (:func:`run_batch`).
 - ``sequential``: a stream of edits merged step after step into a working copy, scored right after
-  each edit and re-scored at checkpoints 1, 10, 100, ... and the end (:func:`run_sequential`).
+  each edit and re-scored at checkpoints 1, 10, every 100 edits and the end (:func:`run_sequential`).
 
 The base model is never modified: single and batch edits are functional, and the stream edits a
 deep copy, so every locality number compares with the untouched original. Every number's
@@ -99,7 +99,7 @@ DEFINITIONS: dict[str, str] = {
                    "of the original model's own answers the working model still gives (the original's accuracy "
                    "on them is 1, so this is a retention); defined where test_r is not (original accuracy 0).",
     "checkpoints": "sequential: number of stream edits applied when each curve point was taken "
-                   "(1, 10, 100, ... and the end of the stream); curves are means over folds.",
+                   "(1, 10, every 100 edits and the end of the stream); curves are means over folds.",
 }
 
 
@@ -121,12 +121,8 @@ def retention(accuracy: float, initial: float) -> float | None:
 
 
 def stream_checkpoints(n: int) -> list[int]:
-    """Where a stream of ``n`` edits is re-scored: 1, 10, 100, ... below ``n``, and ``n``."""
-    marks, m = [], 1
-    while m < n:
-        marks.append(m)
-        m *= 10
-    return marks + [n] if n > 0 else []
+    """Where a stream of ``n`` edits is re-scored: 1, 10, then every 100 edits, and ``n``."""
+    return [m for m in (1, 10, *range(100, n, 100)) if m < n] + [n] if n > 0 else []
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:

@@ -55,7 +55,8 @@ def test_flips_drawdown_retention_and_checkpoints_hand_made():
     assert drawdown(pre, post) == pytest.approx(4 / 6 - 3 / 6)
     assert retention(0.45, 0.9) == pytest.approx(0.5)
     assert retention(0.3, 0.0) is None
-    assert stream_checkpoints(250) == [1, 10, 100, 250]
+    assert stream_checkpoints(250) == [1, 10, 100, 200, 250]
+    assert stream_checkpoints(1138)[-3:] == [1000, 1100, 1138]
     assert stream_checkpoints(10) == [1, 10]
     assert stream_checkpoints(1) == [1]
 
