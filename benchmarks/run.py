@@ -380,7 +380,8 @@ def bench_rledit(shape: str, res: dict, n_steps: int = 10) -> None:
 
     model = build_model(shape)
     vocab, raw = model.config.vocab_size, res["raw"][shape]
-    editor = trained_looking(RLEdit.for_model(model, rank=1920, precondition_ridge=1.0))
+    # eval mode: a stream edit does not update the input statistics (and the step below does not either)
+    editor = trained_looking(RLEdit.for_model(model, rank=1920, precondition_ridge=1.0)).eval()
     batch = {"n_problems": 1, "index": list(range(n_steps)), "edit_inner": make_batch(vocab, n_steps, 90),
              "edit_outer": make_batch(vocab, n_steps, 91), "loc": make_batch(vocab, 4 * n_steps, 92)}
     coefs = {"edit": 0.1, "back": 0.1, "kl": 1.0, "norm": 0.0, "gamma": 1.0, "n_back": 4}
