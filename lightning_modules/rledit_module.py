@@ -53,14 +53,12 @@ from lightning_modules.models import BaseDtype
 STREAM_METRICS = ("edit_success", "generality", "edit_retention", "drawdown", "loc_agreement", "loc_kl", "loss")
 
 
-def step_rows(part: dict[str, Tensor], n_problems: int, n_steps: int, step: int | slice, per: int = 1
-              ) -> dict[str, Tensor]:
-    """Rows of stream step(s) ``step`` of every problem: ``part``'s rows are ``n_problems`` equal groups of
-    ``n_steps`` equal steps (``per`` rows per edit); problem order is kept."""
+def step_rows(part: dict[str, Tensor], n_problems: int, n_steps: int, step: int) -> dict[str, Tensor]:
+    """Rows of stream step ``step`` of every problem: ``part``'s rows are ``n_problems`` equal groups of
+    ``n_steps`` equal steps (as many rows per edit as the part has); problem order is kept."""
     n = part["input_ids"].shape[0] // n_problems
     width = n // n_steps
-    steps = range(n_steps)[step] if isinstance(step, slice) else [step]
-    idx = torch.tensor([b * n + s * width + j for b in range(n_problems) for s in steps for j in range(width)],
+    idx = torch.tensor([b * n + step * width + j for b in range(n_problems) for j in range(width)],
                        device=part["input_ids"].device)
     return {k: v.index_select(0, idx) for k, v in part.items()}
 
@@ -101,7 +99,6 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
     P, layers = batch["n_problems"], editor.layers
     steps = range(n_steps) if steps is None else steps
     inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
-    per_loc = loc["input_ids"].shape[0] // inner["input_ids"].shape[0]
     weights = torch.tensor([coefs["gamma"] ** i for i in range(len(steps))], dtype=torch.float64)
     weights = (weights / weights.sum()).tolist()
     D: dict[str, Tensor] | None = None
@@ -121,7 +118,7 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
             continue
         w = weights[t - steps.start]
         pieces.append(p)
-        outer_t, loc_t = step_rows(outer, P, n_steps, t), step_rows(loc, P, n_steps, t, per_loc)
+        outer_t, loc_t = step_rows(outer, P, n_steps, t), step_rows(loc, P, n_steps, t)
         with torch.no_grad():
             pre_loc = forward_logits(model, loc_t, family)
         back = backtrack_rows(inner, P, n_steps, t, int(coefs["n_back"]), seeds)

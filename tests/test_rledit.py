@@ -117,7 +117,7 @@ def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup, 
     w = w / w.sum()
     D, total = None, torch.zeros((), dtype=torch.float64)
     for t in range(T):
-        i_t, o_t, l_t = step_rows(inner, P, T, t), step_rows(outer, P, T, t), step_rows(loc, P, T, t, 2)
+        i_t, o_t, l_t = step_rows(inner, P, T, t), step_rows(outer, P, T, t), step_rows(loc, P, T, t)
         if D is None:
             p = ref.pieces(model, i_t, fam)
         else:
