@@ -59,7 +59,7 @@ def step_rows(part: dict[str, Tensor], n_problems: int, n_steps: int, step: int)
     n = part["input_ids"].shape[0] // n_problems
     width = n // n_steps
     idx = torch.tensor([b * n + step * width + j for b in range(n_problems) for j in range(width)],
-                       device=part["input_ids"].device)
+                       dtype=torch.long, device=part["input_ids"].device)
     return {k: v.index_select(0, idx) for k, v in part.items()}
 
 
@@ -263,7 +263,9 @@ class RLEditModule(EditorModule):
             self._validate(batch)
 
     def _validate(self, batch: dict) -> None:
-        fam, P, T = self.hparams.family, batch["n_problems"], self.n_steps()
+        # the batch's own stream length: a split's last problem may be a short one
+        fam, P = self.hparams.family, batch["n_problems"]
+        T = max(1, batch["edit_inner"]["input_ids"].shape[0] // P // self.hparams.edits_per_step)
         a = run_stream(self.editor, self.model, batch, fam, T, self.coefs(), self._seeds(batch, -1), with_grad=False,
                        score=True)
         inner, loc = batch["edit_inner"], batch["loc"]

@@ -273,3 +273,17 @@ def test_meta_training_starts_from_a_mend_or_a_lifelong_editor_file(bases, tmp_p
     module = RLEditModule(base_model=str(bases / "base_causal" / "model"), edit_params=layers, rank=16,
                           precondition_ridge=1.0, init_editor=str(path))
     assert torch.equal(module.editor.edit_lrs, editor.edit_lrs) and module.editor.name == "rledit"
+
+
+def test_validation_scores_a_short_last_stream(bases):
+    """A split's last problem may be shorter than the training streams (kept whole by the loader):
+    validation runs it as a stream of its own length."""
+    from datamodules.encoding import load_tokenizer
+    from lightning_modules.rledit_module import RLEditModule
+
+    base = str(bases / "base_causal" / "model")
+    module = RLEditModule(base_model=base, rank=16, precondition_ridge=1.0)
+    batch = _stream_batch(load_tokenizer(base), module.model, "causal", P=1)
+    batch = {**{k: v for k, v in batch.items() if k != "family"}, "index": list(range(6))}
+    module._validate(batch)  # 6 edits, while no training stream length is known: a stream of 6 steps
+    assert module.val["edit_retention"].compute().isfinite()
