@@ -18,8 +18,8 @@ from editors.mend import MEND
 from editors.rledit import RLEdit
 from lightning_modules.editor_module import join_problems, split_problems
 from lightning_modules.rledit_module import backtrack_rows, run_stream, step_rows, stream_meta_gradients
-from test_malmen import PROMPTS, TARGETS, _batch
-from test_train import QUIET, ROOT, assert_runs_equal, base_args, check_resume_equals_unbroken, csv_logger, start_train
+from test_malmen import PROMPTS, TARGETS, _batch, bases  # noqa: F401 (bases: the shared tiny base fixture)
+from test_train import QUIET, ROOT, assert_runs_equal, check_resume_equals_unbroken, csv_logger, start_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -201,13 +201,6 @@ def rledit_args(bases: Path, out: Path, *extra: str) -> list[str]:
             "--trainer.default_root_dir", str(out), "--trainer.callbacks", "[]",
             "--trainer.max_steps", "3", "--trainer.val_check_interval", "2", "--data.init_args.val_limit", "6",
             "--trainer.enable_checkpointing", "false", *QUIET, *extra]
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("bases")
-    train.main(base_args("causal", tmp))
-    return tmp
 
 
 # streams of 3 edits are dealt to the processes whole (the sampler's blocks), so the 2-process run
