@@ -10,6 +10,7 @@ fine-tuning baselines, and a report (JSON, Markdown, PNG plots, TensorBoard).
     python eval.py --config ... --editors+ '{class_path: ft, init_args: {lr: 1e-2, max_steps: 10}}'
     python eval.py --config ... --editors+ '{class_path: mypkg.MyEditor, init_args: {alpha: 2}}'  # your own Editor
     python eval.py --config ... --editor patcher --mode sequential --edit_only_when_wrong  # Transformer-Patcher
+    python eval.py --config ... --editor patcher --mode sequential --save_model out  # out/patcher: a plain HF model
     python eval.py --config ... --editor_path ... --mode all --run_dir runs/default  # writes report.json there
     python eval.py --config ... --data.init_args.test_path other.jsonl --print_config  # dotted overrides
     python eval.py --config ... --editor_path ... --mode single --devices 2 --strategy ddp --accelerator cpu
@@ -37,13 +38,14 @@ import lightning as L
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from datamodules.atomic import check_writable
+from datamodules.atomic import atomic_dir, check_writable
 from datamodules.edit_data import EditDataModule
 from datamodules.formats import DataFormatError, detect_task
 from editors.base import Editor, EditorContext, build_editor, editor_class
 from editors.io import check_pool_overlap
 from editors.layers import fingerprint
 from editors.surgery import METHODS as SURGERY_METHODS
+from editors.widen import plain_model
 from lightning_modules.evaluation import (DEFINITIONS, EditData, EditEvalModule, LocalitySampler, peak_memory,
                                           reset_peak_memory, run_batch, run_sequential, subset_split)
 from lightning_modules.cli import INPUT_ERRORS
@@ -139,6 +141,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Namespace, dict]:
                    help="sequential: save each editor's stream state under DIR/<editor> every --save_every edits, "
                         "and continue an interrupted stream from there")
     p.add_argument("--save_every", type=int, default=100, help="sequential: edits between saved stream states")
+    p.add_argument("--save_model", type=str | None, default=None,
+                   help="sequential: write each editor's final working model to DIR/<editor> (DIR/<editor>/stream-F "
+                        "with --folds) as a plain Hugging Face model with the tokenizer, which from_pretrained loads "
+                        "without hypedit (the patcher's patches widened into its FFN)")
     p.add_argument("--n_test_probe", type=int, default=1000,
                    help="sequential: held-out locality inputs for TestR and drift (the whole pool when smaller)")
     p.add_argument("--n_train_probe", type=int, default=100, help="sequential: held-in training inputs for TrainR")
@@ -164,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Namespace, dict]:
             p.error(f"--{name} must be at least 1")
     if ns.base_cache_mb < 0:
         p.error("--base_cache_mb must be 0 (no cache: the unedited model re-run for every edit) or more")
+    if ns.save_model and ns.mode not in ("sequential", "all"):
+        p.error("--save_model writes the working model of a stream: it needs --mode sequential or all")
     resolve(ns, argv)
     if ns.print_config:
         del ns["print_config"]
@@ -412,21 +420,48 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, dm: EditDataModule, 
                     res.update(requested_edits_per_step=capped, note="; ".join(filter(None, [res.get("note"), cap])))
                 runs.append(res)
         else:
+            saved: list[str | None] = []
+
+            def save(work: torch.nn.Module, fold: int) -> None:
+                out = Path(args.save_model) / (label or editor.name)
+                saved.append(save_plain_model(out / f"stream-{fold}" if args.folds > 1 else out, work, model,
+                                              dm.tokenizer))
+
             runs.append(run_sequential(editor, model, data, ids, edits_per_step=args.edits_per_step or 1,
                                        folds=args.folds, only_when_wrong=args.edit_only_when_wrong,
                                        n_test_probe=args.n_test_probe, sampler=sampler, chunk=args.chunk,
                                        progress=progress, save_every=args.save_every, base=base,
-                                       state_dir=Path(args.stream_state) / (label or editor.name) if args.stream_state else None))
+                                       state_dir=Path(args.stream_state) / (label or editor.name) if args.stream_state else None,
+                                       save_model=save if args.save_model else None))
+            if args.save_model:
+                runs[-1]["saved_models"] = saved
         if mode != "batch":
             runs[-1]["wall_seconds"] = time.perf_counter() - t0
         results += [{"mode": mode, **r, **peak_memory(device)} for r in runs]
     return results
 
 
+def save_plain_model(path: Path, work: torch.nn.Module, original: torch.nn.Module, tokenizer: Any) -> str | None:
+    """Write a stream's final working model to directory ``path`` as a plain Hugging Face model (the
+    patcher's widened: :func:`editors.widen.plain_model`) with the tokenizer; the directory appears
+    complete or not at all. Returns ``path``, or None after a one-line warning when the model cannot
+    be written: the evaluation and its report go on."""
+    try:
+        plain = plain_model(work, original)
+        with atomic_dir(path) as tmp:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except (NotImplementedError, ValueError, OSError) as e:
+        print(f"eval.py: warning: --save_model: {path} not written: {e}", file=sys.stderr)
+        return None
+    print(f"[hypedit-eval] working model: {path}", flush=True)
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     """Run the evaluation; return the report (None on non-zero data-parallel ranks)."""
     args, cfg = parse_args(argv)
-    for out in (Path(args.report).parent if args.report else None, args.stream_state):
+    for out in (Path(args.report).parent if args.report else None, args.stream_state, args.save_model):
         if out:  # a read-only or full disk stops the job now, not after the evaluation
             check_writable(out)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no device/tip banners
@@ -436,6 +471,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     modes = list(MODES) if args.mode == "all" else [args.mode]
     editors = build_editors(args.editors, model, cfg, args, dm)
     check_pool_overlap([e for _, e in editors], args.split, dm.loc_ids(args.split))
+    taken = [str(Path(args.save_model) / l) for l, _ in editors
+             if args.save_model and (Path(args.save_model) / l).exists()]
+    if taken:  # found now, not after the stream: a directory is never replaced
+        raise EvalError(f"--save_model: {', '.join(taken)} exists already; remove it or give another directory")
     n_train = len(dm.splits["train"].records) if "train" in dm.splits else 0
     for label, editor in editors:
         if editor.uses_locality and n_train <= args.n_train_probe:

@@ -1,11 +1,13 @@
 """Outputs appear complete or not at all: every file a job writes goes to a temporary file in the
 same directory, is flushed to disk and renamed over the target, so a crash leaves the old file or
-the new one, never a truncated one that looks like a result. And an output directory that cannot be
-written to is found before a job starts (:func:`check_writable`)."""
+the new one, never a truncated one that looks like a result; a directory (:func:`atomic_dir`) is
+written whole under a temporary name, then renamed to its own. And an output directory that cannot
+be written to is found before a job starts (:func:`check_writable`)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +31,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success, fsync its files and rename it to
+    ``path``, which must not exist (a directory is never replaced: it could be the user's own)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # the permissions a plain mkdir would give, not mkdtemp's 0700
+        if path.exists():
+            raise FileExistsError(f"{path} exists: it is not replaced")
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 class OutputNotWritable(OSError):

@@ -298,6 +298,7 @@ class EditDataModule(L.LightningDataModule):
         # ("val": early stopping, checkpoint choice, drift probes) and test's ("test": eval.py)
         self.loc_split_pairs: dict[str, list[LocalityPair]] = {}
         self.loc_pools: dict[str, list[dict]] = {}
+        self._train_share: list[tuple[LocalityPair, dict]] = []  # the meta-training pool before its subject filter
         self.grouping: dict[str, str] = {}
         self.rows_dropped: dict[str, dict[str, int]] = {}
         self._fingerprint: dict[str, Any] = {}
@@ -377,12 +378,22 @@ class EditDataModule(L.LightningDataModule):
                                  f"{len(pools[name])} of the {len(pool)} locality inputs to the {name} pool, none "
                                  "of them unrelated to its edits; give a larger loc_path")
             self.loc_split_pairs[name], self.loc_pools[name] = pairs, [encoded_of[id(p)] for p in pairs]
+        self._train_share = [(p, encoded_of[id(p)]) for p in pools["train"]]
         used = {id(p) for v in self.loc_split_pairs.values() for p in v}
         self.loc_pairs = [p for p in pool if id(p) in used]
         self._fingerprint = self._compute_fingerprint()
         log.info("%s data: %s edits, %d locality inputs (%s), grouped by %s", self.task,
                  {k: len(v.records) for k, v in self.splits.items()}, len(pool),
                  ", ".join(f"{len(v)} {k}" for k, v in self.loc_pools.items()), self.grouping)
+
+    def memory_locality(self, split: str) -> list[dict]:
+        """The meta-training share of the locality inputs, filtered as ``split``'s own pool is (against
+        ``split``'s edits only): never scored when ``split`` is evaluated, for an editor that needs unscored
+        inputs at evaluation time (Transformer-Patcher's memory). The meta-training pool proper drops every
+        input naming any split's subject; where the locality questions are about the edited entities, that
+        leaves it none of their kind, and a patch then fires on all of them."""
+        keep = {id(p) for p in _unrelated([p for p, _ in self._train_share], self.splits[split].records)}
+        return [e for p, e in self._train_share if id(p) in keep]
 
     def loc_ids(self, split: str) -> list[str]:
         """The ids (:func:`loc_id`) of ``split``'s locality pool."""

@@ -162,15 +162,22 @@ CODE_LOC_RELATIONS: dict[str, tuple[list[str], list[str], list[str]]] = {
          "Desk {o} belongs to {s}."],
     ),
 }
-# kind -> (edited relations, locality-only relations or None: locality subjects get the edited ones)
-KINDS: dict[str, tuple[dict, dict | None]] = {"default": (RELATIONS, None),
-                                               "transfer": (TRANSFER_RELATIONS, TRANSFER_LOC_RELATIONS),
-                                               "codes": (RELATIONS, CODE_LOC_RELATIONS)}
+# A fourth kind (``"codes_of_edited"``): the same code relations, asked about the *edited* subjects (the
+# locality-split subjects keep the default relations). As in real data whose locality questions are about
+# the same entities as the edits, a meta-training locality pool that drops every input naming an edited
+# subject then keeps none of the code questions, while the test pool (which drops only test subjects) is
+# made of them.
+# kind -> (edited relations, locality-only relations or None, whom the locality-only relations are about:
+# "loc" = the locality split's subjects, in place of the edited relations; "edited" = the edited subjects)
+KINDS: dict[str, tuple[dict, dict | None, str]] = {"default": (RELATIONS, None, "loc"),
+                                                    "transfer": (TRANSFER_RELATIONS, TRANSFER_LOC_RELATIONS, "loc"),
+                                                    "codes": (RELATIONS, CODE_LOC_RELATIONS, "loc"),
+                                                    "codes_of_edited": (RELATIONS, CODE_LOC_RELATIONS, "edited")}
 
 
 def kind_relations(kind: str) -> dict[str, tuple[list[str], list[str], list[str]]]:
     """Every relation of a world kind (edited and locality-only)."""
-    rel, loc = KINDS[kind]
+    rel, loc, _ = KINDS[kind]
     return {**rel, **(loc or {})}
 
 
@@ -192,7 +199,8 @@ class WorldConfig:
     eval_templates: int = 2  # reserved question templates per relation (claims: half of this, >= 1)
     n_alternatives: int = 3
     kind: str = "default"  # "transfer": other relations, wordings and answer lengths, question-style locality;
-    # "codes": the default relations, locality about never-edited relations with code-like one-token answers
+    # "codes": the default relations, locality about never-edited relations with code-like one-token answers;
+    # "codes_of_edited": those code questions asked about the edited subjects
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -247,7 +255,7 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
     subjects = _subject_names(cfg.n_subjects, rng)
-    relations, loc_relations = KINDS[cfg.kind]
+    relations, loc_relations, loc_about = KINDS[cfg.kind]
     facts = {s: {r: rng.choice(objs) for r, (objs, _, _) in kind_relations(cfg.kind).items()} for s in subjects}
 
     # subject-disjoint splits
@@ -265,8 +273,19 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> Pat
     rows: dict[str, dict[str, list]] = {k: {sp: [] for sp in SPLITS} for k in ("zsre", "fever")}
     for s in subjects:
         sp = split_of[s]
-        for r, (objs, qts, cts) in (loc_relations if loc_relations and sp == "loc" else relations).items():
+        rels = loc_relations if loc_relations and sp == "loc" and loc_about == "loc" else relations
+        if loc_relations and sp != "loc" and loc_about == "edited":
+            rels = {**relations, **loc_relations}
+        for r, (objs, qts, cts) in rels.items():
             o = facts[s][r]
+            if r not in relations and sp != "loc":  # a locality-only fact of an edited subject: no edit rows
+                for t in qts:
+                    base_qa.append({"question": t.format(s=s), "answer": o, "subject": s, "relation": r, "split": "loc"})
+                for t in cts:
+                    for obj, label in ((o, "SUPPORTS"), (rng.choice([x for x in objs if x != o]), "REFUTES")):
+                        base_claims.append({"claim": t.format(s=s, o=obj), "label": label, "subject": s,
+                                            "relation": r, "split": "loc"})
+                continue
             wrong = [x for x in objs if x != o]
             q_vis, q_eval = template_groups(qts, cfg.eval_templates)
             c_vis, c_eval = template_groups(cts, n_claim_eval)

@@ -45,6 +45,9 @@ How it is optimised (implementation choices, each for speed on a CPU):
   and halves when it rises (at most ``max_lr_factor * lr``): the size a value needs depends on the
   scale of the hidden states the FFN adds to (about 1 after a post-LN block such as BART's, about
   0.01 in a randomly initialised pre-LN GPT-2), and a fixed step takes ~100 steps for the former.
+- A training step does not run the layers below the patch again: their outputs on the edit batch
+  are recorded on the edit's first forward and replayed (:class:`_Replay`), so a step of a patch of
+  the last block's FFN costs about its output projection's hooks, the final norm and the head.
 
 Key and bias are trained, not only the value: a query of one layer is strongly correlated with
 most other queries of that layer (a shared mean direction, the same [CLS] token everywhere), so
@@ -52,22 +55,28 @@ the initial key ``q / |q|^2`` fires on much of the memory too; moving the key an
 brings those activations below the margin while the edit's stays high. When the negatives include
 near-duplicates of the edit's query (a randomly initialised BART's decoder queries barely depend on
 the input), the separating key is very long; the patch is then ill-conditioned, and a float32 wider
-model (:func:`widen_ffn`) matches it only to about 1e-4 (float64: exactly, up to rounding).
+model (:func:`editors.widen.widen_ffn`) matches it only to about 1e-4 (float64: exactly, up to
+rounding).
 
 The memory is a collated batch of training-split inputs (same format as an edit batch); its
 queries at the patched layer are computed once from the first model :meth:`Patcher.make_edit`
 sees and cached. A patch does not change its own layer's input, so the queries of a model
-carrying earlier patches at that layer are the base model's. The earlier edits' queries (every
-target position of an edited input) are stored in the installed patch as a buffer, so a working
-model in a sequential stream carries them.
+carrying earlier patches at that layer are the base model's. Each distinct query is kept once
+(inputs sharing a beginning share a causal model's queries there: questions of one template share
+most of theirs), at most ``max_memory_queries`` of them (an even sample; the paper's memory of
+40,000 inputs is about a million queries), stored in the dtype of the layer's input on the model's
+device (a bf16 base: 2 bytes a number); the products with the keys are computed in float32 a
+chunk at a time. The earlier edits' queries (every target position of an edited input) are stored
+in the installed patch as a buffer, so a working model in a sequential stream carries them. The
+patch's own parameters are float32 under a bf16 / fp16 base (float64 under a float64 one).
 
 An installed patch is a :class:`FFNPatch` submodule named ``hypedit_patch`` of the FFN container
 (e.g. ``transformer.h.3.mlp.hypedit_patch.key``) plus two forward hooks (record the FFN input,
 add the patch to the output projection's output). Base parameter names are unchanged, so a
-patched model's parameters are the base's plus the patch's. :func:`widen_ffn` turns a patched
-model into a plain Hugging Face model with a wider FFN (the patch neurons appended, other layers
-of the same width padded with zero neurons); :func:`save_patches` / :func:`load_patches` store
-the patch in safetensors with a JSON header that identifies the base model.
+patched model's parameters are the base's plus the patch's. :func:`editors.widen.widen_ffn` turns
+a patched model into a plain Hugging Face model with a wider FFN (the patch neurons appended, other
+layers of the same width padded with zero neurons); :func:`save_patches` / :func:`load_patches`
+store the patch in safetensors with a JSON header that identifies the base model.
 
 Plain torch: no Lightning here.
 """
@@ -93,6 +102,7 @@ from editors.losses import forward_logits, model_inputs, nll, scores
 
 PATCH_ATTR = "hypedit_patch"
 _MAX_KEY_ROUNDS = 5  # working-set rounds of the key fit (one or two are the rule)
+_CHUNK = 1 << 24  # elements of a bf16 / fp16 memory converted to float32 at a time (64 MB)
 FORMAT_VERSION = 1
 HEADER_KEY = "hypedit_patches"
 
@@ -104,19 +114,11 @@ _LAYOUTS: tuple[tuple[str, str, str | None], ...] = (
     ("gate_proj", "down_proj", "up_proj"),           # LLaMA-style gated FFN: down(act(gate x) * up x)
     ("fc_in", "fc_out", None),                       # GPT-J
     ("dense_h_to_4h", "dense_4h_to_h", None),        # GPT-NeoX
+    ("wi", "wo", None),                              # T5 DenseReluDense
+    ("wi_0", "wo", "wi_1"),                          # T5 v1.1 gated DenseReluDense: wo(act(wi_0 x) * wi_1 x)
 )
 _ACT_ATTRS = ("act", "act_fn", "activation_fn", "intermediate.intermediate_act_fn")
-_ACT_CONFIG = ("activation_function", "hidden_act", "hidden_activation")
-
-# model type -> [(full-match regex of the FFN containers that share one config width, that width's config field)]
-_WIDTH_RULES: dict[str, list[tuple[str, str]]] = {
-    "gpt2": [(r"(?:.*\.)?h\.\d+\.mlp", "n_inner")],
-    "bert": [(r"(?:.*\.)?encoder\.layer\.\d+", "intermediate_size")],
-    "roberta": [(r"(?:.*\.)?encoder\.layer\.\d+", "intermediate_size")],
-    "bart": [(r"(?:.*\.)?encoder\.layers\.\d+", "encoder_ffn_dim"),
-             (r"(?:.*\.)?decoder\.layers\.\d+", "decoder_ffn_dim")],
-    "llama": [(r"(?:.*\.)?layers\.\d+\.mlp", "intermediate_size")],
-}
+_ACT_CONFIG = ("activation_function", "hidden_act", "hidden_activation", "dense_act_fn")
 
 
 # ---------------------------------------------------------------- where the patch goes
@@ -234,11 +236,18 @@ def resolve_site(model: nn.Module, layer: str | None = None, activation: str | N
 
 
 # ---------------------------------------------------------------- the patch module
+def _patch_dtype(base: torch.dtype) -> torch.dtype:
+    """The patch's own dtype under a base of dtype ``base``: float32, or float64 for a float64 base. A bf16 /
+    fp16 key would be rounded to 8 / 11 bits, and a key that separates close queries is long and exact."""
+    return torch.promote_types(base, torch.float32)
+
+
 class FFNPatch(nn.Module):
     """Extra neurons of one FFN: adds ``act(x @ key + bias) @ value`` to the FFN's output.
 
     ``key [d_model, n]``, ``bias [n]``, ``value [n, d_model]`` are frozen parameters (counted as
-    the edit's added weights); ``queries [m, d_model]`` is a buffer of the earlier edits' queries.
+    the edit's added weights), in float32 at least (:func:`_patch_dtype`); ``queries [m, d_model]``
+    is a buffer of the earlier edits' queries, in the base's dtype (they are its hidden states).
     Installed by :func:`install_patch`: a pre-hook on the FFN's input projection records ``x``, a
     hook on its output projection adds the patch.
     """
@@ -250,11 +259,11 @@ class FFNPatch(nn.Module):
         super().__init__()
         self.activation = activation
         self.act = ACT2FN[activation]
-        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        kw: dict[str, Any] = {"dtype": _patch_dtype(dtype or torch.get_default_dtype()), "device": device}
         self.key = nn.Parameter(torch.zeros(d_model, 0, **kw), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(0, **kw), requires_grad=False)
         self.value = nn.Parameter(torch.zeros(0, d_model, **kw), requires_grad=False)
-        self.register_buffer("queries", torch.zeros(0, d_model, **kw))
+        self.register_buffer("queries", torch.zeros(0, d_model, dtype=dtype, device=device))
         self._x: Tensor | None = None
 
     @property
@@ -346,7 +355,7 @@ class PatchEdit(Edit):
         patch.key = nn.Parameter(torch.cat([patch.key, self.key.to(dev, dt)], 1), requires_grad=False)
         patch.bias = nn.Parameter(torch.cat([patch.bias, self.bias.to(dev, dt)]), requires_grad=False)
         patch.value = nn.Parameter(torch.cat([patch.value, self.value.to(dev, dt)], 0), requires_grad=False)
-        patch.queries = torch.cat([patch.queries, self.queries.to(dev, dt)], 0)
+        patch.queries = torch.cat([patch.queries, self.queries.to(dev, patch.queries.dtype)], 0)
         return model
 
     def params_changed(self, model: nn.Module) -> int:
@@ -356,7 +365,8 @@ class PatchEdit(Edit):
 
 # ---------------------------------------------------------------- the editor
 class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the patched layer's input is recorded."""
+    """Raised inside a forward pass to end it early: the patched layer's input is recorded, or a replay
+    (:class:`_Replay`) ran out of recorded outputs."""
 
 
 @contextlib.contextmanager
@@ -382,20 +392,155 @@ def _extra_neurons(model: nn.Module, site: FFNSite, act: Any, key: Tensor, bias:
             h.remove()
 
 
+class _Replay:
+    """What the modules below the patch return, recorded on one forward of ``model`` and replayed on the
+    training steps, so that a step computes only what the patch can change (for the last block's FFN:
+    its output projection's hooks, the final norm and the head), in any architecture.
+
+    Below the patch: the outermost module calls that return before the patched FFN's output projection
+    does (its own raw output included), nothing the patch adds can reach them. Not replayed: the
+    ancestors of the FFN's input projection (the hooks on it read the FFN's input, so it must be called).
+    On a replayed forward each recorded module's ``forward`` returns its recorded outputs in call order
+    (its hooks still run). The full forward is used instead when the recording cannot stand for it: a
+    module called both below and above the patch, a different call sequence, or a first replay (the
+    untrained patch adds exactly 0) whose logits differ from the recorded forward's (an output changed
+    in place by its caller, dropout).
+    """
+
+    def __init__(self, model: nn.Module, site: FFNSite) -> None:
+        self.model = model
+        self.boundary = model.get_submodule(site.out_name)
+        parts = site.in_name.split(".")
+        self.running = {id(model.get_submodule(".".join(parts[:i]))) for i in range(len(parts))}
+        self.outputs: dict[nn.Module, list[Any]] = {}
+        self.reference: Tensor | None = None  # the recorded forward's logits, which the first replay must give
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the outputs below the patch during the forward run inside this context."""
+        frontier: list[tuple[nn.Module, Any]] = []  # (module, raw output) of the outermost calls so far
+        starts: list[int] = []
+        below: set[int] = set()
+        state = {"above": False, "again": False}
+
+        def pre(module: nn.Module, args: tuple) -> None:
+            starts.append(len(frontier))
+
+        def post(module: nn.Module, args: tuple, out: Any) -> None:
+            start = starts.pop()
+            if state["above"]:
+                state["again"] |= id(module) in below
+                return
+            below.add(id(module))
+            if id(module) not in self.running:
+                del frontier[start:]  # the calls made inside this one: replaying it covers them
+                frontier.append((module, out))
+            state["above"] = module is self.boundary
+
+        # prepended: the raw output, before other hooks (an installed patch's) change it; they run on replay
+        handles = [h for m in self.model.modules()
+                   for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post, prepend=True))]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        self.outputs = {}
+        if state["above"] and not state["again"]:
+            for module, out in frontier:
+                self.outputs.setdefault(module, []).append(out)
+
+    def logits(self, batch: Mapping[str, Tensor], family: Family) -> Tensor:
+        """``forward_logits`` of the model on ``batch`` (the recorded one), replayed below the patch when it can be."""
+        if self.outputs:
+            left = {m: list(outs) for m, outs in self.outputs.items()}
+            saved = {m: m.__dict__.get("forward") for m in left}
+
+            def replayed(module: nn.Module) -> Any:
+                def forward(*args: Any, **kwargs: Any) -> Any:
+                    if not left[module]:
+                        raise _Stop
+                    return left[module].pop(0)
+                return forward
+
+            out: Tensor | None = None
+            try:
+                for m in left:
+                    m.forward = replayed(m)
+                out = forward_logits(self.model, batch, family)
+            except _Stop:
+                pass
+            finally:
+                for m, f in saved.items():
+                    if f is None:
+                        del m.forward
+                    else:
+                        m.forward = f
+            ref, self.reference = self.reference, None
+            if out is not None and not any(left.values()) and (ref is None or _same(out, ref)):
+                return out
+            self.outputs = {}
+        return forward_logits(self.model, batch, family)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """``a`` equals ``b`` up to rounding in their dtype (kernels may differ with and without autograd)."""
+    tol = max(1e-4, 8 * torch.finfo(b.dtype).eps)
+    return a.shape == b.shape and torch.allclose(a.detach(), b, rtol=tol, atol=tol * float(b.abs().max()))
+
+
 def _chunks(batch: Mapping[str, Tensor], size: int) -> Iterator[dict[str, Tensor]]:
     n = next(iter(batch.values())).shape[0]
     for i in range(0, n, size):
         yield {k: v[i:i + size] for k, v in batch.items()}
 
 
-def _query_mask(batch: Mapping[str, Tensor], family: Family, width: int) -> Tensor:
-    """Which positions of ``batch`` give memory queries: [CLS] for classifiers, every real token otherwise."""
+def _first_of_each(ids: Tensor) -> Tensor:
+    """True at the first occurrence of each value of ``ids`` (1-D)."""
+    _, inv = torch.unique(ids, return_inverse=True)
+    dev = ids.device
+    first = torch.full((int(inv.max()) + 1 if len(ids) else 0,), len(ids), dtype=torch.long, device=dev)
+    first = first.scatter_reduce(0, inv, torch.arange(len(ids), device=dev), "amin")
+    return torch.zeros(len(ids), dtype=torch.bool, device=dev).index_fill_(0, first, True)
+
+
+def _memory_positions(batch: Mapping[str, Tensor], family: Family) -> Tensor:
+    """Which positions of ``batch`` give memory queries, each distinct query once: [CLS] for classifiers
+    (``[B, 1]``), every real token of the (decoder) input otherwise (``[B, T]``).
+
+    A query repeats an earlier one when its inputs do: at a causal position, the tokens up to and including
+    it (the FFN input there depends on nothing else); at a seq2seq decoder position, those and the whole
+    encoder input; at a classifier's [CLS], the whole input. Equal inputs are found exactly (prefixes are
+    numbered position by position), not by comparing query vectors, which a batch's shape can change in
+    the last bits."""
+    inputs = {k: v.long() for k, v in model_inputs(batch).items()}
+    stream = [] if family == "classifier" else [k for k in inputs if k.startswith("decoder_") == (family == "seq2seq")]
+    context = [v.flatten(1) for k, v in inputs.items() if k not in stream]
+    n = next(iter(inputs.values())).shape[0]
+    ids = (torch.unique(torch.cat(context, 1), dim=0, return_inverse=True)[1] if context
+           else torch.zeros(n, dtype=torch.long, device=inputs["input_ids"].device))
     if family == "classifier":
-        m = torch.zeros(batch["input_ids"].shape[0], width, dtype=torch.bool)
-        m[:, 0] = True
-        return m
-    key = "decoder_attention_mask" if family == "seq2seq" else "attention_mask"
-    return batch[key].bool()
+        return _first_of_each(ids)[:, None]
+    steps = torch.stack([inputs[k] for k in stream], -1)  # [B, T, inputs per token]
+    prefixes, offset = [], 0
+    for t in range(steps.shape[1]):  # number of the prefix ending at t: (that of t - 1, the inputs at t)
+        ids = torch.unique(torch.cat([ids[:, None], steps[:, t]], 1), dim=0, return_inverse=True)[1]
+        prefixes.append(ids + offset)
+        offset += int(ids.max()) + 1
+    real = inputs["decoder_attention_mask" if family == "seq2seq" else "attention_mask"].bool()
+    keep = torch.zeros_like(real)
+    keep[real] = _first_of_each(torch.stack(prefixes, 1)[real])
+    return keep
+
+
+def _times(kt: Tensor, block: Tensor) -> Tensor:
+    """``kt @ block`` in ``kt``'s dtype, autocast off: a bf16 block (the memory is kept in the base's dtype)
+    is converted ``_CHUNK`` elements at a time, never copied whole to float32."""
+    with torch.autocast(kt.device.type, enabled=False):
+        if block.dtype == kt.dtype:
+            return kt @ block
+        step = max(1, _CHUNK // max(1, block.shape[0]))
+        return torch.cat([kt @ block[:, i:i + step].to(kt.dtype) for i in range(0, max(1, block.shape[1]), step)], 1)
 
 
 def _pre_activations(q: Tensor, negs: Sequence[Tensor], valid: Tensor, key: Tensor, bias: Tensor
@@ -404,9 +549,10 @@ def _pre_activations(q: Tensor, negs: Sequence[Tensor], valid: Tensor, key: Tens
     ``-inf`` where ``valid`` is False (not a negative of that neuron). The negatives come as blocks
     ``[d, N_i]`` (stored transposed, joined only in the small product): the ``[n, d] @ [d, N]`` layout
     keeps both products of forward and backward fast on a CPU, where ``[N, d] @ [d, n]`` with a skinny
-    ``n`` was ten times slower, and the memory's block is not copied for every edit."""
+    ``n`` was ten times slower, and the memory's block is not copied for every edit. Computed in the
+    key's dtype (float32 at least) whatever the blocks' dtype."""
     kt = key.T
-    a_neg = torch.cat([kt @ t for t in negs], 1) + bias[:, None]
+    a_neg = torch.cat([_times(kt, t) for t in negs], 1) + bias[:, None]
     return (q * kt).sum(-1) + bias, a_neg.masked_fill(~valid, -float("inf"))
 
 
@@ -437,18 +583,21 @@ class Patcher(Editor):
                  edit_activation: float = 1.0, gap_margin: float | None = None, activation_weight: float = 1.0,
                  memory_weight: float = 1.0, top_k: int = 16, max_neurons_per_edit: int | None = None,
                  train_key: bool = True, lr_growth: float = 1.5, max_lr_factor: float = 100.0, patience: int = 10,
-                 activation: str | None = None, memory_chunk: int = 64, key_working_set: int = 8192) -> None:
+                 activation: str | None = None, memory_chunk: int = 64, key_working_set: int = 8192,
+                 max_memory_queries: int | None = None) -> None:
         """``model``: the base model (resolves ``layer`` and its activation). ``memory``: collated
         training-split inputs, or None (then only earlier edits are negatives). ``gap_margin``
         defaults to ``edit_activation - memory_margin``. ``max_key_steps``: L-BFGS iterations fitting
         key and bias. ``train_key=False`` keeps key ``q / |q|^2`` and bias 0 (value only).
         ``activation``: an ``ACT2FN`` name, default from the model config (checked against the FFN's
         own). ``memory_chunk``: rows per forward when computing the memory's queries.
-        ``key_working_set``: size of the sample of negatives the key fit starts from (:meth:`_fit_keys`).
+        ``max_memory_queries``: keep at most this many of the memory's distinct queries (an even sample;
+        None: all). ``key_working_set``: size of the sample of negatives the key fit starts from (:meth:`_fit_keys`).
         ``max_neurons_per_edit``: at most this many neurons per wrong input (None: one per wrong token)."""
-        if max_steps < 0 or max_key_steps < 0 or (max_neurons_per_edit or 1) < 1 or top_k < 1 or key_working_set < 1:
+        if (max_steps < 0 or max_key_steps < 0 or (max_neurons_per_edit or 1) < 1 or top_k < 1 or key_working_set < 1
+                or (max_memory_queries is not None and max_memory_queries < 0)):
             raise ValueError("need max_steps >= 0, max_key_steps >= 0, max_neurons_per_edit >= 1 (or None), "
-                             "top_k >= 1 and key_working_set >= 1")
+                             "top_k >= 1, key_working_set >= 1 and max_memory_queries >= 0 (or None)")
         self.site = resolve_site(model, layer, activation)
         self.layers: list[LayerSpec] = select_layers(model, [re.escape(n) for n in self.site.matrices])
         self.memory = dict(memory) if memory is not None else None
@@ -458,7 +607,7 @@ class Patcher(Editor):
         self.memory_margin, self.edit_activation = memory_margin, edit_activation
         self.activation_weight, self.memory_weight, self.top_k = activation_weight, memory_weight, top_k
         self.max_neurons_per_edit, self.train_key, self.memory_chunk = max_neurons_per_edit, train_key, memory_chunk
-        self.key_working_set = key_working_set
+        self.key_working_set, self.max_memory_queries = key_working_set, max_memory_queries
         self.lr_growth, self.max_lr_factor, self.patience = lr_growth, max_lr_factor, patience
         self.config = {"class": "Patcher", "name": self.name, "layer": self.site.layer,
                        "activation": self.site.activation,
@@ -468,8 +617,9 @@ class Patcher(Editor):
                        "max_neurons_per_edit": max_neurons_per_edit, "train_key": train_key, "lr_growth": lr_growth,
                        "max_lr_factor": max_lr_factor, "patience": patience, "key_working_set": key_working_set,
                        "memory_rows": int(next(iter(memory.values())).shape[0]) if memory else 0,
+                       "max_memory_queries": max_memory_queries,
                        "layers": [l.name for l in self.layers]}
-        self._memory_t: Tensor | None = None  # [d, N]
+        self._memory_t: Tensor | None = None  # [d, N], in the patched layer's input dtype, on the model's device
         # what the last edit did (0 steps and 0 neurons: the model was already right)
         self.last_steps, self.last_neurons, self.last_right, self.last_constraints = 0, 0, True, True
         self.last_key_steps = self.last_key_rounds = 0
@@ -512,19 +662,32 @@ class Patcher(Editor):
         return seen["x"], out
 
     def memory_queries(self, model: nn.Module, family: Family) -> Tensor:
-        """The memory's queries ``[N, d]`` at the patched layer (computed once, then cached; kept
-        transposed, as the key fit reads them)."""
+        """The memory's distinct queries ``[N, d]`` at the patched layer (:func:`_memory_positions`), at most
+        ``max_memory_queries`` (an even sample of them in memory order), in the dtype of the layer's input
+        (lossless: they are its values) on the model's device. Computed once, then cached; kept transposed,
+        as the key fit reads them; rows that give no kept query are not run."""
+        dev = next(model.parameters()).device
         if self._memory_t is None:
-            qs = [torch.zeros(0, self.site.d_model)]
+            d, in_dtype = self.site.d_model, model.get_submodule(self.site.in_name).weight.dtype
+            self._memory_t = torch.zeros(d, 0, dtype=in_dtype, device=dev)
             if self.memory is not None:
-                dev = next(model.parameters()).device
-                for chunk in _chunks(self.memory, self.memory_chunk):
+                keep = _memory_positions(self.memory, family)
+                where = keep.flatten().nonzero().flatten()
+                cap = self.max_memory_queries
+                if cap is not None and len(where) > cap:
+                    keep = torch.zeros_like(keep).flatten().index_fill_(
+                        0, where[torch.arange(cap, device=where.device) * len(where) // cap], True).view_as(keep)
+                rows = keep.any(1).nonzero().flatten()
+                memory, keep = {k: v[rows] for k, v in self.memory.items()}, keep[rows]
+                filled = 0
+                for chunk, kept in zip(_chunks(memory, self.memory_chunk), keep.split(self.memory_chunk)):
                     chunk = {k: v.to(dev) for k, v in chunk.items()}
                     x, _ = self._layer_inputs(model, model_inputs(chunk), family, logits=False)
-                    keep = torch.float64 if x.dtype == torch.float64 else torch.float32
-                    qs.append(x[_query_mask(chunk, family, x.shape[1]).to(dev)].to(keep).cpu())
-            self._memory_t = torch.cat([t.to(qs[-1].dtype) for t in qs]).T.contiguous()
-        dev = next(model.parameters()).device
+                    q = x[:, :kept.shape[1]][kept.to(dev)]
+                    if filled == 0:  # allocated once, in the layer input's dtype (autocast can make it float32)
+                        self._memory_t = torch.empty(d, int(keep.sum()), dtype=x.dtype, device=dev)
+                    self._memory_t[:, filled:filled + len(q)] = q.T
+                    filled += len(q)
         if self._memory_t.device != dev:
             self._memory_t = self._memory_t.to(dev)
         return self._memory_t.T
@@ -664,8 +827,9 @@ class Patcher(Editor):
         2. Init: key ``q / |q|^2`` (pre-activation 1 on its query), bias 0, value 0.
         3. Key and bias are fitted to the activation constraints, which need no model forward
            (:meth:`_fit_keys`).
-        4. Adam on edit NLL + activation loss, with a model forward per step, until the edit is right
-           and the constraints hold, or ``max_steps``. Only the value is trained here when step 3 met
+        4. Adam on edit NLL + activation loss, with a model forward per step (the layers below the patch
+           replayed from step 1's forward, :class:`_Replay`), until the edit is right and the
+           constraints hold, or ``max_steps``. Only the value is trained here when step 3 met
            the constraints (training the key on the NLL would undo them); key and bias too otherwise.
         5. Roll back (an empty edit, reason in ``last_failure``) when the edit is still wrong, or when
            the key was trained and a constraint still fails (the "stalled" stop above).
@@ -675,22 +839,25 @@ class Patcher(Editor):
         site = self.site
         labels = batch["labels"]
         self.last_steps = self.last_key_steps = self.last_key_rounds = 0
-        x, logits = self._layer_inputs(model, batch, family, logits=True)
+        replay = _Replay(model, site)
+        with replay.recording():
+            x, logits = self._layer_inputs(model, batch, family, logits=True)
+        replay.reference = logits
         neurons, stored = self._positions(logits, labels, family)
         self.last_neurons, self.last_right, self.last_constraints = len(neurons), not neurons, True
         self.last_failure = {}
         if not neurons:
             return PatchEdit.empty(site)
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # the patch is trained in float32 at least
+        dt = _patch_dtype(x.dtype)  # the patch is trained in float32 at least
         q = torch.stack([x[i, t] for i, t in neurons]).to(dt)                       # [n, d]
-        stored_q = torch.stack([x[i, t] for i, t in stored]).to(dt)
+        stored_q = torch.stack([x[i, t] for i, t in stored])                        # the base's dtype, as the memory
         dev = q.device
         # each neuron's negatives, as [d, N_i] blocks: the memory, the earlier edits, and this edit's
         # other target positions (so that a neuron fixes its own token and leaves the others to theirs)
-        negs = [self.memory_queries(model, family).T.to(dt)]
+        negs = [self.memory_queries(model, family).T]
         installed = getattr(model.get_submodule(site.layer), PATCH_ATTR, None)
         if installed is not None:
-            negs.append(installed.queries.to(dt).T.contiguous())
+            negs.append(installed.queries.T.contiguous())
         n_shared = sum(t.shape[1] for t in negs)
         negs.append(stored_q.T.contiguous())
         valid = torch.ones(q.shape[0], n_shared + stored_q.shape[0], dtype=torch.bool, device=dev)  # [n, N]
@@ -714,7 +881,7 @@ class Patcher(Editor):
         steps, last_loss, best_act, stalled = 0, float("inf"), float("inf"), 0
         with frozen(model), torch.enable_grad(), _extra_neurons(model, site, act, key, bias, value):
             while True:
-                out = forward_logits(model, batch, family)
+                out = replay.logits(batch, family)  # the layers below the patch are not run again
                 right = bool(scores(out.detach(), labels, family)[0].all())
                 if key.requires_grad:  # otherwise the activations, and whether they fit, cannot change
                     with torch.no_grad():
@@ -757,99 +924,6 @@ class Patcher(Editor):
             self.failures += 1
             return PatchEdit.empty(site)
         return PatchEdit(site, key, bias, value, stored_q)
-
-
-# ---------------------------------------------------------------- a real, wider Hugging Face model
-@torch.no_grad()
-def widen_ffn(model: nn.Module) -> nn.Module:
-    """A plain Hugging Face model (same class, wider FFN in its config) equal to the patched ``model``.
-
-    Each patch's neurons are appended to its FFN; every other FFN sharing that config width gets
-    zero neurons (key, bias and value 0: ``act(0) * 0 = 0``), so ``save_pretrained`` /
-    ``from_pretrained`` work unchanged. Supported: GPT-2 (``n_inner``), BERT/RoBERTa
-    (``intermediate_size``), BART (``encoder_ffn_dim`` / ``decoder_ffn_dim``) and LLaMA. A LLaMA
-    patch neuron ``act(x k + b) v`` is written in the gated form ``act(gate x) * (up x)`` exactly:
-    gate row ``k`` with bias ``b``, up row 0 with bias 1; so the wider LLaMA has ``mlp_bias=True``
-    (zero biases for every original neuron and for ``down_proj``). Other model types are refused.
-    """
-    cfg = getattr(model, "config", None)
-    mtype = getattr(cfg, "model_type", None)
-    if mtype not in _WIDTH_RULES:
-        raise NotImplementedError(f"widening is implemented for {sorted(_WIDTH_RULES)}, not {mtype!r}; "
-                                  f"use the patched model or save_patches instead")
-    patches = installed_patches(model)
-    new_cfg = copy.deepcopy(cfg)
-    state = {k: v for k, v in model.state_dict().items() if f".{PATCH_ATTR}." not in f".{k}"}
-    covered: set[str] = set()
-    gated = False
-    for rx, field in _WIDTH_RULES[mtype]:
-        members = [n for n, m in model.named_modules() if re.fullmatch(rx, n) and _layout(m) is not None]
-        if not members:
-            continue
-        covered.update(members)
-        extra = max((patches[n].n_neurons for n in members if n in patches), default=0)
-        if extra == 0:
-            continue
-        widths = set()
-        for name in members:
-            container = model.get_submodule(name)
-            inp, out, up = _layout(container)  # type: ignore[misc]
-            gated |= up is not None
-            widths.add(_widen_one(state, name, container, inp, out, up, patches.get(name), extra))
-        if len(widths) != 1:
-            raise ValueError(f"FFNs matching {rx} have different widths {sorted(widths)}; cannot widen via {field}")
-        setattr(new_cfg, field, widths.pop() + extra)
-    stray = set(patches) - covered
-    if stray:
-        raise NotImplementedError(f"patches at {sorted(stray)} are not in an FFN group that {mtype} configures")
-    if gated:
-        if not hasattr(new_cfg, "mlp_bias"):
-            raise NotImplementedError(f"{mtype} has no mlp_bias option: a gated patch neuron cannot be written exactly")
-        new_cfg.mlp_bias = True
-    ref = next(model.parameters())
-    wide = type(model)(new_cfg).to(device=ref.device, dtype=ref.dtype)  # before loading: no round trip through float32
-    missing, unexpected = wide.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"the widened state does not fit {type(model).__name__}: missing {missing}, "
-                           f"unexpected {unexpected}")
-    if hasattr(wide, "tie_weights"):
-        wide.tie_weights()
-    return wide.train(model.training)
-
-
-def _widen_one(state: dict[str, Tensor], name: str, container: nn.Module, inp: str, out: str, up: str | None,
-               patch: FFNPatch | None, extra: int) -> int:
-    """Append ``extra`` neurons (``patch``'s, then zeros) to one FFN's tensors in ``state``; returns its old width."""
-    in_mod = container.get_submodule(inp)
-    conv = _is_conv1d(in_mod)
-    d, width = in_mod.weight.shape if conv else in_mod.weight.shape[::-1]
-    dt, dev = in_mod.weight.dtype, in_mod.weight.device
-    key, bias, value = torch.zeros(d, extra, dtype=dt, device=dev), torch.zeros(extra, dtype=dt, device=dev), \
-        torch.zeros(extra, d, dtype=dt, device=dev)
-    real = torch.zeros(extra, dtype=dt, device=dev)
-    if patch is not None and patch.n_neurons:
-        n = patch.n_neurons
-        key[:, :n], bias[:n], value[:n], real[:n] = patch.key.to(dt), patch.bias.to(dt), patch.value.to(dt), 1
-    p_in, p_out = f"{name}.{inp}", f"{name}.{out}"
-    if conv:  # Conv1D: weight [in, out]
-        state[f"{p_in}.weight"] = torch.cat([state[f"{p_in}.weight"], key], 1)
-        state[f"{p_out}.weight"] = torch.cat([state[f"{p_out}.weight"], value], 0)
-    else:     # Linear: weight [out, in]
-        state[f"{p_in}.weight"] = torch.cat([state[f"{p_in}.weight"], key.T], 0)
-        state[f"{p_out}.weight"] = torch.cat([state[f"{p_out}.weight"], value.T], 1)
-    if f"{p_in}.bias" in state:
-        state[f"{p_in}.bias"] = torch.cat([state[f"{p_in}.bias"], bias])
-    elif up is not None:
-        state[f"{p_in}.bias"] = torch.cat([torch.zeros(width, dtype=dt, device=dev), bias])
-    elif bool((bias != 0).any()):
-        raise NotImplementedError(f"{p_in} has no bias: the patch's bias cannot be written into it")
-    if up is not None:  # gated: up row 0 with bias 1 turns act(gate) * up into act(x k + b) for a patch neuron
-        p_up = f"{name}.{up}"
-        state[f"{p_up}.weight"] = torch.cat([state[f"{p_up}.weight"], torch.zeros(extra, d, dtype=dt, device=dev)], 0)
-        old = state.get(f"{p_up}.bias", torch.zeros(width, dtype=dt, device=dev))
-        state[f"{p_up}.bias"] = torch.cat([old, real])
-        state.setdefault(f"{p_out}.bias", torch.zeros(d, dtype=dt, device=dev))
-    return int(width)
 
 
 # ---------------------------------------------------------------- patch files

@@ -192,7 +192,7 @@ class EditData:
 
     def __init__(self, dm: EditDataModule, split: str = "test", device: torch.device | str = "cpu",
                  seed: int = 0, n_train_probe: int = 100) -> None:
-        self.dm, self.split, self.family = dm, dm.splits[split], dm.hparams.family
+        self.dm, self.split, self.family, self.split_name = dm, dm.splits[split], dm.hparams.family, split
         self.loc_pool = dm.loc_pools[split]  # this split's own locality inputs, disjoint from the others'
         self.dataset = dm.dataset(split)
         self.device = torch.device(device)
@@ -259,11 +259,12 @@ class EditData:
     def memory_pool(self) -> list[dict]:
         """Training-split inputs a patch must stay silent on (Transformer-Patcher's memory): the training
         edits beyond the TrainR probe with their rephrases, each with the model's own answer, and the
-        meta-training share of the locality pool. None of them is ever scored."""
+        meta-training share of the locality inputs, filtered only against the evaluated split's edits
+        (:meth:`EditDataModule.memory_locality`). None of them is ever scored."""
         recs = [self.dm.splits["train"].records[i] for i in self._kl_ids]
         pairs = [(t, r.prediction) for r in recs for t in (r.prompt, *r.rephrases)]
         return (encode(self.dm.tokenizer, self.family, [t for t, _ in pairs], [a for _, a in pairs],
-                       self.dm.hparams.max_length) + list(self.dm.loc_pools.get("train", [])))
+                       self.dm.hparams.max_length) + self.dm.memory_locality(self.split_name))
 
 
 class LocalitySampler:
@@ -673,7 +674,8 @@ def run_sequential(editor: Editor, original: nn.Module, data: EditData, ids: Seq
                    edits_per_step: int = 1, folds: int = 1, only_when_wrong: bool = False, n_test_probe: int = 1000,
                    sampler: LocalitySampler | None = None, chunk: int = 64, progress: bool = True,
                    state_dir: str | Path | None = None, save_every: int = 100,
-                   base: BaseLocality | None = None) -> dict[str, Any]:
+                   base: BaseLocality | None = None,
+                   save_model: Callable[[nn.Module, int], Any] | None = None) -> dict[str, Any]:
     """Stream the edits ``ids`` into a working copy of ``original``, ``edits_per_step`` per step.
 
     The edits are split into ``folds`` equal streams (the remainder is left out), each starting from
@@ -689,6 +691,8 @@ def run_sequential(editor: Editor, original: nn.Module, data: EditData, ids: Seq
     and curves so far) is saved there every ``save_every`` edits, and a call with the same arguments
     continues from the last saved state instead of from edit 0 (an interrupted 1,000-edit stream
     resumes at its last save). Its results equal an unbroken run's, timings aside.
+
+    ``save_model(work, fold)`` is called with each stream's final working model.
     """
     fam = data.family
     fold_len = len(ids) // folds
@@ -783,6 +787,8 @@ def run_sequential(editor: Editor, original: nn.Module, data: EditData, ids: Seq
                     "seconds": seconds, "applied": applied, "rolled_back": rolled_back, "fold_es": fold_es, "fold_gs": fold_gs,
                     "fold_made": fold_made})
         curves.append(curve)
+        if save_model is not None:
+            save_model(work, f)
         del work
     bar.close()
     return _sequential_summary(curves, after, seconds, applied, total, init_train, init_test,

@@ -4,7 +4,8 @@ classifier built from their Hugging Face classes with random weights, saved, and
 config's ``edit_params`` select exactly the intended matrices, one MEND meta-training step gives
 finite gradients on every editor parameter, and one edit changes the output on its input. Also: every
 shipped config parses with ``--print_config`` without loading a model, the ``base_dtype`` option, and
-the base-model fingerprint (stable, discriminating, computed once per meta-training run)."""
+the base-model fingerprint (stable, discriminating, computed once per meta-training run), and
+Transformer-Patcher patches widened into a plain GPT-J, GPT-NeoX or T5 (``editors.widen``)."""
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +18,11 @@ import yaml
 import train
 from datamodules.encoding import collate, encode
 from editors.layers import check_fingerprint, fingerprint, select_layers
-from editors.losses import forward_logits, nll
+from editors.losses import forward_logits, nll, scores
 from editors.io import CHECKPOINT_KEY
 from editors.mend import MEND
+from editors.patcher import Patcher, PatchEdit, installed_patches, resolve_site
+from editors.widen import widen_ffn
 from lightning_modules.mend_module import MENDModule
 from lightning_modules.models import decoder_start_id, load_model
 
@@ -35,6 +38,12 @@ def _gpt2(v: int, ids: dict):
 def _gptj(v: int, ids: dict):
     from transformers import GPTJConfig, GPTJForCausalLM
     return GPTJForCausalLM(GPTJConfig(vocab_size=v, n_layer=4, n_embd=32, n_head=2, rotary_dim=8, n_positions=64, **ids))
+
+
+def _neox(v: int, ids: dict):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=v, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                            intermediate_size=64, max_position_embeddings=64, **ids))
 
 
 def _llama(v: int, ids: dict):
@@ -146,6 +155,82 @@ def test_a_default_rule_matching_nothing_is_refused(tokenizer):
         del block.layer[2].DenseReluDense
     with pytest.raises(ValueError, match="matches no matrix of this model.*edit_params"):
         select_layers(model)
+
+
+# ---------------------------------------------------------------- Transformer-Patcher: a wider plain model
+# name -> (builder, family, the width's config field, a first FFN to patch beside the patcher's default one)
+WIDEN = {"gptj": (_gptj, "causal", "n_inner", "transformer.h.0.mlp"),
+         "neox": (_neox, "causal", "intermediate_size", "gpt_neox.layers.0.mlp"),
+         "t5": (lambda v, ids: _t5(v, ids, ffn="relu"), "seq2seq", "d_ff", "encoder.block.0.layer.1.DenseReluDense")}
+
+
+def _random_patch(model, layer: str | None, n: int, bias: bool = True) -> None:
+    """``n`` patch neurons of random key, value (and bias) at ``layer`` (None: the patcher's default)."""
+    site = resolve_site(model, layer)
+    d, dt = site.d_model, next(model.parameters()).dtype
+    b = torch.randn(n, dtype=dt) if bias else torch.zeros(n, dtype=dt)
+    PatchEdit(site, torch.randn(d, n, dtype=dt), b, torch.randn(n, d, dtype=dt), torch.zeros(0, d, dtype=dt)).merge_(model)
+
+
+@pytest.mark.parametrize("arch", list(WIDEN))
+def test_patches_widen_into_a_plain_model_that_round_trips(tokenizer, tmp_path, arch):
+    """Patches of 2 and 3 neurons on two FFNs: the widened model (every FFN of the config width padded
+    to 3 extra neurons) saves and loads as a plain Hugging Face model with the patched model's logits."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    build, family, field, first = WIDEN[arch]
+    torch.manual_seed(0)
+    model = build(len(tokenizer), _ids(tokenizer)).double().eval()  # float64: the comparison is the widening's
+    width = resolve_site(model).width
+    batch = _batch(tokenizer, family, model, ["Where was Foo born?", "What is the occupation of Bar?"],
+                   ["Arvenna", "painter"])
+    with torch.no_grad():
+        before = forward_logits(model, batch, family)
+    _random_patch(model, first, 2, bias=arch != "t5")  # T5's FFN has no bias to write a patch's into
+    _random_patch(model, None, 3, bias=arch != "t5")
+    assert len(installed_patches(model)) == 2
+    wide = widen_ffn(model)
+    assert type(wide) is type(model) and not installed_patches(wide) and getattr(wide.config, field) == width + 3
+    wide.save_pretrained(tmp_path)
+    auto = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModelForCausalLM
+    back = auto.from_pretrained(tmp_path).eval()
+    assert back.dtype == torch.float64
+    with torch.no_grad():
+        ref = forward_logits(model, batch, family)
+        assert not torch.allclose(ref, before), "the patches change the output"
+        torch.testing.assert_close(forward_logits(wide, batch, family), ref)
+        torch.testing.assert_close(forward_logits(back, batch, family), ref)
+
+
+def test_a_patcher_edit_of_t5_is_right_in_the_widened_model(tokenizer, tmp_path):
+    """The patcher patches T5's decoder FFN; with train_key=False (bias 0) the patch widens exactly."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    torch.manual_seed(0)
+    model = _t5(len(tokenizer), _ids(tokenizer), ffn="relu").double().eval()
+    edit = _batch(tokenizer, "seq2seq", model, ["Where was Foo born?"], ["Arvenna"])
+    memory = _batch(tokenizer, "seq2seq", model, ["What is the occupation of Bar?", "Where is Baz?"], ["painter", "Qux"])
+    ed = Patcher(model, memory=memory, train_key=False)
+    assert (ed.site.layer, ed.site.activation) == ("decoder.block.2.layer.2.DenseReluDense", "relu")
+    patch = ed.make_edit(model, edit, "seq2seq")
+    assert patch.n_neurons > 0 and not ed.last_failure
+    work = patch.merge_(model)
+    widen_ffn(work).save_pretrained(tmp_path)
+    back = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(forward_logits(back, edit, "seq2seq"), forward_logits(work, edit, "seq2seq"))
+        assert bool(scores(forward_logits(back, edit, "seq2seq"), edit["labels"], "seq2seq")[0].all())
+
+
+def test_t5_ffns_that_cannot_hold_a_patch_are_refused_in_one_line(tokenizer):
+    relu = _t5(len(tokenizer), _ids(tokenizer), ffn="relu").eval()
+    _random_patch(relu, None, 2)  # a bias where T5DenseActDense has none
+    with pytest.raises(NotImplementedError, match=r"cannot widen T5DenseActDense .*no bias.*train_key=False"):
+        widen_ffn(relu)
+    gated = _t5(len(tokenizer), _ids(tokenizer)).eval()  # T5 v1.1: act(wi_0 x) * wi_1 x, no biases
+    _random_patch(gated, None, 2, bias=False)
+    with pytest.raises(NotImplementedError, match="cannot widen T5ForConditionalGeneration: its gated FFN has no biases"):
+        widen_ffn(gated)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -819,3 +819,30 @@ def test_codes_world_asks_locality_about_never_edited_relations_with_one_token_c
     assert all(len(tok.tokenize(c)) == 1 for c in codes)
     edit_words = {w for r in edits for t in (r["input"], r["output"][0]["answer"]) for w in t.split()}
     assert not codes & edit_words
+
+
+def test_codes_of_edited_world_asks_its_code_questions_about_the_edited_subjects(tmp_path):
+    """The fourth kind asks the code questions about the edited subjects, so the meta-training locality
+    pool (which drops inputs naming any split's subject) keeps none of them, while the test pool does."""
+    from datamodules.world import CODE_LOC_RELATIONS
+
+    d = generate_world(tmp_path / "w", WorldConfig(n_subjects=60, kind="codes_of_edited"))
+    edits = {sp: read_jsonl_plain(d / f"zsre-{sp}.jsonl") for sp in ("train", "val", "test")}
+    assert {r["relation"] for rows in edits.values() for r in rows} == set(RELATIONS)
+    edited = {r["subject"] for rows in edits.values() for r in rows}
+    loc = read_jsonl_plain(d / "nq-loc.jsonl")
+    codes = {o for objs, _, _ in CODE_LOC_RELATIONS.values() for o in objs}
+    code_rows = [row for row in loc if row["answers"][0] in codes]
+    assert {row["subject"] for row in code_rows} == edited  # about every edited subject, no other
+    assert all(row["subject"] not in edited for row in loc if row not in code_rows)
+    base = read_jsonl_plain(d / "base-qa.jsonl")  # the base model learns the code facts too
+    assert {(r["question"], r["answer"]) for r in base} >= {(row["questions"][0], row["answers"][0]) for row in code_rows}
+    from datamodules.encoding import build_word_tokenizer
+    from datamodules.world import world_texts
+
+    build_word_tokenizer(world_texts(d), d / "tokenizer")
+    dm = ZsreDataModule(**_world_paths(d, "zsre"), family="causal")
+    dm.setup()
+    code_q = {row["questions"][0] for row in code_rows}
+    assert not code_q & {p.prompt for p in dm.loc_split_pairs["train"]}
+    assert code_q & {p.prompt for p in dm.loc_split_pairs["test"]}

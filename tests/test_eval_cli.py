@@ -226,6 +226,72 @@ def test_mode_all_help_names_the_editors_it_runs(capsys):
     assert "every available" not in text and "--mode all: mend, mend_until_right, ft, ft_kl" in text
 
 
+# ---------------------------------------------------------------- --save_model: a stream's model, plain
+def test_save_model_writes_each_streams_working_model_as_a_plain_hugging_face_model(config, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """The patcher's working model widened, FT's as it is: each loads with from_pretrained alone, with
+    the working model's logits and the patched edits right; a directory there already stops the job."""
+    import lightning_modules.evaluation as evaluation
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editors.losses import forward_logits, scores
+    from editors.patcher import installed_patches
+
+    works, edits = {}, []
+    plain, compute = eval_cli.plain_model, evaluation.compute_edit
+
+    def keep_work(work, original):
+        works["patcher" if installed_patches(work) else "ft"] = work
+        return plain(work, original)
+
+    def keep_edit(editor, model, batch, *a):
+        change, secs = compute(editor, model, batch, *a)
+        if getattr(change, "n_neurons", 0):  # a patch kept (not rolled back)
+            edits.append(batch)
+        return change, secs
+
+    monkeypatch.setattr(eval_cli, "plain_model", keep_work)
+    monkeypatch.setattr(evaluation, "compute_edit", keep_edit)
+    out = tmp_path / "models"
+    rep = _run(config, "--editor", "patcher", "ft", "--mode", "sequential", "--n_edits", 4, "--loc_per_edit", 2,
+               "--precision", "32", "--save_model", out)
+    assert {e["label"]: e["saved_models"] for e in rep["entries"]} == {"patcher": [str(out / "patcher")],
+                                                                      "ft": [str(out / "ft")]}
+    assert sorted(p.name for p in out.iterdir()) == ["ft", "patcher"], "no temporary left beside them"
+    assert edits and set(works) == {"patcher", "ft"}
+    vocab = AutoTokenizer.from_pretrained(yaml.safe_load(config.read_text())["model"]["init_args"]["base_model"]).get_vocab()
+    backs = {label: AutoModelForCausalLM.from_pretrained(out / label).eval() for label in works}
+    with torch.no_grad():
+        for label, work in works.items():
+            assert AutoTokenizer.from_pretrained(out / label).get_vocab() == vocab
+            for b in edits:
+                torch.testing.assert_close(forward_logits(backs[label], b, "causal"), forward_logits(work, b, "causal"))
+        assert all(bool(scores(forward_logits(backs["patcher"], b, "causal"), b["labels"], "causal")[0].all())
+                   for b in edits)
+    (patch,) = installed_patches(works["patcher"]).values()
+    assert backs["patcher"].config.n_inner == 4 * 32 + patch.n_neurons and backs["ft"].config.n_inner is None
+    with pytest.raises(eval_cli.EvalError, match="patcher exists already"):
+        _run(config, "--editor", "patcher", "--mode", "sequential", "--n_edits", 1, "--save_model", out)
+    with pytest.raises(SystemExit):
+        eval_cli.parse_args(["--config", str(config), "--mode", "single", "--save_model", str(out)])
+    assert "--save_model writes the working model of a stream" in capsys.readouterr().err
+
+
+def test_save_model_is_a_config_key_like_the_other_options(config, capsys, tmp_path):
+    cfg = {**yaml.safe_load(config.read_text()), "save_model": str(tmp_path / "m"), "mode": "all"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert _print_config(tmp_path / "c.yaml", capsys)["save_model"] == str(tmp_path / "m")
+    assert _print_config(config, capsys, "--mode", "sequential", "--save_model", "x")["save_model"] == "x"
+
+
+def test_a_working_model_that_is_no_plain_model_is_reported_not_written(tokenizer, tmp_path, capsys):
+    small = dict(n_layer=1, n_embd=16, n_head=2)
+    base, work = build_tiny("tiny-gpt2", tokenizer, small), build_tiny("tiny-gpt2", tokenizer, small)
+    work.extra = torch.nn.Linear(2, 2)  # an editor's own module: from_pretrained would drop it
+    assert eval_cli.save_plain_model(tmp_path / "m", work, base, tokenizer) is None
+    assert "--save_model" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- reports
 def _entry(editor: str, label: str, mode: str = "sequential", **kw) -> dict:
     e = {"editor": editor, "label": label, "mode": mode, "edits_per_step": 1, "n_edits": 2, "edit_success": 1.0,

@@ -11,8 +11,11 @@ from safetensors import safe_open
 
 from datamodules.encoding import collate, encode
 from editors.losses import forward_logits, model_inputs, scores
-from editors.patcher import (HEADER_KEY, PATCH_ATTR, Patcher, PatchEdit, _columns, _pre_activations, installed_patches,
-                             load_patches, save_patches, widen_ffn)
+import editors.patcher as patcher_mod
+from editors.base import EditorContext
+from editors.patcher import (HEADER_KEY, PATCH_ATTR, Patcher, PatchEdit, _columns, _extra_neurons, _pre_activations,
+                             _Replay, installed_patches, load_patches, save_patches)
+from editors.widen import widen_ffn
 from lightning_modules.evaluation import count_differing
 from lightning_modules.models import build_tiny, decoder_start_id
 
@@ -108,6 +111,18 @@ def neuron_queries(model, site, batch, family, cap=None):
     return torch.cat([x[i, wrong[i].nonzero().flatten()[:cap]] for i in range(len(x))])
 
 
+def distinct_prefixes(batch, family) -> set:
+    """The memory's distinct queries, told by their inputs: a causal prefix; the encoder input and a decoder
+    prefix; a classifier's whole input."""
+    ids = [r[m.bool()].tolist() for r, m in zip(batch["input_ids"], batch["attention_mask"])]
+    if family == "classifier":
+        return {tuple(r) for r in ids}
+    if family == "causal":
+        return {tuple(r[:t + 1]) for r in ids for t in range(len(r))}
+    dec = [r[m.bool()].tolist() for r, m in zip(batch["decoder_input_ids"], batch["decoder_attention_mask"])]
+    return {(tuple(e), tuple(d[:t + 1])) for e, d in zip(ids, dec) for t in range(len(d))}
+
+
 # ---------------------------------------------------------------- construction
 def test_default_layers_and_refusals(models):
     for key, model in models.items():
@@ -147,11 +162,9 @@ def test_fresh_patch_is_right_fires_on_its_query_and_not_on_memory(models, token
     assert patch.n_neurons == len(q) and ed.last_failure == {} and ed.failures == 0
     own = torch.diagonal(patch.pre_activations(q))
     assert bool((own >= ed.edit_activation - 1e-3).all()), own
-    # the memory's queries (every real token; [CLS] for the classifier) stay below the margin
+    # the memory's queries (every distinct real token; [CLS] for the classifier) stay below the margin
     mem_q = ed.memory_queries(model, family)
-    n_mem = 40 if family == "classifier" else int(mem["decoder_attention_mask" if family == "seq2seq"
-                                                       else "attention_mask"].sum())
-    assert mem_q.shape == (n_mem, ed.site.d_model)
+    assert mem_q.shape == (len(distinct_prefixes(mem, family)), ed.site.d_model)
     assert float(patch.pre_activations(mem_q).max()) <= ed.memory_margin + 1e-3
     assert float((own - patch.pre_activations(mem_q).amax(0)).min()) >= ed.gap_margin - 1e-3
     # params_changed: the added scalars, as evaluation counts them
@@ -431,3 +444,156 @@ def test_columns_of_blocks_and_the_top_k_loss_equal_the_full_ones(tiny_models):
     part = ed._activation_loss(*_pre_activations(q, [_columns(negs, top)], valid[:, top], key, bias))
     g_part = torch.autograd.grad(part, [key, bias])
     assert torch.allclose(full, part) and all(torch.allclose(a, b) for a, b in zip(g_full, g_part))
+
+
+# ---------------------------------------------------------------- the memory at scale
+@pytest.mark.parametrize("key", ("causal", "seq2seq", "classifier"))
+def test_memory_keeps_each_distinct_query_once(models, tokenizer, rows, key):
+    """The same question twice, and questions sharing a beginning, give each distinct query once (causal:
+    per token prefix; seq2seq: per encoder input and decoder prefix; classifier: per input)."""
+    model, family = models[key], fam_of(key)
+    src = rows["fever" if family == "classifier" else "zsre"]
+    prompts = [src[0]["input"], src[1]["input"], src[0]["input"], src[0]["input"] + " and more", src[2]["input"]]
+    target = "SUPPORTS" if family == "classifier" else "x"
+    mem = make_batch(tokenizer, model, family, prompts, [target] * 5)
+    q = Patcher(model, memory=mem).memory_queries(model, family)
+    assert q.shape == (len(distinct_prefixes(mem, family)), Patcher(model).site.d_model)
+    if family == "causal":
+        assert q.shape[0] < int(mem["attention_mask"].sum())
+    # the repeated question adds nothing: the memory is that of the distinct questions
+    once = make_batch(tokenizer, model, family, [prompts[i] for i in (0, 1, 3, 4)], [target] * 4)
+    torch.testing.assert_close(q, Patcher(model, memory=once).memory_queries(model, family))
+
+
+def test_memory_is_capped_in_queries_by_an_even_sample(models, tokenizer, rows):
+    model = models["causal"]
+    mem = memory_batch(tokenizer, model, "causal", rows)
+    full = Patcher(model, memory=mem).memory_queries(model, "causal")
+    ed = Patcher(model, memory=mem, max_memory_queries=50, memory_chunk=7)
+    capped = ed.memory_queries(model, "causal")
+    assert ed.config["max_memory_queries"] == 50 and capped.shape == (50, ed.site.d_model)
+    torch.testing.assert_close(capped, full[torch.arange(50) * len(full) // 50])
+    assert Patcher(model, memory=mem, max_memory_queries=10 ** 6).memory_queries(model, "causal").shape == full.shape
+    with pytest.raises(ValueError, match="max_memory_queries"):
+        Patcher(model, max_memory_queries=-1)
+    # evaluation's memory_size still counts inputs; the cap counts queries
+    context = EditorContext(model, training_inputs=lambda n: {k: v[:n] for k, v in mem.items()})
+    ev = Patcher.for_evaluation(context, memory_size=20, max_memory_queries=30)
+    assert ev.config["memory_rows"] == 20 and ev.memory_queries(model, "causal").shape[0] == 30
+
+
+def test_half_precision_memory_is_stored_as_the_base_and_multiplied_in_float32(models, tokenizer, rows, monkeypatch):
+    model = copy.deepcopy(models["causal"]).to(torch.bfloat16)
+    ed = Patcher(model, memory=memory_batch(tokenizer, model, "causal", rows))
+    q = ed.memory_queries(model, "causal")
+    assert q.dtype == torch.bfloat16 and len(q) > 10  # half the bytes of float32
+    key, bias = torch.randn(ed.site.d_model, 3), torch.randn(3)
+    valid = torch.ones(3, len(q), dtype=torch.bool)
+    monkeypatch.setattr(patcher_mod, "_CHUNK", 10 * ed.site.d_model)  # converted 10 columns at a time
+    with torch.autocast("cpu", torch.bfloat16):  # evaluation may edit under autocast: the products stay float32
+        a_neg = _pre_activations(key.T, [q.T], valid, key, bias)[1]
+    assert a_neg.dtype == torch.float32
+    # the float32 product of the bf16 queries (a bf16 product would be off by ~2^-8 of the terms' size)
+    torch.testing.assert_close(a_neg, key.T @ q.T.float() + bias[:, None], rtol=1e-6, atol=1e-6)
+
+
+def counted_calls(module):
+    calls = []
+    return calls, module.register_forward_hook(lambda m, a, o: calls.append(1))
+
+
+@pytest.mark.parametrize("key,layer", [("causal", None), ("causal", "transformer.h.1"), ("seq2seq", None),
+                                       ("classifier", None), ("llama", None)])
+def test_replayed_forward_gives_the_full_forwards_logits_and_gradients(models, tokenizer, rows, key, layer):
+    """A training step's forward replays what the modules below the patch returned on the first forward: the
+    logits and the patch's gradients are the full forward's, and the lower layers do not run again."""
+    from transformers.activations import ACT2FN
+
+    model, family = models[key], fam_of(key)
+    site = Patcher(model, layer=layer).site
+    act = ACT2FN[site.activation]
+    batch = make_batch(tokenizer, model, family, [r["input"] for r in rows["zsre"][:3]], ["a b", "c", "d e f"])
+    replay = _Replay(model, site)
+    with replay.recording(), torch.no_grad():
+        ref = replay.reference = forward_logits(model, batch, family)
+    g = torch.Generator().manual_seed(0)
+    k, b = torch.randn(site.d_model, 4, generator=g), torch.randn(4, generator=g)
+    value = (0.3 * torch.randn(4, site.d_model, generator=g)).requires_grad_(True)
+    # inside a replayed module (a replayed module's own hooks still run)
+    below = model.get_submodule({"causal": "transformer.h.0.attn", "seq2seq": "model.encoder.layers.0",
+                                 "classifier": "bert.encoder.layer.0.attention",
+                                 "llama": "model.layers.0.self_attn"}[key])
+    calls, h = counted_calls(below)
+    try:
+        with torch.no_grad(), _extra_neurons(model, site, act, k, b, torch.zeros_like(value)):
+            replay.logits(batch, family)  # the first replay (an untrained patch) is checked against the recording
+        outs = []
+        with _extra_neurons(model, site, act, k, b, value):
+            for run in (replay.logits, lambda bb, f: forward_logits(model, bb, f)):
+                value.grad = None
+                out = run(batch, family)
+                out.float().pow(2).mean().backward()
+                outs.append((out.detach(), value.grad.clone(), len(calls)))
+    finally:
+        h.remove()
+    (rep_out, rep_grad, rep_calls), (full_out, full_grad, full_calls) = outs
+    assert replay.outputs and rep_calls == 0 and full_calls == 1  # replayed: the lower layer did not run
+    assert not torch.equal(full_out, ref)  # the patch changes the logits
+    torch.testing.assert_close(rep_out, full_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rep_grad, full_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_replay_falls_back_to_the_full_forward_when_it_differs(models, tokenizer, rows):
+    """A recorded output changed in place (as a caller writing into it would) makes the first replay differ
+    from the recorded forward: that step and every later one run the full forward."""
+    model = models["causal"]
+    (batch,) = edit_batches(tokenizer, model, "causal", rows, [0])
+    replay = _Replay(model, Patcher(model).site)
+    with replay.recording(), torch.no_grad():
+        ref = replay.reference = forward_logits(model, batch, "causal")
+    block = model.get_submodule("transformer.h.1")  # the patched block's input
+    out = replay.outputs[block][0]
+    hidden = out[0] if isinstance(out, tuple) else out
+    # random, not a constant: the final layer norm would undo a constant added to every entry
+    hidden.add_(torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        out = replay.logits(batch, "causal")
+    assert not replay.outputs and "forward" not in block.__dict__  # given up; the forwards restored
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_edit_runs_the_layers_below_the_patch_once(models, tokenizer, rows):
+    model = models["causal"]
+    (batch,) = edit_batches(tokenizer, model, "causal", rows, [0])
+    ed = Patcher(model)  # no memory: every forward counted is the edit's own
+    calls, h = counted_calls(model.get_submodule("transformer.h.0.attn"))  # inside a replayed block
+    try:
+        edit = ed.make_edit(model, batch, "causal")
+    finally:
+        h.remove()
+    assert ed.last_steps >= 1 and len(calls) == 1  # a full forward per step ran it last_steps + 1 times
+    assert right(edit.apply(model), batch, "causal")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_edit_under_a_half_precision_base_keeps_a_float32_patch(models, tokenizer, rows, dtype, tmp_path):
+    base = copy.deepcopy(models["causal"]).to(dtype)
+    ed = Patcher(base, memory=memory_batch(tokenizer, base, "causal", rows))
+    batches = edit_batches(tokenizer, base, "causal", rows, [0, 1])
+    work = copy.deepcopy(base)
+    for b in batches:
+        edit = ed.make_edit(work, b, "causal")
+        assert edit.n_neurons >= 1 and ed.last_failure == {}
+        work = edit.merge_(work)
+    patch = installed_patches(work)[ed.site.layer]
+    assert {p.dtype for p in (patch.key, patch.bias, patch.value)} == {torch.float32}
+    assert patch.queries.dtype == dtype and ed.memory_queries(work, "causal").dtype == dtype
+    assert all(right(work, b, "causal") for b in batches)
+    back = load_patches(save_patches(tmp_path / "half.safetensors", work), base)
+    loaded = installed_patches(back)[ed.site.layer]
+    for t in ("key", "bias", "value", "queries"):
+        mine, theirs = getattr(loaded, t), getattr(patch, t)
+        assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)
+    with torch.no_grad():
+        for b in batches:
+            assert torch.equal(forward_logits(back, b, "causal"), forward_logits(work, b, "causal"))

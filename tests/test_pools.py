@@ -133,3 +133,28 @@ def test_evaluation_refuses_a_test_pool_that_overlaps_the_editors_pools(small_wo
         check_pool_overlap([old], "test", moved.loc_ids("test"))
     (msg,) = [r.getMessage() for r in caplog.records]
     assert "old.safetensors records no meta-training data" in msg and "\n" not in msg
+
+
+def test_patcher_memory_keeps_locality_inputs_of_the_kind_the_test_pool_asks(tmp_path):
+    """Where locality questions are about the edited subjects (the ``codes_of_edited`` world), the
+    meta-training pool keeps none of them; Transformer-Patcher's memory takes the meta-training share
+    filtered as the evaluated split's pool is, so it has them (a patch fired on 80% of them without), and
+    still no input that names an evaluated subject or is scored."""
+    from datamodules.encoding import build_word_tokenizer
+    from datamodules.world import CODE_LOC_RELATIONS, WorldConfig, generate_world, world_texts
+    from lightning_modules.evaluation import EditData
+
+    d = generate_world(tmp_path / "w", WorldConfig(n_subjects=60, kind="codes_of_edited"))
+    build_word_tokenizer(world_texts(d), d / "tokenizer")
+    dm = ZsreDataModule(**_paths(d, "train", "val", "test"))
+    dm.setup("test")
+    codes = {o for objs, _, _ in CODE_LOC_RELATIONS.values() for o in objs}
+    texts = lambda feats: [dm.tokenizer.decode(f["input_ids"]) for f in feats]  # noqa: E731
+    is_code = lambda t: t.split()[-2] in codes  # its answer, before [EOS]  # noqa: E731
+    assert not any(map(is_code, texts(dm.loc_pools["train"])))
+    assert any(map(is_code, texts(dm.loc_pools["test"])))
+    memory = texts(EditData(dm, "test", n_train_probe=10).memory_pool())
+    assert sum(map(is_code, memory)) >= 20
+    test_subjects = {r.subject for r in dm.splits["test"].records}
+    assert not any(s in t.split() for t in memory for s in test_subjects)
+    assert not set(memory) & set(texts(dm.loc_pools["test"]))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from datamodules.atomic import atomic_path, write_text
+from datamodules.atomic import atomic_dir, atomic_path, write_text
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
@@ -15,6 +15,24 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
     write_text(path, "new")
     assert path.read_text() == "new" and oct(path.stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_a_directory_appears_whole_or_not_at_all_and_never_replaces_one(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise RuntimeError("killed before the weights")
+    assert list(tmp_path.iterdir()) == [], "no half directory, no temporary"
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "weights").write_text("w")
+    model = tmp_path / "model"
+    assert (model / "sub" / "weights").read_text() == "w" and model.stat().st_mode & 0o777 != 0o700
+    with pytest.raises(FileExistsError, match="not replaced"):
+        with atomic_dir(model) as tmp:
+            (tmp / "config.json").write_text("new")
+    assert (model / "config.json").read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
 # ------------------------------------------------------------------ bad input, fuzzed
