@@ -1,5 +1,6 @@
-"""Sizes of the shipped real-model MEND configs, from the published architecture dimensions (no
-downloads): ``python benchmarks/real_sizes.py`` prints the table in docs/real_models.md.
+"""Sizes of the shipped real-model MEND configs, and every editor's memory per edit at GPT-2 XL, GPT-J
+and LLaMA-2 7B sizes, from the published architecture dimensions (no downloads):
+``python benchmarks/real_sizes.py`` prints the tables in docs/real_models.md.
 
 Each base is built on the ``meta`` device (shapes only, no memory) from its Hugging Face config
 class with the published dimensions; the edited matrices are the config's ``edit_params`` or the
@@ -21,6 +22,33 @@ Not counted: the CUDA context and allocator slack (typically 1-2 GB), and the un
 locality logits (one row). ``--no-fingerprint`` skips timing :func:`editors.layers.fingerprint`
 on one real 4096 x 16384 fp32 matrix (one GPT-J FFN matrix); the fingerprint column scales that
 time by each base's edited scalars.
+
+A second table estimates every editor's memory for one edit beyond the base weights, at GPT-2 XL,
+GPT-J 6B and LLaMA-2 7B sizes with a bf16 base (``b = 2`` bytes per weight; the editors' own tensors
+fp32). ``N``: the candidate (edited) scalars; ``s = 32`` tokens; ``act(r)``: the graph of ``r`` inputs,
+as above; ``P`` / ``B``: an editor's parameters (fp32) / float64 buffers, counted on ``meta``; ``c_X``:
+peak bytes per candidate scalar allocated during one edit of ``X``, measured on a small random GPT-2
+in bf16 (:func:`per_candidate_bytes`; printed):
+
+- MEND: ``4P + 8B + c N + act(1)`` (``c N``: the dense fp32 change and its transients);
+- RLEdit: the same networks, with the input preconditioner of its config (``precondition_ridge 1``:
+  two float64 ``d_in x d_in`` buffers per layer in ``B``);
+- MALMEN at K edits: ``4P + 8B + K s sum(d_in + d_out) b`` (every edit token's pieces)
+  ``+ sum 8 (d_in^2 + d_in d_out) + 12 max d_in^2`` (fp32 normal equations, Cholesky factors and
+  solutions, the largest system's temporaries) ``+ act(min(K, 64))`` (``edit_chunk``);
+- FT / FT+KL: ``c N + act(1)`` / ``act(1 + 4)``: per step the change, its gradient and Adam's two moments
+  (fp32), the edited weights and their gradient (``(16 + 2b) N``);
+- surgery: ``c N + act(1)``: per step the flat change and its gradient (fp32), the edited weights and
+  their gradient, however few entries are tuned (``(8 + 2b) N``); ``dynamic`` adds its mask, ``l1``
+  Adam's moments and scale;
+- selector: ``4P + c N + act(1)``: the candidates' gradient, scores and mask (fp32);
+- Transformer-Patcher: ``b * 40,000 * s * d_model`` (the memory's queries, at most one per token, in
+  the layer input's dtype, on the device) ``+ act(1)``.
+
+Times are counted in *passes*: a forward of the edit input and a backward down to the first edited
+block, the core of one step of every gradient-based editor here; the counts are the step caps of
+the defaults. ``--measure`` times one edit of each on a random GPT-2 XL in fp32 on the CPU (steps capped
+at 1), with its peak allocation, beside one pass.
 """
 from __future__ import annotations
 
@@ -38,8 +66,17 @@ import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 from editors.layers import fingerprint, select_layers  # noqa: E402
+from editors.ft import FineTune  # noqa: E402
+from editors.malmen import MALMEN  # noqa: E402
 from editors.mend import MEND  # noqa: E402
+from editors.patcher import Patcher  # noqa: E402
+from editors.rledit import RLEdit  # noqa: E402
+from editors.selector import Selector  # noqa: E402
+from editors.surgery import Surgery  # noqa: E402
 
+BASES = {"mend_zsre_gpt2xl": "GPT-2 XL", "mend_zsre_gptj": "GPT-J 6B", "mend_zsre_llama": "LLaMA-2 7B"}
+K_MALMEN = (1, 1000)  # MALMEN's edits at once
+PATCHER_MEMORY = 40000  # eval.py's Transformer-Patcher memory (training inputs)
 CONFIGS = ["mend_zsre_gpt2xl", "mend_zsre_gptj", "mend_zsre_llama", "mend_zsre_t5", "mend_zsre_bart_base",
            "mend_fever_bert_base"]
 
@@ -89,7 +126,8 @@ def graph_layers(cfg, names: list[str]) -> int:
     return (n_enc - first_enc) + n_dec
 
 
-def sizes(name: str) -> dict:
+def load(name: str) -> tuple[dict, dict, object, nn.Module, list]:
+    """A config's model and data arguments, its base's published config, the base on ``meta`` and its edited layers."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     cfg_yaml = yaml.safe_load(open(HERE.parent / "configs" / f"{name}.yaml"))
@@ -99,17 +137,27 @@ def sizes(name: str) -> dict:
             "classifier": AutoModelForSequenceClassification}[init["family"]]
     with torch.device("meta"):
         model = auto.from_config(cfg)
-        layers = select_layers(model, init.get("edit_params"))
+    return init, data, cfg, model, select_layers(model, init.get("edit_params"))
+
+
+def activations(cfg, layers: list, rows: int, s: int, family: str) -> float:
+    """Bytes of the base's autograd graph for ``rows`` inputs of ``s`` tokens (see the module docstring)."""
+    h, a, _, _ = dims(cfg)
+    act = graph_layers(cfg, [l.name for l in layers]) * rows * s * h * (34 + 5 * a * s / h)
+    return act + (rows * s * cfg.vocab_size * 14 if family != "classifier" else 0)
+
+
+def sizes(name: str) -> dict:
+    init, data, cfg, model, layers = load(name)
+    with torch.device("meta"):
         editor = MEND(layers, rank=init.get("rank", 1920), n_hidden=init.get("n_hidden", 2))
     base = sum(p.numel() for p in model.parameters())
     edited = sum(l.d_in * l.d_out for l in layers)
     ed_params = sum(p.numel() for p in editor.parameters())
     ed_buffers = sum(b.numel() for b in editor.buffers())  # float64 statistics
-    h, a, _, _ = dims(cfg)
-    s, vocab = data.get("max_length", 32), cfg.vocab_size
-    rows = 1 + 2  # the edit pass, then paraphrase + locality through the edited model
-    act = graph_layers(cfg, [l.name for l in layers]) * rows * s * h * (34 + 5 * a * s / h)
-    act += rows * s * vocab * 14 if init["family"] != "classifier" else 0
+    s = data.get("max_length", 32)
+    # the edit pass, then paraphrase + locality through the edited model
+    act = activations(cfg, layers, 1 + 2, s, init["family"])
     n_hidden, rank = init.get("n_hidden", 2), init.get("rank", 1920)
     for (d_in, d_out), ix in editor.groups:  # the edit's tokens through g: x, and z, a, h, mask per block
         D = d_in + d_out
@@ -136,9 +184,91 @@ def fingerprint_seconds_per_scalar(repeats: int = 3) -> float:
     return best / m.fc.weight.numel()
 
 
+def per_candidate_bytes(dtype: torch.dtype) -> dict[str, float]:
+    """Peak bytes allocated during one edit (torch profiler) per candidate scalar, for the editors whose
+    working memory grows with the candidate matrices, on a random 4-block GPT-2 of width 512 in ``dtype``
+    (6.3 M candidates, beside which its other tensors are small); lr 1e-12, so every step runs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from benchmarks.run import make_batch, peak_alloc
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=512, n_head=4, vocab_size=500, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0)).eval().to(dtype)
+    layers, batch = select_layers(model), make_batch(500, 1, 0)
+    n = sum(l.d_in * l.d_out for l in layers)
+    editors = {"mend": MEND(layers), "ft": FineTune(layers, lr=1e-12, max_steps=2), "selector": Selector(layers),
+               **{f"surgery_{m}": Surgery(layers, method=m, lr=1e-12, dense_lr=1e-12, max_steps=2, l1_steps=2,
+                                          shrink_every=1) for m in ("grad", "dynamic", "l1")}}
+    return {k: peak_alloc(lambda e=e: e.deltas(model, batch, "causal")) / n for k, e in editors.items()}
+
+
+def editor_rows(name: str, per_n: dict[str, float], b: int) -> dict[str, tuple[float, str]]:
+    """Per editor: bytes for one edit beyond the base weights (base at ``b`` bytes per weight) and the
+    passes per edit, both estimated (the module docstring's formulas)."""
+    init, data, cfg, model, layers = load(name)
+    s, fam, h = data.get("max_length", 32), init["family"], dims(cfg)[0]
+    n = sum(l.d_in * l.d_out for l in layers)
+    rank = init.get("rank", 1920)
+    with torch.device("meta"):
+        nets = {"mend": MEND(layers, rank=rank), "malmen": MALMEN(layers, rank=rank),
+                "rledit": RLEdit(layers, rank=rank, precondition_ridge=1.0)}
+    nets["selector"] = Selector(layers)  # small, and it reads its sizes back from a tensor (not on meta)
+    state = {k: 4 * sum(p.numel() for p in e.parameters()) + 8 * sum(x.numel() for x in e.buffers())
+             for k, e in nets.items()}
+    act = lambda rows: activations(cfg, layers, rows, s, fam)  # noqa: E731
+    solve = sum(8 * (l.d_in ** 2 + l.d_in * l.d_out) for l in layers) + 12 * max(l.d_in ** 2 for l in layers)
+    pieces = s * sum(l.d_in + l.d_out for l in layers) * b  # per edit
+    shrinks = len(Surgery(layers, n_params=1000).shrink_schedule)
+    return {
+        "mend": (state["mend"] + per_n["mend"] * n + act(1), "1 + networks"),
+        "rledit (precondition_ridge 1)": (state["rledit"] + per_n["mend"] * n + act(1), "1 + networks"),
+        **{f"malmen, K={k}": (state["malmen"] + k * pieces + solve + act(min(k, 64)),
+                              f"{k} + {len(layers)} Cholesky solves") for k in K_MALMEN},
+        "ft": (per_n["ft"] * n + act(1), "<= 25"),
+        "ft_kl (4 locality inputs)": (per_n["ft"] * n + act(1 + 4), "<= 25 (of 1 + 4 inputs)"),
+        "surgery_grad": (per_n["surgery_grad"] * n + act(1), "1 + <= 50"),
+        "surgery_dynamic": (per_n["surgery_dynamic"] * n + act(1), f"<= {3 * shrinks} + 50, {shrinks} cuts"),
+        "surgery_l1": (per_n["surgery_l1"] * n + act(1), "1 + <= 25 + 50"),
+        "selector": (state["selector"] + per_n["selector"] * n + act(1), "1 + scores"),
+        "patcher (memory 40,000 inputs)": (b * PATCHER_MEMORY * s * h + act(1), "<= 100 forwards + key fit"),
+    }
+
+
+def measure(reps: int = 2) -> None:
+    """``--measure``: one edit of each editor on a random-weight GPT-2 XL in fp32 on the CPU (steps capped at
+    1), its peak allocation (a first, profiled call) and its time (median of ``reps`` calls, round-robin),
+    beside one pass (MEND's gradient pieces) on the same 32-token input. (A full forward+backward with every
+    weight trainable would add 6 GiB of gradients to the 6 GiB base: too much beside other jobs.)"""
+    from benchmarks.device_check import MODELS, build
+    from benchmarks.run import FAM, make_batch, peak_alloc, round_robin, trained_looking
+    from editors.surgery import top_abs
+
+    model = build(*MODELS["gpt2_xl"], torch.device("cpu"), torch.float32)
+    layers, vocab = select_layers(model), model.config.vocab_size
+    answer = make_batch(vocab, 1, 60, target=2)  # a 2-token answer the random model gets wrong
+    n = sum(l.d_in * l.d_out for l in layers)
+    flat, mend = torch.randn(n), trained_looking(MEND(layers))
+    eds = {"mend": mend, "malmen, K=1": trained_looking(MALMEN(layers)),
+           "ft, 1 step": FineTune(layers, lr=1e-12, max_steps=1), "selector": Selector(layers),
+           "surgery_grad, 1 tuning step": Surgery(layers, method="grad", lr=1e-12, max_steps=1),
+           "patcher, 1 step, memory of 4 inputs": Patcher(model, memory=make_batch(vocab, 4, 61), max_steps=1)}
+    ops = {"pass": lambda: mend.pieces(model, answer, FAM),
+           **{k: torch.no_grad()(lambda e=e: e.make_edit(model, answer, FAM)) for k, e in eds.items()},
+           "a dynamic-surgery cut (N/2 of N)": lambda: top_abs(flat, n // 2, torch.ones(n, dtype=torch.bool), True)}
+    peaks = {k: peak_alloc(f) for k, f in ops.items()}
+    t = round_robin(ops, reps, 0)
+    print(f"\nGPT-2 XL, fp32, {torch.get_num_threads()} CPU threads, {n / 1e6:.0f} M candidates:\n")
+    print("| op | seconds | x pass | peak allocated during it |\n|---|---|---|---|")
+    for k in ops:
+        print(f"| {k} | {t[k]:.1f} | {t[k] / t['pass']:.2f} | {peaks[k] / 2 ** 30:.2f} GiB |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-fingerprint", action="store_true", help="skip timing the fingerprint")
+    ap.add_argument("--measure", action="store_true", help="also time each editor on a random GPT-2 XL "
+                    "(fp32, CPU: about 6 minutes and 8 GB)")
     args = ap.parse_args()
     per_scalar = None if args.no_fingerprint else fingerprint_seconds_per_scalar()
     print("| config | base (params) | edited matrices (shapes) | edited scalars | MEND editor params "
@@ -150,6 +280,17 @@ def main() -> None:
         print(f"| {r['config']} | {r['base']} ({r['base_params'] / 1e9:.2f}B) | {r['matrices']} ({', '.join(r['shapes'])}) "
               f"| {r['edited_scalars'] / 1e6:.0f}M | {r['editor_params'] / 1e6:.0f}M | {r['editor_gib']:.1f} GiB "
               f"| {r['act_gib']:.2f} GiB | {r['fp32']:.1f} GiB | {r['bf16']:.1f} GiB |{fp}")
+    per_n = per_candidate_bytes(torch.bfloat16)
+    print("\nbytes per candidate scalar, measured (bf16 base): " + ", ".join(f"{k} {v:.1f}" for k, v in per_n.items()))
+    rows = {name: editor_rows(name, per_n, 2) for name in BASES}
+    print("\n| editor (one edit, bf16 base) | " + " | ".join(BASES.values()) + " | passes per edit |")
+    print("|---|" + "---|" * (len(BASES) + 1))
+    for ed in rows["mend_zsre_gpt2xl"]:
+        when = dict.fromkeys(rows[n][ed][1] for n in BASES)  # one entry unless it depends on the base
+        print(f"| {ed} | " + " | ".join(f"{rows[n][ed][0] / 2 ** 30:.1f} GiB est." for n in BASES)
+              + f" | {' / '.join(when)} est. |")
+    if args.measure:
+        measure()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ the candidate matrices (the family defaults of :func:`editors.layers.select_laye
 patterns). The budget is global: at most ``n`` nonzero entries over all candidate matrices together.
 Methods (``method``):
 
-- ``random``: ``n`` entries drawn at random (a fixed subset for a given ``seed``), then tuned;
+- ``random``: ``n`` entries drawn at random, then tuned: one subset per editor (drawn at its first edit from
+  ``seed``, :func:`random_subset`), the same for every edit;
 - ``grad``: the ``n`` entries with the largest |gradient| of the edit loss at the base weights, then tuned;
 - ``delta``: a short unconstrained probe fine-tune (``probe_steps``) that is then discarded; the ``n``
   entries it moved most are tuned from the base weights;
@@ -30,6 +31,15 @@ Every tuning phase follows FT's stopping rule (:mod:`editors.ft`): stop as soon 
 the batch is an exact match, or after a cap on the steps. Like FT, the trainable variables are the
 weight changes, applied functionally, so the base model is never modified; the result is a dict of
 changes to add to the weights, with at most ``n`` nonzero entries in total. Plain torch: no Lightning.
+
+Cost: every step, the masked tuning of the ``n`` selected entries included, is as dense as fine-tuning
+the candidate matrices (without Adam's moments): the change is a float32 vector over all ``N``
+candidates, the forward adds it to a copy of the candidate matrices, and the backward computes their
+whole gradient, of which the selected entries' part is kept. Per step that is about ``(8 + 2b) N``
+bytes (``b``: the base's bytes per weight; 13 bytes per candidate measured under a bf16 base, 4.9 GiB
+for LLaMA-2 7B's 406 M candidates) besides the base and its activations; ``l1`` adds its float32
+Adam moments and scale, ``dense_optimizer="adam"`` its moments, ``dynamic`` a bool mask. The selections
+(:func:`top_abs`, :func:`random_subset`) work chunk by chunk and hold no other vector of size ``N``.
 """
 from __future__ import annotations
 
@@ -45,6 +55,80 @@ from editors.layers import LayerSpec, select_layers
 from editors.losses import forward_logits, nll, scores
 
 METHODS = ("random", "grad", "delta", "dynamic", "l1")
+CHUNK = 1 << 22  # entries per chunk of a selection pass (its temporaries: a few times 4 MiB entries)
+
+
+def random_subset(n: int, total: int, seed: int) -> Tensor:
+    """``n`` distinct indices of ``range(total)``, uniformly at random for ``seed``, ascending, drawn in
+    memory of order ``n`` (a ``randperm`` over LLaMA-2 7B's 406 M candidates took 3 GiB): uniform draws
+    until ``n`` distinct values are seen. Which values a run of draws has seen depends only on how many it
+    has seen, so they are a uniform subset of their size, and a uniform ``n`` of them a uniform ``n``-subset."""
+    gen = torch.Generator().manual_seed(int(seed))
+    if 2 * n > total:  # most of the range: a permutation is at most twice the subset, and draws would repeat
+        return torch.randperm(total, generator=gen)[:n].sort().values
+    seen = torch.empty(0, dtype=torch.long)
+    while len(seen) < n:  # each draw is new with probability >= 1/2
+        seen = torch.cat([seen, torch.randint(total, (2 * (n - len(seen)),), generator=gen)]).unique()
+    return seen[torch.randperm(len(seen), generator=gen)[:n]].sort().values
+
+
+def _abs_bits(x: Tensor, mask: Tensor | None, a: int) -> Tensor:
+    """|x| over chunk ``[a, a + CHUNK)`` (0 outside ``mask``) as float32 bit patterns: for non-negative
+    floats the integer order is the float order (NaN above infinity, as ``torch.topk`` ranks it)."""
+    v = x[a:a + CHUNK].detach().abs().float()
+    if mask is not None:
+        v = v.masked_fill(~mask[a:a + CHUNK], 0)
+    return v.view(torch.int32)
+
+
+def _kth_abs_bits(x: Tensor, k: int, mask: Tensor | None) -> tuple[int, int]:
+    """The bit pattern of the ``k``-th largest float32 |x| over the flat ``x``, and how many entries equal to
+    it the top ``k`` hold. Radix select in two passes over the chunks: a histogram of the upper 16 bits,
+    then one of the lower 16 bits of the entries whose upper half is the one found."""
+    if not 0 < k <= x.numel():
+        raise ValueError(f"cannot select {k} of {x.numel()} entries")
+    prefix, need = 0, k  # the bits found so far; how many of the top k lie among the entries matching them
+    for shift in (16, 0):
+        hist = torch.zeros(1 << 16, dtype=torch.long, device=x.device)
+        for a in range(0, x.numel(), CHUNK):
+            bits = _abs_bits(x, mask, a)
+            if shift == 0:
+                bits = bits[(bits >> 16) == (prefix >> 16)]
+            hist += torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << 16)
+        at_least = hist.flip(0).cumsum(0).flip(0)  # entries whose digit is >= d
+        d = int((at_least >= need).nonzero().max())
+        need -= int(at_least[d] - hist[d])  # those above digit d are all in the top k
+        prefix |= d << shift
+    return prefix, need
+
+
+def kth_abs(x: Tensor, k: int) -> float:
+    """The ``k``-th largest |x| over the flat ``x`` (in float32), chunk by chunk."""
+    return torch.tensor(_kth_abs_bits(x, k, None)[0], dtype=torch.int32).view(torch.float32).item()
+
+
+def top_abs(x: Tensor, k: int, mask: Tensor | None = None, as_mask: bool = False) -> Tensor:
+    """The ``k`` entries of the flat ``x`` with the largest |x| in float32 (entries outside ``mask`` count as
+    0), ties going to the lower index: their indices ascending, or (``as_mask``) a bool mask of ``x``'s size.
+
+    ``torch.topk(x.abs().float(), k)``'s selection (which breaks ties arbitrarily), made ``CHUNK`` entries at a
+    time: :func:`_kth_abs_bits`, then one more pass keeps what is above that value and its first ties. The
+    whole-vector version took two float32 copies of the vector and, for ``dynamic``'s first cut (``k = N/2``),
+    int64 indices of half of it and their sorted copy: about 6 GiB at 406 M candidates."""
+    t, need = _kth_abs_bits(x, k, mask)
+    keep = torch.zeros(x.numel(), dtype=torch.bool, device=x.device) if as_mask else None
+    parts, left = [], need  # ties still to take
+    for a in range(0, x.numel(), CHUNK):
+        bits = _abs_bits(x, mask, a)
+        sel = bits > t
+        ties = (bits == t).nonzero().squeeze(1)[:left]
+        sel[ties] = True
+        left -= len(ties)
+        if keep is not None:
+            keep[a:a + len(sel)] = sel
+        else:
+            parts.append(sel.nonzero().squeeze(1) + a)
+    return keep if keep is not None else torch.cat(parts)
 
 
 class Surgery(DeltaEditor):
@@ -58,7 +142,7 @@ class Surgery(DeltaEditor):
         max_steps: cap on the optimiser steps of the tuning phase, the last of every method (the selected
             entries; for ``l1``: the masked tuning after the L1 phase; for ``dynamic``: the ``n`` survivors,
             after a shrinking phase of its own, so that a long schedule never leaves them untuned).
-        seed: the seed of ``random``'s selection (the same subset for every edit of this editor).
+        seed: the seed of ``random``'s selection (drawn once, the same subset for every edit of this editor).
         probe_steps, probe_lr: ``delta``'s probe fine-tune (``probe_lr`` defaults to ``dense_lr``).
         shrink_every, shrink_factor: ``dynamic``'s schedule: the active count is multiplied by
             ``shrink_factor`` every ``shrink_every`` steps (or when the edit is right), never below ``n_params``;
@@ -122,6 +206,7 @@ class Surgery(DeltaEditor):
         self.last_changed = 0   # scalar weights the last edit changes, measured in the model's dtype
         self.last_right = False  # whether every edit input of the last batch was right under the returned change
         self.last_l1_nonzero: int | None = None  # l1: nonzero entries after the penalised phase, before the top-n cut
+        self._subset: Tensor | None = None  # random: the subset, drawn at the first edit
 
     @classmethod
     def for_model(cls, model: nn.Module, edit_params: list[str] | None = None, **kw: Any) -> "Surgery":
@@ -135,13 +220,10 @@ class Surgery(DeltaEditor):
 
     # ------------------------------------------------------------------ helpers
     def _split(self, flat: Tensor) -> dict[str, Tensor]:
-        """The flat change vector as per-matrix views in each weight's stored layout."""
-        out, off = {}, 0
-        for name, shape in self._shapes.items():
-            n = math.prod(shape)
-            out[name] = flat[off:off + n].view(shape)
-            off += n
-        return out
+        """The flat change vector as per-matrix views in each weight's stored layout (by ``split``, whose
+        backward writes the flat gradient once: a slice per matrix zero-filled a flat-sized one each)."""
+        parts = flat.split([math.prod(shape) for shape in self._shapes.values()])
+        return {name: p.view(shape) for (name, shape), p in zip(self._shapes.items(), parts)}
 
     def _forward(self, flat: Tensor) -> Tensor:
         params = dict(self._base)
@@ -159,25 +241,23 @@ class Surgery(DeltaEditor):
     def _zeros(self) -> Tensor:
         return torch.zeros(self.n_candidates, device=self._device, dtype=self._dtype)
 
-    def _top(self, score: Tensor, k: int) -> Tensor:
-        """Indices (into the flat vector) of the ``k`` largest scores, ascending."""
-        return torch.topk(score.float(), k, sorted=False).indices.sort().values
-
     def _base_grad(self) -> Tensor:
         flat = self._zeros().requires_grad_(True)
         (g,) = torch.autograd.grad(self._loss(self._forward(flat)), flat)
         return g
 
     def _tune_entries(self, idx: Tensor, init: Tensor | None, max_steps: int) -> tuple[Tensor, int]:
-        """Adam on the entries ``idx`` only (from ``init``, else 0) until right or ``max_steps``; the flat change."""
+        """Adam on the entries ``idx`` only (from ``init``, else 0) until right or ``max_steps``; the flat change
+        (and :attr:`last_right`, read from the forward that decided to stop)."""
         values = (init.clone() if init is not None else torch.zeros(len(idx), device=self._device,
                                                                     dtype=self._dtype)).requires_grad_(True)
         opt = torch.optim.Adam([values], lr=self.config["lr"])
         steps = 0
         while True:
-            flat = self._zeros().index_put((idx,), values)
+            flat = self._zeros().index_put_((idx,), values)
             logits = self._forward(flat)
-            if self._right(logits) or steps >= max_steps:
+            self.last_right = self._right(logits)
+            if self.last_right or steps >= max_steps:
                 return flat.detach(), steps
             opt.zero_grad(set_to_none=True)
             self._loss(logits).backward()
@@ -191,19 +271,18 @@ class Surgery(DeltaEditor):
         return flat, pre_steps + self.last_tune_steps
 
     def _select_random(self) -> tuple[Tensor, int]:
-        gen = torch.Generator().manual_seed(int(self.config["seed"]))
-        idx = torch.randperm(self.n_candidates, generator=gen)[: self.n_params]
-        return idx.sort().values.to(self._device), 0
+        if self._subset is None:
+            self._subset = random_subset(self.n_params, self.n_candidates, self.config["seed"])
+        return self._subset.to(self._device), 0
 
     def _select_grad(self) -> tuple[Tensor, int]:
-        return self._top(self._base_grad().abs(), self.n_params), 0
+        return top_abs(self._base_grad(), self.n_params), 0
 
-    def _dense_step(self, flat: Tensor, logits: Tensor, opt: torch.optim.Optimizer | None, lr: float,
-                    mask: Tensor | None = None) -> None:
-        """One step on the dense change ``flat`` (entries outside ``mask`` get no gradient). With
-        ``dense_optimizer="ngd"`` the step is the gradient scaled so that its largest entry moves by ``lr``:
-        |change| then keeps the gradient's proportions (Adam moves every entry by about ``lr`` at first,
-        which makes |change| after a few steps nearly uninformative)."""
+    def _dense_step(self, flat: Tensor, logits: Tensor, opt: torch.optim.Optimizer | None, lr: float) -> None:
+        """One step on the dense change ``flat`` (``dynamic``'s forward reads ``flat * mask``, so entries
+        outside the mask get a zero gradient). With ``dense_optimizer="ngd"`` the step is the gradient scaled
+        so that its largest entry moves by ``lr``: |change| then keeps the gradient's proportions (Adam moves
+        every entry by about ``lr`` at first, which makes |change| after a few steps nearly uninformative)."""
         if opt is not None:
             opt.zero_grad(set_to_none=True)
             self._loss(logits).backward()
@@ -211,11 +290,10 @@ class Surgery(DeltaEditor):
             return
         (g,) = torch.autograd.grad(self._loss(logits), flat)
         with torch.no_grad():
-            if mask is not None:
-                g = g * mask
-            top = g.abs().max()
+            lo, hi = torch.aminmax(g)  # max |g| in one pass, without a copy of g
+            top = float(torch.maximum(-lo, hi))
             if top > 0:
-                flat.sub_(g, alpha=lr / float(top))
+                flat.sub_(g, alpha=lr / top)
 
     def _dense_opt(self, flat: Tensor, lr: float) -> torch.optim.Optimizer | None:
         return torch.optim.Adam([flat], lr=lr) if self.config["dense_optimizer"] == "adam" else None
@@ -227,7 +305,7 @@ class Surgery(DeltaEditor):
         for _ in range(self.config["probe_steps"]):
             self._dense_step(flat, self._forward(flat), opt, lr)
         # the probe itself is discarded: only which entries it moved most is kept
-        return self._top(flat.detach().abs(), self.n_params), self.config["probe_steps"]
+        return top_abs(flat.detach(), self.n_params), self.config["probe_steps"]
 
     def _dynamic(self) -> tuple[Tensor, int]:
         cfg = self.config
@@ -241,11 +319,10 @@ class Surgery(DeltaEditor):
                 logits = self._forward(flat * mask)
                 if self._right(logits):
                     break
-                self._dense_step(flat, logits, opt, lr, mask)
+                self._dense_step(flat, logits, opt, lr)
                 steps += 1
             # keep the largest |change|; the rest go back to their base values (and lose Adam's memory)
-            keep = self._top((flat.detach() * mask).abs(), count)
-            mask = torch.zeros_like(mask).index_fill_(0, keep, True)
+            mask = top_abs(flat.detach(), count, mask, as_mask=True)
             with torch.no_grad():
                 flat.mul_(mask)
                 for st in (opt.state.get(flat, {}) if opt is not None else {}).values():
@@ -260,7 +337,7 @@ class Surgery(DeltaEditor):
         cfg, n = self.config, self.n_params
         lam = cfg["l1_lambda"]
         if lam is None:  # relative to the gradient scale of this edit at the base weights
-            lam = cfg["l1_scale"] * float(torch.topk(self._base_grad().abs().float(), n).values[-1])
+            lam = cfg["l1_scale"] * kth_abs(self._base_grad(), n)
         lr, (b1, b2), eps = cfg["lr"], (0.9, 0.999), 1e-8
         w = self._zeros()
         m, v = torch.zeros_like(w), torch.zeros_like(w)
@@ -280,7 +357,7 @@ class Surgery(DeltaEditor):
                 # proximal step of lam * ||w||_1 in Adam's metric: soft threshold lr * lam / s per entry
                 w = w.sign() * (w.abs() - lr * lam / s).clamp_min(0)
         self.last_l1_nonzero = int((w != 0).sum())
-        idx = self._top(w.abs(), n)
+        idx = top_abs(w, n)
         flat, self.last_tune_steps = self._tune_entries(idx, w[idx], cfg["max_steps"])
         return flat, steps + self.last_tune_steps
 
@@ -303,7 +380,7 @@ class Surgery(DeltaEditor):
                 with torch.no_grad():
                     already = self._right(self._forward(self._zeros()))
                 if already:  # FT's rule: an edit the model already gets right changes nothing
-                    flat, steps = self._zeros(), 0
+                    flat, steps, self.last_right = self._zeros(), 0, True
                 elif self.method == "dynamic":
                     flat, steps = self._dynamic()
                 elif self.method == "l1":
@@ -311,8 +388,6 @@ class Surgery(DeltaEditor):
                 else:
                     flat, steps = self._static({"random": self._select_random, "grad": self._select_grad,
                                                 "delta": self._select_delta}[self.method])
-                with torch.no_grad():
-                    self.last_right = self._right(self._forward(flat))
         finally:
             del self._base, self._model, self._batch
         nz = int((flat != 0).sum())

@@ -209,3 +209,88 @@ def test_selection_finds_the_entries_that_matter_and_beats_random(tiny_models, t
     assert change.shape == (128, 32) and not change[4:].any(), "only entries of the live rows change"
     assert int((change != 0).sum()) == 32, "the whole budget goes to entries that act on the output"
     assert loss < rand_loss - 0.3
+
+
+def test_random_subset_is_drawn_once_per_editor_without_a_permutation_of_the_candidates(tiny_models, tokenizer,
+                                                                                        monkeypatch):
+    """The subset used to be a ``randperm`` over every candidate, drawn again at every edit (3 GiB of int64
+    at LLaMA-2 7B's 406 M candidates): now it is drawn once per editor, in memory of order ``n``."""
+    from editors import surgery
+
+    model = tiny_models["causal"]
+    ed = Surgery.for_model(model, n_params=200, method="random", max_steps=3)
+    perms, draws = [], []
+    real_perm, real_subset = torch.randperm, surgery.random_subset
+    monkeypatch.setattr(torch, "randperm", lambda n, *a, **k: perms.append(n) or real_perm(n, *a, **k))
+    monkeypatch.setattr(surgery, "random_subset", lambda *a: draws.append(a) or real_subset(*a))
+    subset = real_subset(200, ed.n_candidates, 0)
+    perms.clear()
+    for prompt, target in ((PROMPT, "Arvenna"), ("Who wrote Bar?", "Quillon Dors")):
+        d = ed.deltas(model, edit_batch(model, tokenizer, "causal", prompt, target), "causal")
+        changed = torch.cat([d[l.name].flatten() for l in ed.layers]).nonzero().squeeze(1)
+        assert len(changed) > 0 and bool(torch.isin(changed, subset).all()), "every edit stays in the one subset"
+    assert draws == [(200, ed.n_candidates, 0)], "drawn once, at the first edit"
+    assert max(perms) < ed.n_candidates, "no permutation of all the candidates"
+
+
+@pytest.mark.parametrize("n,total", [(2, 6), (4, 6)])  # by draws, and by a permutation when n > total / 2
+def test_random_subset_is_a_uniform_draw_of_distinct_indices(n, total):
+    from collections import Counter
+
+    from editors.surgery import random_subset
+
+    counts = Counter(tuple(random_subset(n, total, seed).tolist()) for seed in range(3000))
+    assert len(counts) == 15 and all(140 < c < 260 for c in counts.values()), counts  # 200 each, sd 14
+    big = random_subset(1000, 406_000_000, 7)
+    assert len(big.unique()) == 1000 and torch.equal(big, big.sort().values) and 0 <= int(big.min())
+    assert int(big.max()) < 406_000_000 and torch.equal(big, random_subset(1000, 406_000_000, 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_top_abs_is_topk_chunk_by_chunk_with_ties_to_the_lower_index(monkeypatch, dtype):
+    from editors import surgery
+    from editors.surgery import kth_abs, top_abs
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        monkeypatch.setattr(surgery, "CHUNK", int(torch.randint(1, 40, (), generator=gen)))
+        n = int(torch.randint(1, 200, (), generator=gen))
+        k = int(torch.randint(1, n + 1, (), generator=gen))
+        tied = trial % 2  # small integers: many ties at the threshold
+        x = (torch.randint(-4, 5, (n,), generator=gen).float() if tied else torch.randn(n, generator=gen)).to(dtype)
+        mask = torch.rand(n, generator=gen) > 0.3
+        for m in (None, mask):
+            a = x.float().abs() if m is None else (x.float() * m).abs()
+            ref = torch.sort(a, descending=True, stable=True).indices[:k].sort().values  # ties: lower index first
+            assert torch.equal(top_abs(x, k, m), ref)
+            assert torch.equal(top_abs(x, k, m, as_mask=True).nonzero().squeeze(1), ref)
+            if not tied and m is None and dtype == torch.float32:  # distinct values: exactly torch.topk's
+                assert torch.equal(top_abs(x, k, m), torch.topk(a, k).indices.sort().values)
+        assert kth_abs(x, k) == float(torch.topk(x.float().abs(), k).values[-1])
+    with pytest.raises(ValueError, match="cannot select"):
+        top_abs(torch.ones(3), 4)
+
+
+def test_top_abs_holds_no_copy_of_the_whole_vector(monkeypatch):
+    """The whole-vector ``torch.topk(score.abs().float(), k)`` allocated at least a copy of the scores (about 6
+    GiB at 406 M for dynamic's first cut: two float32 copies, then int64 indices of half the candidates, sorted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from editors import surgery
+
+    def peak(fn) -> int:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        live = top = 0
+        for _, b in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                           if e.name() == "[memory]"):
+            live += b
+            top = max(top, live)
+        return top
+
+    monkeypatch.setattr(surgery, "CHUNK", 1 << 16)
+    x = torch.randn(1 << 22, generator=torch.Generator().manual_seed(0))
+    assert peak(lambda: surgery.top_abs(x, 1000)) < x.nbytes // 4
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    # dynamic's cut: the new mask (1 byte per entry) and chunk temporaries only
+    assert peak(lambda: surgery.top_abs(x, len(x) // 4, mask, as_mask=True)) < x.nbytes // 4 + mask.numel()
