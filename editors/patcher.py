@@ -584,20 +584,25 @@ class Patcher(Editor):
                  memory_weight: float = 1.0, top_k: int = 16, max_neurons_per_edit: int | None = None,
                  train_key: bool = True, lr_growth: float = 1.5, max_lr_factor: float = 100.0, patience: int = 10,
                  activation: str | None = None, memory_chunk: int = 64, key_working_set: int = 8192,
-                 max_memory_queries: int | None = None) -> None:
+                 max_memory_queries: int | None = None, key_training: str = "fit") -> None:
         """``model``: the base model (resolves ``layer`` and its activation). ``memory``: collated
         training-split inputs, or None (then only earlier edits are negatives). ``gap_margin``
         defaults to ``edit_activation - memory_margin``. ``max_key_steps``: L-BFGS iterations fitting
         key and bias. ``train_key=False`` keeps key ``q / |q|^2`` and bias 0 (value only).
         ``activation``: an ``ACT2FN`` name, default from the model config (checked against the FFN's
         own). ``memory_chunk``: rows per forward when computing the memory's queries.
+        ``key_training``: "fit" (key and bias fitted to the activation constraints first, then the value
+        trained), "joint" (key, bias and value trained together on the whole loss, as in the paper) or
+        "joint_then_fit" (joint; a patch that fails is trained again by "fit").
         ``max_memory_queries``: keep at most this many of the memory's distinct queries (an even sample;
         None: all). ``key_working_set``: size of the sample of negatives the key fit starts from (:meth:`_fit_keys`).
         ``max_neurons_per_edit``: at most this many neurons per wrong input (None: one per wrong token)."""
         if (max_steps < 0 or max_key_steps < 0 or (max_neurons_per_edit or 1) < 1 or top_k < 1 or key_working_set < 1
-                or (max_memory_queries is not None and max_memory_queries < 0)):
+                or (max_memory_queries is not None and max_memory_queries < 0)
+                or key_training not in ("fit", "joint", "joint_then_fit")):
             raise ValueError("need max_steps >= 0, max_key_steps >= 0, max_neurons_per_edit >= 1 (or None), "
-                             "top_k >= 1, key_working_set >= 1 and max_memory_queries >= 0 (or None)")
+                             "top_k >= 1, key_working_set >= 1, max_memory_queries >= 0 (or None) and key_training "
+                             "'fit', 'joint' or 'joint_then_fit'")
         self.site = resolve_site(model, layer, activation)
         self.layers: list[LayerSpec] = select_layers(model, [re.escape(n) for n in self.site.matrices])
         self.memory = dict(memory) if memory is not None else None
@@ -608,6 +613,7 @@ class Patcher(Editor):
         self.activation_weight, self.memory_weight, self.top_k = activation_weight, memory_weight, top_k
         self.max_neurons_per_edit, self.train_key, self.memory_chunk = max_neurons_per_edit, train_key, memory_chunk
         self.key_working_set, self.max_memory_queries = key_working_set, max_memory_queries
+        self.key_training = key_training
         self.lr_growth, self.max_lr_factor, self.patience = lr_growth, max_lr_factor, patience
         self.config = {"class": "Patcher", "name": self.name, "layer": self.site.layer,
                        "activation": self.site.activation,
@@ -617,7 +623,7 @@ class Patcher(Editor):
                        "max_neurons_per_edit": max_neurons_per_edit, "train_key": train_key, "lr_growth": lr_growth,
                        "max_lr_factor": max_lr_factor, "patience": patience, "key_working_set": key_working_set,
                        "memory_rows": int(next(iter(memory.values())).shape[0]) if memory else 0,
-                       "max_memory_queries": max_memory_queries,
+                       "max_memory_queries": max_memory_queries, "key_training": key_training,
                        "layers": [l.name for l in self.layers]}
         self._memory_t: Tensor | None = None  # [d, N], in the patched layer's input dtype, on the model's device
         # what the last edit did (0 steps and 0 neurons: the model was already right)
@@ -825,17 +831,16 @@ class Patcher(Editor):
 
         1. Queries: the patched FFN's input at each wrong token's position (see :meth:`_positions`).
         2. Init: key ``q / |q|^2`` (pre-activation 1 on its query), bias 0, value 0.
-        3. Key and bias are fitted to the activation constraints, which need no model forward
-           (:meth:`_fit_keys`).
+        3. ``key_training`` "fit": key and bias are fitted to the activation constraints, which need no
+           model forward (:meth:`_fit_keys`); "joint": no fit (the paper's training).
         4. Adam on edit NLL + activation loss, with a model forward per step (the layers below the patch
            replayed from step 1's forward, :class:`_Replay`), until the edit is right and the
            constraints hold, or ``max_steps``. Only the value is trained here when step 3 met
            the constraints (training the key on the NLL would undo them); key and bias too otherwise.
-        5. Roll back (an empty edit, reason in ``last_failure``) when the edit is still wrong, or when
-           the key was trained and a constraint still fails (the "stalled" stop above).
+        5. A patch still wrong, or whose trained key breaks a constraint (the "stalled" stop above), is
+           tried again from step 2 with "fit" under ``key_training`` "joint_then_fit"; otherwise, or when
+           that fails too, it is rolled back (an empty edit, reason in ``last_failure``).
         """
-        from transformers.activations import ACT2FN
-
         site = self.site
         labels = batch["labels"]
         self.last_steps = self.last_key_steps = self.last_key_rounds = 0
@@ -864,12 +869,33 @@ class Patcher(Editor):
         for j, pos in enumerate(neurons):
             valid[j, n_shared + stored.index(pos)] = False
 
+        tries = {"fit": (False,), "joint": (True,), "joint_then_fit": (True, False)}[self.key_training]
+        for joint in tries if self.train_key else (False,):
+            key, bias, value, out, right, broken = self._train_patch(replay, batch, family, q, negs, valid, joint)
+            if right and not broken:
+                return PatchEdit(site, key, bias, value, stored_q)
+        # roll back a patch that is still wrong, or (keys trained) fires where the constraints forbid: the
+        # working model must not keep a neuron that breaks the memory or fixes nothing
+        wrong = float((1 - scores(out.detach(), batch["labels"], family)[0]).sum())
+        self.last_failure = {**({"wrong_rows": wrong} if not right else {}), **broken}
+        self.failures += 1
+        return PatchEdit.empty(site)
+
+    def _train_patch(self, replay: _Replay, batch: Mapping[str, Tensor], family: Family, q: Tensor,
+                     negs: Sequence[Tensor], valid: Tensor, joint: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, bool, dict[str, float]]:
+        """Steps 2-4 of :meth:`make_edit` for the neurons of queries ``q``: (key, bias, value, the last
+        logits, whether the edit is right, the constraints the trained key breaks). ``joint``: no key
+        fit, key, bias and value trained together on the whole loss (the paper's training)."""
+        from transformers.activations import ACT2FN
+
+        site, labels, dt, dev = self.site, batch["labels"], q.dtype, q.device
         key = (q / q.pow(2).sum(-1, keepdim=True)).T.contiguous()                  # [d, n]
         bias = torch.zeros(q.shape[0], device=dev, dtype=dt)
         value = torch.zeros(q.shape[0], site.d_model, device=dev, dtype=dt, requires_grad=True)
         a_edit, a_neg = _pre_activations(q, negs, valid, key, bias)
         fits = self._fits(a_edit, a_neg)
-        if self.train_key and not fits and self.max_key_steps:
+        if self.train_key and not fits and self.max_key_steps and not joint:
             key.requires_grad_(True)
             bias.requires_grad_(True)
             fits = self._fits(*self._fit_keys(q, negs, valid, key, bias, a_neg))
@@ -879,7 +905,7 @@ class Patcher(Editor):
         opt = torch.optim.Adam(trained, lr=self.lr)
         act = ACT2FN[site.activation]
         steps, last_loss, best_act, stalled = 0, float("inf"), float("inf"), 0
-        with frozen(model), torch.enable_grad(), _extra_neurons(model, site, act, key, bias, value):
+        with frozen(replay.model), torch.enable_grad(), _extra_neurons(replay.model, site, act, key, bias, value):
             while True:
                 out = replay.logits(batch, family)  # the layers below the patch are not run again
                 right = bool(scores(out.detach(), labels, family)[0].all())
@@ -911,19 +937,13 @@ class Patcher(Editor):
                 last_loss = float(loss.detach())
                 opt.step()
                 steps += 1
-        self.last_steps, self.last_right, self.last_constraints = steps, right, fits
-        # roll back a patch that is still wrong, or (keys trained) fires where the constraints forbid: the
-        # working model must not keep a neuron that breaks the memory or fixes nothing
+        self.last_steps += steps
+        self.last_right, self.last_constraints = right, fits
         broken: dict[str, float] = {}
         if not fits and self.train_key:
             with torch.no_grad():
                 broken = self._violations(*_pre_activations(q, negs, valid, key, bias))
-        if not right or broken:
-            wrong = float((1 - scores(out.detach(), labels, family)[0]).sum())
-            self.last_failure = {**({"wrong_rows": wrong} if not right else {}), **broken}
-            self.failures += 1
-            return PatchEdit.empty(site)
-        return PatchEdit(site, key, bias, value, stored_q)
+        return key.detach(), bias.detach(), value.detach(), out, right, broken
 
 
 # ---------------------------------------------------------------- patch files

@@ -597,3 +597,39 @@ def test_edit_under_a_half_precision_base_keeps_a_float32_patch(models, tokenize
     with torch.no_grad():
         for b in batches:
             assert torch.equal(forward_logits(back, b, "causal"), forward_logits(work, b, "causal"))
+
+
+def test_key_training_joint_skips_the_key_fit_and_joint_then_fit_falls_back_to_it(models, tokenizer, rows, monkeypatch):
+    """"joint" trains key, bias and value together without the L-BFGS key fit (the paper's training);
+    "joint_then_fit" keeps a joint patch that works, and trains a failed one again by "fit"."""
+    model = models["causal"]
+    (batch,) = edit_batches(tokenizer, model, "causal", rows, [0])
+    fits = []
+    real_fit = Patcher._fit_keys
+    monkeypatch.setattr(Patcher, "_fit_keys", lambda self, *a: fits.append(1) or real_fit(self, *a))
+    # an easy case (no memory): the joint patch works, with no key fit, and "joint_then_fit" keeps it
+    made = {}
+    for mode in ("joint", "joint_then_fit"):
+        ed = Patcher(model, key_training=mode)
+        made[mode] = ed.make_edit(model, batch, "causal")
+        assert made[mode].n_neurons >= 1 and ed.failures == 0 and right(made[mode].apply(model), batch, "causal")
+    assert not fits and torch.equal(made["joint_then_fit"].key, made["joint"].key)
+    q = neuron_queries(model, Patcher(model).site, batch, "causal")
+    assert not torch.allclose(made["joint"].key, (q / q.pow(2).sum(-1, keepdim=True)).T)  # the key was trained
+    # with a memory: a joint patch that fails (made to fail here) is trained again by the key fit, and kept
+    mem = memory_batch(tokenizer, model, "causal", rows)
+    fitted = Patcher(model, memory=mem, key_training="fit").make_edit(model, batch, "causal")
+    assert len(fits) == 1 and fitted.n_neurons >= 1
+    real_train = Patcher._train_patch
+
+    def failing_joint(self, *a):
+        out = real_train(self, *a)
+        return (*out[:4], False, out[5]) if a[-1] else out
+    monkeypatch.setattr(Patcher, "_train_patch", failing_joint)
+    ed = Patcher(model, memory=mem, key_training="joint_then_fit")
+    edit = ed.make_edit(model, batch, "causal")
+    assert len(fits) == 2 and ed.failures == 0 and torch.equal(edit.key, fitted.key)
+    ed = Patcher(model, memory=mem, key_training="joint")
+    assert ed.make_edit(model, batch, "causal").n_neurons == 0 and ed.failures == 1 and len(fits) == 2
+    with pytest.raises(ValueError, match="key_training"):
+        Patcher(model, memory=mem, key_training="other")
