@@ -33,7 +33,8 @@ in bf16 (:func:`per_candidate_bytes`; printed):
 - MEND: ``4P + 8B + c N + act(1)`` (``c N``: the dense fp32 change and its transients);
 - RLEdit: the same networks, with the input preconditioner of its config (``precondition_ridge 1``:
   two float64 ``d_in x d_in`` buffers per layer in ``B``);
-- MALMEN at K edits: ``4P + 8B + K s sum(d_in + d_out) b`` (every edit token's pieces)
+- MALMEN at K edits: ``4P + 8B + min(K, 128) s sum(d_in + d_out) b`` (the edit tokens' pieces of two
+  ``edit_chunk``s of 64: by default they are recomputed per pass, not cached for all K edits)
   ``+ sum 8 (d_in^2 + d_in d_out) + 12 max d_in^2`` (fp32 normal equations, Cholesky factors and
   solutions, the largest system's temporaries) ``+ act(min(K, 64))`` (``edit_chunk``);
 - FT / FT+KL: ``c N + act(1)`` / ``act(1 + 4)``: per step the change, its gradient and Adam's two moments
@@ -223,7 +224,7 @@ def editor_rows(name: str, per_n: dict[str, float], b: int) -> dict[str, tuple[f
     return {
         "mend": (state["mend"] + per_n["mend"] * n + act(1), "1 + networks"),
         "rledit (precondition_ridge 1)": (state["rledit"] + per_n["mend"] * n + act(1), "1 + networks"),
-        **{f"malmen, K={k}": (state["malmen"] + k * pieces + solve + act(min(k, 64)),
+        **{f"malmen, K={k}": (state["malmen"] + min(k, 128) * pieces + solve + act(min(k, 64)),
                               f"{k} + {len(layers)} Cholesky solves") for k in K_MALMEN},
         "ft": (per_n["ft"] * n + act(1), "<= 25"),
         "ft_kl (4 locality inputs)": (per_n["ft"] * n + act(1 + 4), "<= 25 (of 1 + 4 inputs)"),

@@ -55,9 +55,9 @@ SEQ, TARGET = 32, 8
 FAM = "causal"
 TARGETS = {"edit_ratio_tiny_1": 2.2, "edit_ratio_gpt2s_1": 1.15, "edit_ratio_gpt2s_10": 1.25,
            "step_ratio_tiny_1": 5.0, "step_ratio_gpt2s_1": 2.8, "memory_ratio_gpt2s": 1.5, "memory_ratio_tiny": 1.5,
-           "malmen_step_memory_ratio_tiny_1000_over_10": 1.5}
+           "malmen_step_memory_ratio_tiny_1000_over_10": 1.5, "edit_ratio_gpt2s_patcher": 1.5}
 REFERENCE = {"edit_ratio_tiny_1": 3.3, "edit_ratio_gpt2s_1": 1.42, "edit_ratio_gpt2s_10": 1.59,
-             "step_ratio_tiny_1": 10.0, "step_ratio_gpt2s_1": 3.9}
+             "step_ratio_tiny_1": 10.0, "step_ratio_gpt2s_1": 3.9, "edit_ratio_gpt2s_patcher": 2.21}
 
 
 def build_model(shape: str) -> torch.nn.Module:
@@ -344,24 +344,32 @@ def bench_model(shape: str, quick: bool, tmp: Path, res: dict, prof: dict) -> No
 
 def bench_malmen(shape: str, res: dict) -> None:
     """MALMEN: memory of one memory-decoupled meta-training step at K = 10 and K = 1,000 edits (micro-batch
-    of 8 edits fixed; resident tensors + the step's transient peak, as ``memory_ratio_*``), and a
-    K = 1,000 edit against one forward+backward over the same 1,000 inputs, beside MEND's edit of them."""
+    of 8 edits fixed; resident tensors + the step's transient peak, as ``memory_ratio_*``) with the edit
+    tokens' pieces recomputed by each pass (``cache_pieces`` False) and cached (``_cached``), the step
+    time of the two at K = 100, and a K = 1,000 edit against one forward+backward over the same 1,000
+    inputs, beside MEND's edit of them."""
     from lightning_modules.malmen_module import decoupled_meta_gradients
 
     model = build_model(shape)
     vocab, raw = model.config.vocab_size, res["raw"][shape]
-    editor = trained_looking(MALMEN.for_model(model, rank=1920, edit_chunk=8))
+    editors = {c: trained_looking(MALMEN.for_model(model, rank=1920, edit_chunk=8, cache_pieces=c)) for c in (False, True)}
+    editor = editors[True]
     mend = trained_looking(MEND.for_model(model, rank=1920).eval())
     resident = tensor_bytes(list(model.parameters()) + list(editor.parameters()) + list(editor.buffers()))
 
-    def step(k: int) -> Callable[[], object]:
+    def step(cache: bool, k: int) -> Callable[[], object]:
         batch = {"n_problems": 1, **{part: make_batch(vocab, k, 70 + i)
                                      for i, part in enumerate(("edit_inner", "edit_outer", "loc"))}}
-        return lambda: decoupled_meta_gradients(editor, model, batch, FAM, 0.1, 1.0)
+        return lambda: decoupled_meta_gradients(editors[cache], model, batch, FAM, 0.1, 1.0)
 
-    mem = {k: resident + peak_alloc(step(k)) for k in (10, 1000)}
-    raw["malmen_step_memory_bytes"] = mem
-    res[f"malmen_step_memory_ratio_{shape}_1000_over_10"] = mem[1000] / mem[10]
+    suffix = {False: "", True: "_cached"}
+    for cache in (False, True):
+        mem = {k: resident + peak_alloc(step(cache, k)) for k in (10, 1000)}
+        raw[f"malmen_step_memory_bytes{suffix[cache]}"] = mem
+        res[f"malmen_step_memory_ratio_{shape}_1000_over_10{suffix[cache]}"] = mem[1000] / mem[10]
+    t = round_robin({f"malmen_step_100{suffix[c]}": step(c, 100) for c in (False, True)}, 3, 1)
+    raw.update(t)
+    res[f"malmen_step_time_ratio_{shape}_100_streamed_over_cached"] = t["malmen_step_100"] / t["malmen_step_100_cached"]
     big = make_batch(vocab, 1000, 80)
     t = round_robin({"fwd_bwd_1000": lambda: fwd_bwd(model, big),
                      "malmen_edit_1000": torch.no_grad()(lambda: editor.make_edit(model, big, FAM)),

@@ -19,6 +19,10 @@ inputs use, not uniformly (an option, not in the published MALMEN; docs/experime
 accumulated ``token_chunk`` tokens at a time and the system is solved by a Cholesky factorisation in
 float32 (float64 for a float64 model) whatever the base dtype, so the cost of the solve does not
 depend on K. The base model's forward/backward for the pieces runs ``edit_chunk`` edits at a time.
+By default each pass that reads the pieces recomputes them from the frozen base model ``edit_chunk``
+edits at a time (:meth:`MALMEN.piece_chunks`), so no more than two edit chunks' pieces are held,
+whatever K; ``cache_pieces`` keeps all K edits' pieces instead (memory grows with K; the step time
+measured about the same on the tiny model, where the hypernetwork dominates).
 
 Plain torch: no Lightning here. Typical use::
 
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,26 +46,28 @@ from editors.layers import LayerSpec, gradient_pieces
 from editors.losses import forward_logits, nll
 
 Pieces = dict[str, tuple[Tensor, Tensor]]  # per layer (u [T, d_in], delta [T, d_out]) of real tokens
+PieceChunks = Callable[[], Iterator[Pieces]]  # each call: one pass over a batch's pieces, token_chunk at a time
 
 
 class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
     """The editor: :class:`editors.hypernet.PieceNetworks`, a step size ``edit_lrs`` and a log ridge
     ``log_ridges`` per edited layer. ``init_ridge`` 0 (no ridge) is allowed for analysis and fails
-    with a clear error when the keys do not span the layer's input space."""
+    with a clear error when the keys do not span the layer's input space. ``cache_pieces`` False (default)
+    trades a base-model forward+backward over the edit inputs per extra pass for memory constant in K."""
 
     def __init__(self, layers: Sequence[LayerSpec | Mapping[str, Any]], rank: int = 1920, n_hidden: int = 2,
                  init_edit_lr: float = 1e-3, init_ridge: float = 1.0, edit_chunk: int = 64,
-                 token_chunk: int = 4096, key_cov_weight: float = 0.0) -> None:
+                 token_chunk: int = 4096, key_cov_weight: float = 0.0, cache_pieces: bool = False) -> None:
         super().__init__()
         if init_ridge < 0 or key_cov_weight < 0 or min(edit_chunk, token_chunk) < 1:
             raise ValueError(f"init_ridge must not be negative, nor key_cov_weight, and edit_chunk, token_chunk at "
                              f"least 1; got {init_ridge}, {key_cov_weight}, {edit_chunk}, {token_chunk}")
         self.name = "malmen"
         self.layers = [l if isinstance(l, LayerSpec) else LayerSpec(**l) for l in layers]
-        self.edit_chunk, self.token_chunk = edit_chunk, token_chunk
+        self.edit_chunk, self.token_chunk, self.cache_pieces = edit_chunk, token_chunk, cache_pieces
         self.config = {"layers": [asdict(l) for l in self.layers], "rank": rank, "n_hidden": n_hidden,
                        "init_edit_lr": init_edit_lr, "init_ridge": init_ridge, "edit_chunk": edit_chunk,
-                       "token_chunk": token_chunk, "key_cov_weight": key_cov_weight}
+                       "token_chunk": token_chunk, "key_cov_weight": key_cov_weight, "cache_pieces": cache_pieces}
         self._build_networks(rank, n_hidden)
         self.edit_lrs = nn.Parameter(torch.full((len(self.layers),), float(init_edit_lr)))
         self.log_ridges = nn.Parameter(torch.full((len(self.layers),), math.log(init_ridge) if init_ridge else -math.inf))
@@ -72,20 +78,22 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
             self.register_buffer("key_count", torch.zeros(len(self.layers), dtype=torch.float64))
 
     # -- the pieces: keys and value gradients of the edit tokens, edit_chunk edits at a time
-    def pieces(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> Pieces:
-        """Per layer ``(u, delta)`` of every token that carries gradient (padding left out), for the sum
-        over edits of each edit's mean token NLL (each edit's pieces at the scale they have alone)."""
-        rows = batch["input_ids"].shape[0]
-        parts: dict[str, tuple[list[Tensor], list[Tensor]]] = {l.name: ([], []) for l in self.layers}
-        for a in range(0, rows, self.edit_chunk):
+    def edit_chunk_pieces(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> Iterator[Pieces]:
+        """``edit_chunk`` edits at a time: per layer ``(u, delta)`` of every token that carries gradient
+        (padding left out), for the sum over edits of each edit's mean token NLL (each edit's pieces at
+        the scale they have alone)."""
+        for a in range(0, batch["input_ids"].shape[0], self.edit_chunk):
             mb = {k: v[a:a + self.edit_chunk] for k, v in batch.items()}
             n = mb["input_ids"].shape[0]
             p = gradient_pieces(model, self.layers, lambda: nll(forward_logits(model, mb, family), mb["labels"], family) * n)
-            for name, (u, d) in p.items():
-                keep = (u != 0).any(-1) & (d != 0).any(-1)
-                parts[name][0].append(u[keep])
-                parts[name][1].append(d[keep])
-        return {k: (torch.cat(u), torch.cat(d)) for k, (u, d) in parts.items()}
+            keep = {k: (u != 0).any(-1) & (d != 0).any(-1) for k, (u, d) in p.items()}
+            yield {k: (u[keep[k]], d[keep[k]]) for k, (u, d) in p.items()}
+
+    def pieces(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> Pieces:
+        """:meth:`edit_chunk_pieces` of all edits of ``batch`` together."""
+        parts = list(self.edit_chunk_pieces(model, batch, family))
+        return {l.name: (torch.cat([p[l.name][0] for p in parts]), torch.cat([p[l.name][1] for p in parts]))
+                for l in self.layers}
 
     def token_chunks(self, pieces: Pieces) -> Iterator[Pieces]:
         """``pieces`` ``token_chunk`` tokens (of each layer) at a time."""
@@ -93,13 +101,28 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
         for a in range(0, n, self.token_chunk):
             yield {k: (u[a:a + self.token_chunk], d[a:a + self.token_chunk]) for k, (u, d) in pieces.items()}
 
+    def piece_chunks(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> PieceChunks:
+        """``batch``'s pieces for the passes that read them: each call of the result is one pass,
+        ``token_chunk`` tokens at a time. With ``cache_pieces`` the pieces are computed here, once, and
+        kept (memory grows with the number of edits); without, every pass recomputes them from the base
+        model (frozen: the same pieces bit for bit) ``edit_chunk`` edits at a time, so a pass holds the
+        pieces of the edit chunk it reads (and, while computing the next, of the one before) only."""
+        if self.cache_pieces:
+            pieces = self.pieces(model, batch, family)
+            return lambda: self.token_chunks(pieces)
+        return lambda: (c for p in self.edit_chunk_pieces(model, batch, family) for c in self.token_chunks(p))
+
     @torch.no_grad()
-    def update_statistics(self, pieces: Sequence[Pieces]) -> None:
-        """Fold all tokens of ``pieces`` (several problems) into the input statistics in one update per
-        network (summed over processes): the same statistics however the tokens are chunked."""
-        for k, norm in enumerate(self.norms):
-            sums = sum(norm.sums(*self._group_inputs(c, k, 1)) for p in pieces for c in self.token_chunks(p))
-            norm.fold(sums)
+    def update_statistics(self, chunks: Iterable[Pieces]) -> None:
+        """Fold all tokens of ``chunks`` (of one or several problems; read once, a chunk at a time)
+        into the input statistics in one update per network (summed over processes): the same
+        statistics however the tokens are chunked."""
+        sums: list[Tensor | int] = [0] * len(self.norms)
+        for c in chunks:
+            for k, norm in enumerate(self.norms):
+                sums[k] = sums[k] + norm.sums(*self._group_inputs(c, k, 1))
+        for norm, s in zip(self.norms, sums):
+            norm.fold(s)
 
     @torch.no_grad()
     def fold_keys(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> None:
@@ -131,10 +154,11 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
         return self.log_ridges.exp()
 
     @torch.no_grad()
-    def normal_equations(self, pieces: Pieces) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per layer ``(U^T U, U^T V)``, accumulated ``token_chunk`` tokens at a time in float32 (or wider)."""
+    def normal_equations(self, chunks: Iterable[Pieces]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer ``(U^T U, U^T V)`` over all tokens of ``chunks`` (a :meth:`piece_chunks` pass),
+        accumulated a chunk at a time in float32 (or wider)."""
         out: dict[str, tuple[Tensor, Tensor]] = {}
-        for chunk in self.token_chunks(pieces):
+        for chunk in chunks:
             v = self.value_shifts(chunk)
             for l in self.layers:
                 u = chunk[l.name][0]
@@ -169,8 +193,7 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
 
     def solved(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> dict[str, tuple[Tensor, Tensor]]:
         """:meth:`solve` for all edits of ``batch`` together (no graph)."""
-        pieces = self.pieces(model, batch, family)
-        return self.solve(self.normal_equations(pieces))
+        return self.solve(self.normal_equations(self.piece_chunks(model, batch, family)()))
 
     def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
                loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:

@@ -5,16 +5,20 @@ target) + c_loc * KL(pre || post on locality)``, mean over the batch's problems,
 ``n_edits`` = K edits applied together. Its gradient is computed in four passes, so no pass holds
 more than one micro-batch of the base model's activations or of the hypernetwork's, whatever K:
 
-1. the base model on the edit inputs, ``edit_chunk`` edits at a time: cache each edit token's key
-   ``u`` and output gradient ``delta`` (:meth:`editors.malmen.MALMEN.pieces`); fold them into the
+1. the base model on the edit inputs, ``edit_chunk`` edits at a time: each edit token's key ``u``
+   and output gradient ``delta`` (:meth:`editors.malmen.MALMEN.piece_chunks`); fold them into the
    input statistics (once per step, all problems and processes together);
-2. the hypernetwork on the cached tokens, ``token_chunk`` at a time, accumulating ``U^T U`` and
+2. the hypernetwork on those tokens, ``token_chunk`` at a time, accumulating ``U^T U`` and
    ``U^T V``; solve for ``S`` per layer, no graph kept;
 3. the edited model (``S`` a leaf) on the paraphrases and locality inputs, ``edit_chunk`` rows at a
    time, each micro-batch's loss backpropagated to ``S`` only: ``dL/dS``;
 4. through the solve: with ``G = (U^T U + lambda I)^-1 dL/dS``, ``dL/dV = U G`` and
    ``dL/dlambda = -<G, S>``; the hypernetwork is re-run chunk by chunk and ``dL/dV`` backpropagated
    into its parameters and the step sizes.
+
+Passes 2 and 4 read pass 1's pieces: recomputed by each pass ``edit_chunk`` edits at a time (the
+default: two more base forward+backward passes over the edit inputs per step, for memory that does
+not grow with K), or cached (``cache_pieces``: the cache grows with K).
 
 This needs its own optimisation step (manual optimisation): gradients are accumulated by hand,
 averaged over data-parallel processes with one all-reduce, clipped (``grad_clip``), then Adam
@@ -57,9 +61,9 @@ def decoupled_meta_gradients(editor: MALMEN, model: nn.Module, batch: dict, fami
     the module docstring, and the loss and its terms (means over problems)."""
     P, layers = batch["n_problems"], editor.layers
     inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
-    pieces = [editor.pieces(model, problem_rows(inner, b, P), family) for b in range(P)]  # pass 1
+    pieces = [editor.piece_chunks(model, problem_rows(inner, b, P), family) for b in range(P)]  # pass 1
     if update_statistics:
-        editor.update_statistics(pieces)
+        editor.update_statistics(c for chunks in pieces for c in chunks())
         if editor.key_cov_weight:  # the key statistics: all tokens of the training edits and locality inputs
             for part in (inner, loc):
                 editor.fold_keys(model, part, family)
@@ -73,7 +77,7 @@ def decoupled_meta_gradients(editor: MALMEN, model: nn.Module, batch: dict, fami
                 g += d
 
     for b in range(P):
-        solved = editor.solve(editor.normal_equations(pieces[b]))  # pass 2
+        solved = editor.solve(editor.normal_equations(pieces[b]()))  # pass 2
         S = {k: s.detach().requires_grad_(True) for k, (s, _) in solved.items()}
         gS = {k: torch.zeros_like(s) for k, s in S.items()}  # pass 3 fills it
         for part, weight, is_loc in ((problem_rows(outer, b, P), c_edit, False), (problem_rows(loc, b, P), c_loc, True)):
@@ -97,7 +101,7 @@ def decoupled_meta_gradients(editor: MALMEN, model: nn.Module, batch: dict, fami
         G = {k: torch.cholesky_solve(gS[k], solved[k][1]) for k in S}
         dl_dlam = torch.stack([-(G[l.name] * solved[l.name][0]).sum() for l in layers])
         accumulate((editor.ridges() * dl_dlam.to(editor.log_ridges.dtype)).sum())
-        for chunk in editor.token_chunks(pieces[b]):
+        for chunk in pieces[b]():
             v = editor.value_shifts(chunk)
             accumulate(sum((v[l.name] * (chunk[l.name][0].to(G[l.name].dtype) @ G[l.name]).to(v[l.name].dtype)).sum()
                            for l in layers))
@@ -110,7 +114,9 @@ class MALMENModule(EditorModule):
 
     ``n_edits`` (the DataModule's K per problem) may be far beyond what one forward pass holds:
     ``edit_chunk`` bounds the rows of every base-model pass, ``token_chunk`` the tokens of every
-    hypernetwork pass. Checkpoints hold the editor only, with the base model's fingerprint.
+    hypernetwork pass; ``cache_pieces`` False keeps the edit tokens' pieces from growing with K (at
+    the cost of two more base passes over the edit inputs per step; see the module docstring).
+    Checkpoints hold the editor only, with the base model's fingerprint.
     """
 
     step_size_params = ("edit_lrs", "log_ridges")
@@ -118,7 +124,7 @@ class MALMENModule(EditorModule):
     def __init__(self, base_model: str = "runs/base_zsre_gpt2_tiny/model", family: Family = "causal",
                  edit_params: list[str] | None = None, rank: int = 1920, n_hidden: int = 2,
                  init_edit_lr: float = 1e-3, init_ridge: float = 1.0, edit_chunk: int = 64, token_chunk: int = 4096,
-                 key_cov_weight: float = 0.0,
+                 key_cov_weight: float = 0.0, cache_pieces: bool = False,
                  lr: float = 1e-4, edit_lr_lr: float = 1e-3, c_edit: float = 0.1, c_loc: float = 1.0,
                  cosine_decay: bool = False, grad_clip: float | None = 100.0, output_dir: str = "runs/malmen",
                  base_dtype: BaseDtype | None = None) -> None:
@@ -131,7 +137,7 @@ class MALMENModule(EditorModule):
         self._load_base(base_model, family, base_dtype)
         self.editor = MALMEN.for_model(self.model, edit_params, rank=rank, n_hidden=n_hidden, init_edit_lr=init_edit_lr,
                                        init_ridge=init_ridge, edit_chunk=edit_chunk, token_chunk=token_chunk,
-                                       key_cov_weight=key_cov_weight)
+                                       key_cov_weight=key_cov_weight, cache_pieces=cache_pieces)
         self.val = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS})
 
     def on_fit_start(self) -> None:

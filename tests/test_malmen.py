@@ -3,6 +3,7 @@ train.py (DDP, resume) and its refusals."""
 from __future__ import annotations
 
 import copy
+import weakref
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 import train
 from datamodules.encoding import collate, encode
 from editors.base import EditedModel
+from editors.io import load_editor_file
 from editors.layers import dense_edit, gradient_pieces
 from editors.losses import forward_logits, kl_pre_post, nll, scores
 from editors.malmen import MALMEN
@@ -41,6 +43,24 @@ def _trained_looking(editor: MALMEN, model, batch, family: str) -> MALMEN:
                 p.add_(0.2 * torch.randn_like(p))
     editor.update_statistics([editor.pieces(model, batch, family)])
     return editor
+
+
+def _step_batch(tokenizer, model, fam: str, P: int = 2) -> dict:
+    """A meta-training batch of ``P`` problems of ``6 / P`` edits, their paraphrases and 12 locality inputs."""
+    inner = _batch(tokenizer, model, fam, PROMPTS, TARGETS)
+    outer = _batch(tokenizer, model, fam, [p.replace("Where", "In which place") for p in PROMPTS], TARGETS)
+    loc_q = ["What is the capital of Zed?", "Who wrote Yon?", "Where is Mount Ox?", "What colour is Teal?"] * 3
+    loc = _batch(tokenizer, model, fam, loc_q, ["Arvenna", "painter", "Orvic", "farmer"] * 3)
+    return {"n_problems": P, "edit_inner": inner, "edit_outer": outer, "loc": loc}
+
+
+def _cached_and_streamed(model, inner, family: str, **kw) -> tuple[MALMEN, MALMEN]:
+    """Two float64 editors in the same (trained-looking) state, caching the pieces and recomputing them."""
+    cached = _trained_looking(MALMEN.for_model(model, **kw, cache_pieces=True).double(), model, inner, family)
+    streamed = MALMEN.for_model(model, **kw).double()  # the default
+    streamed.load_state_dict(cached.state_dict())
+    assert cached.cache_pieces and not streamed.cache_pieces and streamed.config["cache_pieces"] is False
+    return cached, streamed
 
 
 @pytest.mark.parametrize("family", ["causal", "classifier"])
@@ -94,11 +114,8 @@ def test_decoupled_meta_gradient_equals_end_to_end(tiny_models, tokenizer):
     editor's parameters to the meta-loss, for 2 problems of 3 edits."""
     model = tiny_models["causal"].double()
     P, fam = 2, "causal"
-    inner = _batch(tokenizer, model, fam, PROMPTS, TARGETS)
-    outer = _batch(tokenizer, model, fam, [p.replace("Where", "In which place") for p in PROMPTS], TARGETS)
-    loc_q = ["What is the capital of Zed?", "Who wrote Yon?", "Where is Mount Ox?", "What colour is Teal?"] * 3
-    loc = _batch(tokenizer, model, fam, loc_q, ["Arvenna", "painter", "Orvic", "farmer"] * 3)
-    batch = {"n_problems": P, "edit_inner": inner, "edit_outer": outer, "loc": loc}
+    batch = _step_batch(tokenizer, model, fam, P)
+    inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
     editor = MALMEN.for_model(model, rank=8, init_ridge=0.5, init_edit_lr=0.1, edit_chunk=2, token_chunk=5).double()
     editor = _trained_looking(editor, model, inner, fam)
     ref = copy.deepcopy(editor)
@@ -127,6 +144,81 @@ def test_decoupled_meta_gradient_equals_end_to_end(tiny_models, tokenizer):
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12, msg=name)
     for k, v in editor.state_dict().items():  # the same statistics update
         torch.testing.assert_close(v, ref.state_dict()[k], msg=k)
+
+
+def test_streamed_pieces_give_the_cached_meta_gradient_and_statistics(tiny_models, tokenizer):
+    """cache_pieces False (every pass recomputes the pieces, 2 edits at a time, 4 tokens a chunk) gives the
+    meta-gradient, the logged loss terms and the updated input and key statistics that cached pieces give."""
+    model = tiny_models["causal"].double()
+    batch = _step_batch(tokenizer, model, "causal")
+    cached, streamed = _cached_and_streamed(model, batch["edit_inner"], "causal", rank=8, init_ridge=0.5,
+                                            init_edit_lr=0.1, edit_chunk=2, token_chunk=4, key_cov_weight=1.0)
+    one_problem = problem_rows(batch["edit_inner"], 0, batch["n_problems"])
+    assert len(list(streamed.piece_chunks(model, one_problem, "causal")())) > 3, "the test needs several chunks"
+    before = copy.deepcopy(cached.state_dict())
+    (g_c, logs_c), (g_s, logs_s) = (decoupled_meta_gradients(e, model, batch, "causal", c_edit=0.1, c_loc=1.0)
+                                    for e in (cached, streamed))
+    for (name, _), a, b in zip(cached.named_parameters(), g_c, g_s):
+        assert a.abs().max() > 0, name
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-14, msg=name)
+    for k, v in logs_c.items():
+        torch.testing.assert_close(logs_s[k], v, rtol=1e-12, atol=0, msg=k)
+    state = streamed.state_dict()
+    for k, v in cached.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=1e-12, atol=1e-15, msg=k)
+    assert not torch.equal(before["norms.0.mean"], state["norms.0.mean"]) and state["key_count"].min() > 0
+
+
+@pytest.mark.parametrize("family", ["causal", "seq2seq"])
+def test_streamed_edit_equals_cached_edit(tiny_models, tokenizer, family):
+    """K = 6 edits at once (evaluation's ``deltas``) with the pieces recomputed 4 edits at a time give the
+    cached edit; the recomputed pieces are the cached ones bit for bit (a frozen base), also where layers
+    of one shape see different numbers of tokens (the encoder-decoder's)."""
+    model = tiny_models[family].double()
+    batch = _batch(tokenizer, model, family, PROMPTS, TARGETS)
+    cached, streamed = _cached_and_streamed(model, batch, family, rank=8, init_ridge=0.3, init_edit_lr=0.1,
+                                            edit_chunk=4, token_chunk=5)
+    chunks = list(streamed.piece_chunks(model, batch, family)())
+    for k, (u, d) in cached.pieces(model, batch, family).items():
+        assert torch.equal(torch.cat([c[k][0] for c in chunks]), u) and torch.equal(torch.cat([c[k][1] for c in chunks]), d), k
+    got, want = streamed.deltas(model, batch, family), cached.deltas(model, batch, family)
+    for k, w in want.items():
+        assert w.abs().max() > 0, k
+        torch.testing.assert_close(got[k], w, rtol=1e-9, atol=1e-14, msg=k)
+
+
+def test_streamed_pieces_are_never_held_for_more_than_two_edit_chunks(tiny_models, tokenizer, monkeypatch):
+    """Memory constant in K: with cache_pieces False, a meta-training step and an edit of K = 6 edits, one
+    edit a chunk, never hold the pieces of more than two edit chunks at once (the one being read and the
+    next being computed) and keep none; cached, the step holds all six at once."""
+    model = tiny_models["causal"].double()
+    batch = _step_batch(tokenizer, model, "causal", P=1)
+    cached, streamed = _cached_and_streamed(model, batch["edit_inner"], "causal", rank=8, edit_chunk=1, token_chunk=4)
+    live, peak, sizes = [0], [0], []
+    compute = MALMEN.edit_chunk_pieces
+
+    def freed(n: int) -> None:
+        live[0] -= n
+
+    def tracked(self, *args):  # the bytes of every edit chunk's pieces alive, until the last view of them is gone
+        for p in compute(self, *args):
+            sizes.append(sum(t.nbytes for ud in p.values() for t in ud))
+            live[0] += sizes[-1]
+            peak[0] = max(peak[0], live[0])
+            for t in (t for ud in p.values() for t in ud):
+                weakref.finalize(t, freed, t.nbytes)
+            yield p
+
+    monkeypatch.setattr(MALMEN, "edit_chunk_pieces", tracked)
+    # a step reads the pieces in three passes (statistics, normal equations, back through the solve), an edit in one
+    for run, passes in ((lambda: decoupled_meta_gradients(streamed, model, batch, "causal", c_edit=0.1, c_loc=1.0), 3),
+                        (lambda: streamed.deltas(model, batch["edit_inner"], "causal"), 1)):
+        peak[0], sizes[:] = 0, []
+        run()
+        assert len(sizes) == 6 * passes and live[0] == 0 and peak[0] <= sum(sorted(sizes)[-2:])
+    peak[0], sizes[:] = 0, []
+    decoupled_meta_gradients(cached, model, batch, "causal", c_edit=0.1, c_loc=1.0)
+    assert len(sizes) == 6 and peak[0] == sum(sizes) > 2 * max(sizes)
 
 
 def test_singular_system_without_ridge_is_refused(tiny_models, tokenizer):
@@ -190,10 +282,12 @@ DDP_COMMON = ["--data.init_args.shuffle", "false", "--trainer.accelerator", "cpu
 
 @pytest.fixture(scope="module")
 def ddp_run(bases, tmp_path_factory, child_env):
-    """The 2-process run (1 problem of 3 edits each per step), in the background while the 1-process run trains."""
+    """The 2-process run (1 problem of 3 edits each per step; pieces cached, not recomputed by each pass), in the
+    background while the 1-process run trains."""
     out = tmp_path_factory.mktemp("ddp")
     proc = start_train(malmen_args(bases, out, *DDP_COMMON, "--data.init_args.batch_size", "1", "--trainer.devices",
-                                   "2", "--trainer.strategy", "ddp", *csv_logger(out)), out, child_env)
+                                   "2", "--trainer.strategy", "ddp", "--model.init_args.cache_pieces", "true",
+                                   *csv_logger(out)), out, child_env)
     yield out, proc
     if proc.poll() is None:
         proc.kill()
@@ -203,7 +297,8 @@ def ddp_run(bases, tmp_path_factory, child_env):
 def test_ddp_two_processes_equal_one_process_same_global_batch(bases, ddp_run, tmp_path):
     """2 CPU processes (gloo) x 1 problem of K = 3 edits per step == 1 process x 2 problems: the same editor after 3
     steps (networks, step sizes, ridges, input statistics: the gradient all-reduce and the statistics
-    fold) and the same validation metrics."""
+    fold) and the same validation metrics; the 2-process run caches the pieces (``cache_pieces`` true), the
+    1-process run recomputes them (the default)."""
     single = tmp_path / "single"
     train.main(malmen_args(bases, single, *DDP_COMMON, "--data.init_args.batch_size", "2", "--trainer.devices", "1",
                            *csv_logger(single)))
@@ -212,6 +307,7 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(bases, ddp_run, t
     a = assert_runs_equal(single, ddp, "MALMEN", "val/edit_success")
     assert a["nets.0.U"].abs().max() > 0 and a["norms.0.count"].min() > 0, "the networks and statistics moved"
     assert not torch.equal(a["log_ridges"], torch.zeros_like(a["log_ridges"])), "the ridges trained"
+    assert load_editor_file(ddp / "editor.safetensors", "MALMEN")[1]["config"]["cache_pieces"] is True
 
 
 def test_resume_equals_uninterrupted_run(bases, tmp_path):
