@@ -580,11 +580,11 @@ class Patcher(Editor):
 
     def __init__(self, model: nn.Module, layer: str | None = None, memory: Mapping[str, Tensor] | None = None, *,
                  lr: float = 1e-2, max_steps: int = 100, max_key_steps: int = 100, memory_margin: float = -3.0,
-                 edit_activation: float = 1.0, gap_margin: float | None = None, activation_weight: float = 1.0,
+                 edit_activation: float = 5.0, gap_margin: float | None = None, activation_weight: float = 1.0,
                  memory_weight: float = 1.0, top_k: int = 16, max_neurons_per_edit: int | None = None,
                  train_key: bool = True, lr_growth: float = 1.5, max_lr_factor: float = 100.0, patience: int = 10,
                  activation: str | None = None, memory_chunk: int = 64, key_working_set: int = 8192,
-                 max_memory_queries: int | None = None, key_training: str = "fit") -> None:
+                 max_memory_queries: int | None = None, key_training: str = "joint_then_fit") -> None:
         """``model``: the base model (resolves ``layer`` and its activation). ``memory``: collated
         training-split inputs, or None (then only earlier edits are negatives). ``gap_margin``
         defaults to ``edit_activation - memory_margin``. ``max_key_steps``: L-BFGS iterations fitting
