@@ -584,7 +584,8 @@ class Patcher(Editor):
                  memory_weight: float = 1.0, top_k: int = 16, max_neurons_per_edit: int | None = None,
                  train_key: bool = True, lr_growth: float = 1.5, max_lr_factor: float = 100.0, patience: int = 10,
                  activation: str | None = None, memory_chunk: int = 64, key_working_set: int = 8192,
-                 max_memory_queries: int | None = None, key_training: str = "joint_then_fit") -> None:
+                 max_memory_queries: int | None = None, key_training: str = "joint_then_fit",
+                 train_bias: bool = True) -> None:
         """``model``: the base model (resolves ``layer`` and its activation). ``memory``: collated
         training-split inputs, or None (then only earlier edits are negatives). ``gap_margin``
         defaults to ``edit_activation - memory_margin``. ``max_key_steps``: L-BFGS iterations fitting
@@ -594,6 +595,8 @@ class Patcher(Editor):
         ``key_training``: "fit" (key and bias fitted to the activation constraints first, then the value
         trained), "joint" (key, bias and value trained together on the whole loss, as in the paper) or
         "joint_then_fit" (joint; a patch that fails is trained again by "fit").
+        ``train_bias=False`` keeps every neuron's bias 0 (an FFN without biases, as T5's, then takes the
+        patch when widened: :func:`editors.widen.widen_ffn`).
         ``max_memory_queries``: keep at most this many of the memory's distinct queries (an even sample;
         None: all). ``key_working_set``: size of the sample of negatives the key fit starts from (:meth:`_fit_keys`).
         ``max_neurons_per_edit``: at most this many neurons per wrong input (None: one per wrong token)."""
@@ -613,7 +616,7 @@ class Patcher(Editor):
         self.activation_weight, self.memory_weight, self.top_k = activation_weight, memory_weight, top_k
         self.max_neurons_per_edit, self.train_key, self.memory_chunk = max_neurons_per_edit, train_key, memory_chunk
         self.key_working_set, self.max_memory_queries = key_working_set, max_memory_queries
-        self.key_training = key_training
+        self.key_training, self.train_bias = key_training, train_bias
         self.lr_growth, self.max_lr_factor, self.patience = lr_growth, max_lr_factor, patience
         self.config = {"class": "Patcher", "name": self.name, "layer": self.site.layer,
                        "activation": self.site.activation,
@@ -623,7 +626,7 @@ class Patcher(Editor):
                        "max_neurons_per_edit": max_neurons_per_edit, "train_key": train_key, "lr_growth": lr_growth,
                        "max_lr_factor": max_lr_factor, "patience": patience, "key_working_set": key_working_set,
                        "memory_rows": int(next(iter(memory.values())).shape[0]) if memory else 0,
-                       "max_memory_queries": max_memory_queries, "key_training": key_training,
+                       "max_memory_queries": max_memory_queries, "key_training": key_training, "train_bias": train_bias,
                        "layers": [l.name for l in self.layers]}
         self._memory_t: Tensor | None = None  # [d, N], in the patched layer's input dtype, on the model's device
         # what the last edit did (0 steps and 0 neurons: the model was already right)
@@ -774,8 +777,9 @@ class Patcher(Editor):
 
         def lbfgs(sub: list[Tensor], vsub: Tensor) -> int:
             evals = 0
-            opt = torch.optim.LBFGS([key, bias], lr=1, max_iter=self.max_key_steps, history_size=20,
-                                    line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+            opt = torch.optim.LBFGS([key, bias] if self.train_bias else [key], lr=1, max_iter=self.max_key_steps,
+                                    history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-9,
+                                    tolerance_change=1e-12)
 
             def closure() -> Tensor:
                 nonlocal evals
@@ -897,9 +901,11 @@ class Patcher(Editor):
         fits = self._fits(a_edit, a_neg)
         if self.train_key and not fits and self.max_key_steps and not joint:
             key.requires_grad_(True)
-            bias.requires_grad_(True)
+            bias.requires_grad_(self.train_bias)
             fits = self._fits(*self._fit_keys(q, negs, valid, key, bias, a_neg))
         trained = [value] + ([key, bias] if self.train_key and not fits else [])
+        if not self.train_bias:
+            trained = [t for t in trained if t is not bias]
         for t in (key, bias):
             t.requires_grad_(any(t is u for u in trained))
         opt = torch.optim.Adam(trained, lr=self.lr)

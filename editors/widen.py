@@ -42,7 +42,7 @@ def widen_ffn(model: nn.Module) -> nn.Module:
     ``act(gate x) * (up x)`` exactly: gate row ``k`` with bias ``b``, up row 0 with bias 1; so the
     wider LLaMA has ``mlp_bias=True`` (zero biases for every original neuron and for ``down_proj``).
     T5's FFN has no biases: only the original T5's (``wi`` / ``wo``) takes patches, and only patches
-    of bias 0 (``Patcher(train_key=False)``); T5 v1.1's gated FFN takes none. Refused otherwise.
+    of bias 0 (``Patcher(train_bias=False)``); T5 v1.1's gated FFN takes none. Refused otherwise.
     """
     cfg = getattr(model, "config", None)
     mtype = getattr(cfg, "model_type", None)
@@ -118,7 +118,7 @@ def _widen_one(state: dict[str, Tensor], name: str, container: nn.Module, inp: s
     elif bool((bias != 0).any()):
         raise NotImplementedError(f"cannot widen {type(container).__name__} at {name}: {inp} has no bias, so the "
                                   f"patch's non-zero bias cannot be written into it (a Patcher with "
-                                  f"train_key=False keeps the bias 0)")
+                                  f"train_bias=False keeps the bias 0)")
     if up is not None:  # gated: up row 0 with bias 1 turns act(gate) * up into act(x k + b) for a patch neuron
         p_up = f"{name}.{up}"
         state[f"{p_up}.weight"] = torch.cat([state[f"{p_up}.weight"], torch.zeros(extra, d, dtype=dt, device=dev)], 0)

@@ -203,17 +203,19 @@ def test_patches_widen_into_a_plain_model_that_round_trips(tokenizer, tmp_path, 
 
 
 def test_a_patcher_edit_of_t5_is_right_in_the_widened_model(tokenizer, tmp_path):
-    """The patcher patches T5's decoder FFN; with train_key=False (bias 0) the patch widens exactly."""
+    """The patcher patches T5's decoder FFN; with train_bias=False (bias 0; key and value trained) the patch
+    widens exactly."""
     from transformers import AutoModelForSeq2SeqLM
 
     torch.manual_seed(0)
     model = _t5(len(tokenizer), _ids(tokenizer), ffn="relu").double().eval()
     edit = _batch(tokenizer, "seq2seq", model, ["Where was Foo born?"], ["Arvenna"])
     memory = _batch(tokenizer, "seq2seq", model, ["What is the occupation of Bar?", "Where is Baz?"], ["painter", "Qux"])
-    ed = Patcher(model, memory=memory, train_key=False)
+    ed = Patcher(model, memory=memory, train_bias=False)
     assert (ed.site.layer, ed.site.activation) == ("decoder.block.2.layer.2.DenseReluDense", "relu")
     patch = ed.make_edit(model, edit, "seq2seq")
-    assert patch.n_neurons > 0 and not ed.last_failure
+    assert patch.n_neurons > 0 and not ed.last_failure and not bool(patch.bias.any())
+    assert not torch.equal(patch.key, Patcher(model, memory=memory, train_key=False).make_edit(model, edit, "seq2seq").key)
     work = patch.merge_(model)
     widen_ffn(work).save_pretrained(tmp_path)
     back = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
@@ -225,7 +227,7 @@ def test_a_patcher_edit_of_t5_is_right_in_the_widened_model(tokenizer, tmp_path)
 def test_t5_ffns_that_cannot_hold_a_patch_are_refused_in_one_line(tokenizer):
     relu = _t5(len(tokenizer), _ids(tokenizer), ffn="relu").eval()
     _random_patch(relu, None, 2)  # a bias where T5DenseActDense has none
-    with pytest.raises(NotImplementedError, match=r"cannot widen T5DenseActDense .*no bias.*train_key=False"):
+    with pytest.raises(NotImplementedError, match=r"cannot widen T5DenseActDense .*no bias.*train_bias=False"):
         widen_ffn(relu)
     gated = _t5(len(tokenizer), _ids(tokenizer)).eval()  # T5 v1.1: act(wi_0 x) * wi_1 x, no biases
     _random_patch(gated, None, 2, bias=False)
