@@ -16,13 +16,20 @@ Plain torch: no Lightning here. Typical use, a stream::
     editor = RLEdit.load("runs/rledit/editor.safetensors", model)   # refuses a different base model
     for batch in edits:                                             # each step edits the current model
         model = editor.make_edit(model, batch, family="causal").merge_(model)
+
+Meta-training can leave a layer's step size negative: that layer then takes a gradient *ascent* step
+on every edit. Over a short stream the other layers make up for it; over a long one the ascent feeds
+itself (a larger loss, a larger gradient, a larger step) until the model breaks. ``descent_only``, an
+evaluation option on by default (the file is unchanged), stops editing those layers.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
+from editors.base import EditorContext
 from editors.layers import LayerSpec
 from editors.mend import MEND
 
@@ -34,6 +41,17 @@ class RLEdit(MEND):
                  init_edit_lr: float = 1e-4, precondition_ridge: float | None = None) -> None:
         super().__init__(layers, rank, n_hidden, init_edit_lr, precondition_ridge)
         self.name = "rledit"
+
+    @classmethod
+    def for_evaluation(cls, context: EditorContext, path: str, descent_only: bool = True) -> "RLEdit":
+        """The trained editor in file ``path``; with ``descent_only`` (default, chosen on validation
+        streams) its negative step sizes are set to 0 (those layers are left unedited: see the module
+        docstring); ``descent_only=False`` evaluates the file as trained."""
+        editor = cls.load(path, context.model)
+        if descent_only:
+            with torch.no_grad():
+                editor.edit_lrs.clamp_(min=0)
+        return editor
 
     def step_deltas(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int) -> dict[str, Tensor]:
         """The dense change ``[n_problems, *weight.shape]`` of one stream step from its :meth:`pieces`,

@@ -186,6 +186,23 @@ def test_editor_file_is_its_own_and_refuses_another_base(setup, tiny_models, tmp
         RLEdit.load(path, other)
 
 
+def test_descent_only_leaves_layers_with_a_negative_step_size_unedited(setup, tmp_path):
+    """``descent_only`` (an evaluation option): a layer whose learned step size is negative gets no change,
+    the others the same change as without it."""
+    model, batch, editor = setup
+    with torch.no_grad():
+        editor.edit_lrs[0] = -0.05
+    path = editor.save(tmp_path / "rledit.safetensors", model)
+    ctx = EditorContext(model)
+    plain, descent = (build_editor({"class_path": "editors.rledit.RLEdit", "init_args": {"path": str(path), **kw}}, ctx)
+                      for kw in ({"descent_only": False}, {}))  # the default is descent_only
+    a, b = (e.double().deltas(model, batch["edit_inner"], batch["family"]) for e in (plain, descent))
+    first = editor.layers[0].name
+    assert a[first].abs().max() > 0 and torch.count_nonzero(b[first]) == 0
+    for k in a.keys() - {first}:
+        torch.testing.assert_close(a[k], b[k])
+
+
 # -- meta-training through train.py
 def rledit_args(bases: Path, out: Path, *extra: str) -> list[str]:
     data, base = bases / "base_causal" / "data", bases / "base_causal" / "model"
