@@ -182,6 +182,9 @@ class RLEditModule(EditorModule):
     ``init_editor``: a trained MEND (or lifelong) editor file of the same shape to start from: the
     networks of an editor that already edits the base well (or short streams), which stream training
     then teaches to edit edited models (or longer streams: a curriculum).
+    ``descent_only``: the step sizes are kept non-negative (set to 0 after any optimizer step that takes
+    one below): a negative one makes its layer take an ascent step on every edit, which a long stream
+    feeds until the model breaks (``RLEdit.for_evaluation``'s option of the same name, at training time).
     Checkpoints hold the editor only, with the base model's fingerprint.
     """
 
@@ -191,7 +194,7 @@ class RLEditModule(EditorModule):
                  edits_per_step: int = 1, window: int | None = None, n_back: int = 4, gamma: float = 1.0,
                  lr: float = 1e-4, edit_lr_lr: float = 1e-3, c_edit: float = 0.1, c_back: float = 0.1,
                  c_loc: float = 1.0, c_norm: float = 0.0, cosine_decay: bool = False, grad_clip: float | None = 100.0,
-                 output_dir: str = "runs/rledit", base_dtype: BaseDtype | None = None) -> None:
+                 output_dir: str = "runs/rledit", base_dtype: BaseDtype | None = None, descent_only: bool = False) -> None:
         super().__init__()
         if rank < 1 or min(lr, edit_lr_lr, c_back, c_norm, n_back) < 0 or min(edits_per_step, window or 1) < 1 \
                 or not 0 < gamma <= 1:
@@ -252,6 +255,9 @@ class RLEditModule(EditorModule):
         grads, logs = stream_meta_gradients(self.editor, self.model, batch, hp.family, T, self.coefs(),
                                             self._seeds(batch, self.global_step), steps=steps)
         self.manual_step(grads, hp.grad_clip)
+        if hp.descent_only:
+            with torch.no_grad():
+                self.editor.edit_lrs.clamp_(min=0)
         self.log_dict({"train/loss": logs["loss"], "train/edit_nll": logs["edit"], "train/back_nll": logs["back"],
                        "train/loc_kl": logs["kl"], "train/change_norm": logs["norm"]},
                       prog_bar=True, batch_size=batch["n_problems"])

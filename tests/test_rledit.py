@@ -285,6 +285,26 @@ def test_meta_training_starts_from_a_mend_or_a_lifelong_editor_file(bases, tmp_p
     assert torch.equal(module.editor.edit_lrs, editor.edit_lrs) and module.editor.name == "rledit"
 
 
+def test_descent_only_meta_training_keeps_the_step_sizes_non_negative(bases, tmp_path):
+    """With ``descent_only`` an optimizer step that takes a step size below 0 leaves it at 0; without, the
+    step sizes of an editor started negative stay negative over the same 3 steps."""
+    from editors.io import load_editor_file
+
+    model = train_model(bases)
+    start = RLEdit.for_model(model, [r"transformer\.h\.[0-2]\.mlp\.c_(fc|proj)\.weight"], rank=16,
+                             precondition_ridge=1.0)
+    with torch.no_grad():
+        start.edit_lrs.fill_(-0.05)
+    path = start.save(tmp_path / "start.safetensors", model)
+    lrs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        train.main(rledit_args(bases, out, "--model.init_args.init_editor", str(path),
+                               "--model.init_args.descent_only", flag))
+        lrs[flag] = load_editor_file(out / "editor.safetensors", "RLEdit")[0]["edit_lrs"]
+    assert float(lrs["false"].max()) < 0 and float(lrs["true"].min()) >= 0
+
+
 def test_validation_scores_a_short_last_stream(bases):
     """A split's last problem may be shorter than the training streams (kept whole by the loader):
     validation runs it as a stream of its own length."""
