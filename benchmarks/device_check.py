@@ -10,8 +10,9 @@ plain forward+backward of the same base on the same batch (the two timed alterna
 - a Transformer-Patcher edit and a dynamic-surgery edit (1,000 weights);
 
 then a 20-step MEND meta-training smoke run through ``train.py`` with ``--trainer.precision
-bf16-mixed`` (a 1-epoch tiny base on a 30-subject world first). Writes ``device_check.json`` and
-``device_check.md`` under ``--out``.
+bf16-mixed`` (a 1-epoch tiny base on a 30-subject world first), and the same run with the base
+sharded (``lightning_modules.sharding``; one process: the GPU path runs, not the gathering). Writes
+``device_check.json`` and ``device_check.md`` under ``--out``.
 
 ``--tiny`` runs the same code on small models of the same two architectures (CPU is fine): the test
 suite runs it that way so the script cannot rot before a GPU session needs it. Carrying the
@@ -171,7 +172,8 @@ def check_model(name: str, kind: str, cfg: dict[str, Any], device: torch.device,
 
 
 def smoke_train(tmp: Path, device: torch.device, steps: int = 20) -> dict[str, Any]:
-    """A 1-epoch tiny base, then ``steps`` MEND meta-training steps under bf16-mixed, both via train.py."""
+    """A 1-epoch tiny base, then ``steps`` MEND meta-training steps under bf16-mixed, unsharded and with the
+    base sharded, all via train.py."""
     acc = "gpu" if device.type == "cuda" else "cpu"
     w, base, mend = tmp / "world", tmp / "base", tmp / "mend"
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", "[]",
@@ -185,12 +187,16 @@ def smoke_train(tmp: Path, device: torch.device, steps: int = 20) -> dict[str, A
              f"--data.init_args.loc_path={base}/data/nq-loc.jsonl", "--trainer.max_steps", str(steps),
              "--trainer.val_check_interval", str(steps), "--data.init_args.val_limit", "8",
              "--trainer.precision", "bf16-mixed", *quiet]]
+    sharded = tmp / "mend_sharded"
+    jobs.append([*jobs[1], "--run_dir", str(sharded), "--trainer.strategy",
+                 json.dumps({"class_path": "lightning_modules.sharding.ShardedBaseStrategy"})])
     t0 = time.perf_counter()
     for args in jobs:
         run = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
         if run.returncode:
             return {"ok": False, "seconds": time.perf_counter() - t0, "error": (run.stderr or run.stdout)[-2000:]}
-    return {"ok": (mend / "editor.safetensors").exists(), "seconds": time.perf_counter() - t0, "steps": steps}
+    ok = all((d / "editor.safetensors").exists() for d in (mend, sharded))
+    return {"ok": ok, "seconds": time.perf_counter() - t0, "steps": steps}
 
 
 def write_markdown(path: Path, res: dict[str, Any]) -> None:
@@ -207,7 +213,8 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
             lines.append(f"| {name} | {r['parameters'] / 1e9:.2f} B | {op} | {r['seconds'][op]:.4f} | {ratio:.2f} "
                          f"| {'' if mem is None else f'{mem / 2**30:.1f}'} |")
     s = res["smoke_train"]
-    lines += ["", f"train.py smoke run (tiny base, then {s.get('steps')} MEND steps under bf16-mixed): "
+    lines += ["", f"train.py smoke run (tiny base, then {s.get('steps')} MEND steps under bf16-mixed, unsharded "
+              "and with the base sharded): "
               f"{'ok' if s['ok'] else 'FAILED'} in {s['seconds']:.0f} s.", ""]
     write_text(path, "\n".join(lines))
 
