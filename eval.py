@@ -239,6 +239,8 @@ def resolve(ns: Namespace, argv: list[str]) -> None:
     for key, default in (("accelerator", "auto"), ("devices", 1), ("strategy", "auto"), ("precision", None)):
         if ns[key] is None:
             ns[key] = default if trainer.get(key) is None else trainer[key]
+    if isinstance(ns.strategy, dict):  # a training strategy class (the sharded base): evaluation holds the whole base
+        ns.strategy = "auto"
     if ns.precision is not None and str(ns.precision) not in ("32", "32-true", *MIXED):
         raise EvalError(f"precision {ns.precision} (--precision or trainer.precision): evaluation runs full precision "
                         f"or {' / '.join(MIXED)}; the base model's dtype is model.init_args.base_dtype")

@@ -341,3 +341,9 @@ def test_merge_refuses_reports_of_other_locality_settings_edits_or_data(tmp_path
     assert "data_fingerprint" not in merged, "b's data is unknown: the merge claims no fingerprint"
     with pytest.raises(ValueError, match="two entries labelled 'ft'"):
         merge_reports([a, a], tmp_path / "twice.json")
+
+
+def test_a_sharded_training_config_evaluates_with_the_whole_base(capsys):
+    """The sharded base is a meta-training strategy: eval.py, given that config, uses the default one."""
+    printed = _print_config(Path(__file__).parents[1] / "configs" / "mend_zsre_llama_sharded.yaml", capsys)
+    assert printed["strategy"] == "auto"
