@@ -38,6 +38,20 @@ def _local_paths(init: dict, world: Path, task: str) -> dict:
     return out
 
 
+def _config(path: Path) -> dict:
+    """A config as LightningCLI reads it: a ``config:`` file included first, then this file's keys
+    (dotted ones, e.g. ``trainer.strategy``, set inside their section)."""
+    cfg = yaml.safe_load(path.read_text())
+    out = _config(path.parent / cfg.pop("config")) if "config" in cfg else {}
+    for key, value in cfg.items():
+        *parents, last = key.split(".")
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return out
+
+
 def _texts(recs: list[EditRecord]) -> set[str]:
     return {t for r in recs for t in (r.prompt, *r.rephrases)}
 
@@ -48,7 +62,7 @@ def _subjects(recs: list[EditRecord]) -> set[str]:
 
 @pytest.mark.parametrize("path", MEND_CONFIGS, ids=lambda p: p.stem)
 def test_every_config_has_disjoint_edit_splits_and_locality_pools(path, world):
-    cfg = yaml.safe_load(path.read_text())
+    cfg = _config(path)
     cls = {"ZsreDataModule": ZsreDataModule, "FeverDataModule": FeverDataModule}[cfg["data"]["class_path"].rsplit(".", 1)[1]]
     init = cfg["data"]["init_args"]
     assert init.get("test_path"), "every config names its test split"
@@ -77,7 +91,7 @@ def test_every_config_has_disjoint_edit_splits_and_locality_pools(path, world):
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.stem)
 def test_nothing_selects_or_stops_on_a_test_metric(path):
-    cfg = yaml.safe_load(path.read_text())
+    cfg = _config(path)
     for cb in (cfg.get("trainer") or {}).get("callbacks") or []:
         monitor = (cb.get("init_args") or {}).get("monitor")
         assert monitor is None or monitor.startswith("val/"), f"{cb['class_path']} monitors {monitor}"
