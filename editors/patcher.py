@@ -25,17 +25,21 @@ Per edit (:meth:`Patcher.make_edit`):
 - stop as soon as the edit is right and every constraint holds; when the constraints cannot all be
   met (a negative query next to the edit's), once the edit is right and the activation loss has not
   improved for ``patience`` steps; at most ``max_steps`` model forwards;
+- ``key_training``: "joint" trains key, bias and value together on that loss (the paper's); "fit"
+  (below) first fits key and bias to the constraints alone; the default "joint_then_fit" trains
+  jointly and gives a patch that fails a second try by "fit" (joint keys generalise to paraphrases
+  far better, fitted ones keep the most locality: docs/experiments.md);
 - a patch that is still wrong then, or whose trained key breaks a constraint, is rolled back: the
   edit is empty (the model unchanged), :attr:`Patcher.last_failure` says why and
   :attr:`Patcher.failures` counts such edits.
 
 How it is optimised (implementation choices, each for speed on a CPU):
 
-- The constraints are linear in (key, bias) and need no model forward, so key and bias are first
+- "fit": the constraints are linear in (key, bias) and need no model forward, so key and bias are
   fitted to them alone by L-BFGS on squared hinges (a few dozen evaluations of two small products;
   Adam on the joint loss took hundreds of model forwards for the same). When that meets them, only
   the value is trained afterwards (the NLL's pull on the key would undo them); otherwise key, bias
-  and value are trained together on the full loss, as in the paper.
+  and value are trained together on the full loss.
 - The key fit reads a working set of the negatives (each neuron's highest pre-activations at the
   start, and an even sample of the rest), adding back any that become active and fitting on until
   none does, so the fitted key meets the same constraints on every negative; the joint loss
