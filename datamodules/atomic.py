@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _default_mode(path: str | Path, full: int) -> None:
+    """Give ``path`` the permissions a plain create would (``full`` less the umask), not mkstemp's /
+    mkdtemp's owner-only ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, full & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success, fsync it and rename it to ``path``."""
@@ -24,9 +32,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the permissions a plain open() would give, not mkstemp's 0600
+        _default_mode(tmp, 0o666)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -46,9 +52,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # the permissions a plain mkdir would give, not mkdtemp's 0700
+        _default_mode(tmp, 0o777)
         if path.exists():
             raise FileExistsError(f"{path} exists: it is not replaced")
         os.rename(tmp, path)

@@ -49,9 +49,13 @@ class RLEdit(MEND):
         docstring); ``descent_only=False`` evaluates the file as trained."""
         editor = cls.load(path, context.model)
         if descent_only:
-            with torch.no_grad():
-                editor.edit_lrs.clamp_(min=0)
+            editor.descent_only_()
         return editor
+
+    @torch.no_grad()
+    def descent_only_(self) -> None:
+        """Set the negative step sizes to 0 (in place): no layer takes an ascent step."""
+        self.edit_lrs.clamp_(min=0)
 
     def step_deltas(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int) -> dict[str, Tensor]:
         """The dense change ``[n_problems, *weight.shape]`` of one stream step from its :meth:`pieces`,

@@ -256,8 +256,7 @@ class RLEditModule(EditorModule):
                                             self._seeds(batch, self.global_step), steps=steps)
         self.manual_step(grads, hp.grad_clip)
         if hp.descent_only:
-            with torch.no_grad():
-                self.editor.edit_lrs.clamp_(min=0)
+            self.editor.descent_only_()
         self.log_dict({"train/loss": logs["loss"], "train/edit_nll": logs["edit"], "train/back_nll": logs["back"],
                        "train/loc_kl": logs["kl"], "train/change_norm": logs["norm"]},
                       prog_bar=True, batch_size=batch["n_problems"])
