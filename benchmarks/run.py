@@ -36,6 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+import yaml  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from datamodules.atomic import write_text  # noqa: E402
@@ -352,7 +353,10 @@ def bench_malmen(shape: str, res: dict) -> None:
 
     model = build_model(shape)
     vocab, raw = model.config.vocab_size, res["raw"][shape]
-    editors = {c: trained_looking(MALMEN.for_model(model, rank=1920, edit_chunk=8, cache_pieces=c)) for c in (False, True)}
+    # the shipped config's editor: its matrices and key-covariance penalty
+    cfg = yaml.safe_load((HERE.parent / "configs" / "malmen_zsre_gpt2_tiny.yaml").read_text())["model"]["init_args"]
+    editors = {c: trained_looking(MALMEN.for_model(model, cfg["edit_params"], rank=1920, edit_chunk=8, cache_pieces=c,
+                                                   key_cov_weight=cfg["key_cov_weight"])) for c in (False, True)}
     editor = editors[True]
     mend = trained_looking(MEND.for_model(model, rank=1920).eval())
     resident = tensor_bytes(list(model.parameters()) + list(editor.parameters()) + list(editor.buffers()))
