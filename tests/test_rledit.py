@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 import train
@@ -291,8 +292,8 @@ def test_descent_only_meta_training_keeps_the_step_sizes_non_negative(bases, tmp
     from editors.io import load_editor_file
 
     model = train_model(bases)
-    start = RLEdit.for_model(model, [r"transformer\.h\.[0-2]\.mlp\.c_(fc|proj)\.weight"], rank=16,
-                             precondition_ridge=1.0)
+    layers = yaml.safe_load((ROOT / "configs" / "rledit_zsre_gpt2_tiny.yaml").read_text())["model"]["init_args"]["edit_params"]
+    start = RLEdit.for_model(model, layers, rank=16, precondition_ridge=1.0)  # the shape the config trains
     with torch.no_grad():
         start.edit_lrs.fill_(-0.05)
     path = start.save(tmp_path / "start.safetensors", model)
