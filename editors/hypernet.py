@@ -137,8 +137,8 @@ class InputPreconditioner(nn.Module):
             cov = self.moment - self.mean.unsqueeze(-1) * self.mean.unsqueeze(-2)
             sd = cov.diagonal(dim1=1, dim2=2).clamp_min(1e-12).sqrt()
             corr = cov / (sd.unsqueeze(-1) * sd.unsqueeze(-2))
-            # corr + ridge I is symmetric positive definite: a Cholesky inverse (the batched LU inverse
-            # failed on finite inputs inside a sharded bf16-mixed run on CPU)
+            # symmetric positive definite: Cholesky (the batched LU inverse failed on finite inputs
+            # under a sharded bf16-mixed run)
             K = (1 + self.ridge) * torch.cholesky_inverse(torch.linalg.cholesky(corr + self.ridge * eye))
             self.K.copy_(torch.where((self.count > 1)[:, None, None], K, eye))
             self.K_seen.copy_(seen)
