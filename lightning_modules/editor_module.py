@@ -126,7 +126,10 @@ class EditorModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         for k, metric in self.val.items():  # compute() reduces across processes
             self.log(f"val/{k}", metric.compute(), prog_bar=k in ("edit_success", "generality", "drawdown"))
-            metric.reset()
+            # fresh states as ordinary tensors: made under `trainer.validate`'s inference mode they could
+            # not be updated by a later fit's validation (which runs under no_grad only)
+            with torch.inference_mode(False):
+                metric.reset()
 
     def manual_step(self, grads: list[torch.Tensor], grad_clip: float | None) -> None:
         """One optimisation step from gradients a module computed itself (manual optimisation, in the

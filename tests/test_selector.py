@@ -304,10 +304,10 @@ def test_meta_training_lowers_the_meta_loss_and_raises_validation_es(bases, tmp_
     helps; at learning rate 0 nothing changes, so the comparison measures the training, not the data."""
     from lightning_modules.cli import HypeditCLI
 
-    # no sanity validation: the metric states a validation resets under inference mode cannot be updated
-    # by fit's validation afterwards (and this run validates only through trainer.validate)
+    # validate, fit (with its sanity validation), validate: the metric states reset by the first
+    # validation, under inference mode, must still take the fit's validation updates
     cli = HypeditCLI(args=selector_args(bases, tmp_path, "--trainer.max_steps", "60", "--trainer.val_check_interval",
-                                        "1000", "--trainer.num_sanity_val_steps", "0", "--data.init_args.val_limit",
+                                        "1000", "--data.init_args.val_limit",
                                         "15", "--model.init_args.lr", str(lr), "--model.init_args.edit_lr_lr",
                                         str(edit_lr_lr)))
     before = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
