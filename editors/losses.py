@@ -44,15 +44,19 @@ def _aligned(logits: Tensor, labels: Tensor, family: Family) -> tuple[Tensor, Te
     return logits, labels
 
 
-def nll(logits: Tensor, labels: Tensor, family: Family) -> Tensor:
-    """Mean negative log-likelihood of the targets: per example over its target tokens, then over examples."""
+def nll_per_example(logits: Tensor, labels: Tensor, family: Family) -> Tensor:
+    """Per example ``[batch]``: the mean negative log-likelihood of its target tokens."""
     if family == "classifier":
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
     lg, tg = _aligned(logits, labels, family)
     mask = tg != -100
     tok = F.cross_entropy(lg.float().flatten(0, 1), tg.clamp_min(0).flatten(), reduction="none").view_as(tg)
-    per_ex = (tok * mask).sum(1) / mask.sum(1).clamp_min(1)
-    return per_ex.mean()
+    return (tok * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def nll(logits: Tensor, labels: Tensor, family: Family) -> Tensor:
+    """Mean negative log-likelihood of the targets: per example over its target tokens, then over examples."""
+    return nll_per_example(logits, labels, family).mean()
 
 
 def scores(logits: Tensor, labels: Tensor, family: Family) -> tuple[Tensor, Tensor]:

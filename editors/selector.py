@@ -20,7 +20,11 @@ selection across many edits, the way MEND (Mitchell et al., ICLR 2022) learns it
    ``log|G|`` anchors the scores' scale (``tau`` below is in its units);
 3. the top ``n_params`` scores over *all* candidate matrices (one global budget) form a hard mask
    ``M``, and the edit is one masked descent step ``W - lr_layer * M * G`` with a learned,
-   log-parametrised step size per layer. Optionally (``until_right_steps``) further masked gradient
+   log-parametrised step size per layer. With ``step_rule="polyak"`` the step is also scaled per
+   edit by Polyak's step size for a target loss of 0, ``L / ||M * G||^2`` (``L``: the edit's NLL):
+   to first order the step then removes the fraction ``lr_layer`` of the edit's loss whatever the
+   size of its gradient, so an edit with a small gradient is not under-stepped and one with a large
+   gradient is not over-stepped (the factor is a constant of the edit, not differentiated). Optionally (``until_right_steps``) further masked gradient
    steps on the same mask until every edit input is an exact match (FT's stopping rule), at edit
    time only. The returned changes have at most ``n_params`` nonzero entries.
 
@@ -51,8 +55,9 @@ from datamodules.encoding import Family
 from editors.base import DeltaEditor, EditorContext
 from editors.io import FileEditor
 from editors.layers import LayerSpec, gradient_pieces
-from editors.losses import forward_logits, nll, scores
+from editors.losses import forward_logits, nll, nll_per_example, scores
 
+STEP_RULES = ("gradient", "polyak")
 N_FEATURES = 3  # per unit: log-norm of its row/column of G, log-rms and log-|sum| of its pieces over tokens
 _TINY = 1e-30  # floor under magnitudes before a log (exact zeros stay very unlikely to be selected)
 
@@ -69,10 +74,13 @@ class Selector(FileEditor, nn.Module, DeltaEditor):
             ``e^tau`` in gradient magnitude).
         until_right_steps: at edit time, up to this many further masked gradient steps (same mask,
             same step sizes) until every edit input is right. 0: the one meta-trained step.
+        step_rule: "gradient" (the masked gradient times the layer's step size) or "polyak" (also
+            times ``L / ||M * G||^2``, see the module docstring).
     """
 
     def __init__(self, layers: Sequence[LayerSpec | Mapping[str, Any]], n_params: int = 1000, hidden: int = 16,
-                 init_edit_lr: float = 1.0, tau: float = 1.0, until_right_steps: int = 0) -> None:
+                 init_edit_lr: float = 1.0, tau: float = 1.0, until_right_steps: int = 0,
+                 step_rule: str = "gradient") -> None:
         super().__init__()
         self.name = "selector"
         self.layers = [l if isinstance(l, LayerSpec) else LayerSpec(**l) for l in layers]
@@ -89,10 +97,14 @@ class Selector(FileEditor, nn.Module, DeltaEditor):
             raise ValueError(f"tau and init_edit_lr must be positive, got {tau} and {init_edit_lr}")
         if int(until_right_steps) != until_right_steps or until_right_steps < 0:
             raise ValueError(f"until_right_steps must be a non-negative integer, got {until_right_steps}")
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {step_rule!r}")
+        self.step_rule = step_rule
         self.n_params, self.tau, self.until_right_steps = int(n_params), float(tau), int(until_right_steps)
         self.total = total
         self.config = {"layers": [asdict(l) for l in self.layers], "n_params": self.n_params, "hidden": hidden,
-                       "init_edit_lr": init_edit_lr, "tau": self.tau, "until_right_steps": self.until_right_steps}
+                       "init_edit_lr": init_edit_lr, "tau": self.tau, "until_right_steps": self.until_right_steps,
+                       "step_rule": step_rule}
         L = len(self.layers)
         # per-unit priors, all layers in one vector: layer l's output units, then its input units
         sizes = [n for l in self.layers for n in (l.d_out, l.d_in)]
@@ -198,14 +210,29 @@ class Selector(FileEditor, nn.Module, DeltaEditor):
         problems, the consecutive equal row groups of ``batch``; each problem changes at most
         ``n_params`` entries. Differentiable in the selector's parameters where grad is enabled
         (straight-through mask, see :meth:`mask`)."""
-        grads, pieces = self._gradients(model, batch, family, n_problems)
+        stash: dict = {}
+        grads, pieces = self._gradients(model, batch, family, n_problems, stash=stash)
         sc = [self.score_layer(i, grads[l.name], *pieces[l.name]) for i, l in enumerate(self.layers)]
         masks = self.mask(sc)
+        factor = self._step_factor(stash["logits"], batch["labels"], family,
+                                   [m.detach() * grads[l.name] for l, m in zip(self.layers, masks)])
         out = {}
         for i, (l, m) in enumerate(zip(self.layers, masks)):
-            step = -self.log_edit_lrs[i].exp() * m * grads[l.name]
+            step = -self.log_edit_lrs[i].exp() * factor * m * grads[l.name]
             out[l.name] = _stored(l, step)
         return out
+
+    @torch.no_grad()
+    def _step_factor(self, logits: Tensor, labels: Tensor, family: Family, masked: Sequence[Tensor]) -> Tensor:
+        """Per problem ``[P, 1, 1]``, the factor on the masked gradient step besides the step sizes: 1, or
+        for ``step_rule="polyak"`` the problem's edit loss (the sum over its edits of each one's NLL, whose
+        gradient ``G`` is) over ``||M * G||^2`` (``masked``: per layer ``M * G [P, d_out, d_in]``)."""
+        P = masked[0].shape[0]
+        if self.step_rule == "gradient":
+            return masked[0].new_ones(P, 1, 1)
+        loss = nll_per_example(logits, labels, family).view(P, -1).sum(1)
+        norm2 = sum(g.pow(2).flatten(1).sum(1) for g in masked)
+        return (loss.to(norm2.dtype) / norm2.clamp_min(_TINY)).view(P, 1, 1)
 
     def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
                loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -233,9 +260,10 @@ class Selector(FileEditor, nn.Module, DeltaEditor):
             right, _ = scores(stash["logits"], batch["labels"], family)
             if bool(right.all()) or step == self.until_right_steps:
                 break
-            for i, l in enumerate(self.layers):
-                g = _stored(l, grads[l.name])[0]
-                change[l.name] = change[l.name] - self.log_edit_lrs[i].exp() * keep[l.name] * g
+            masked = [keep[l.name] * _stored(l, grads[l.name])[0] for l in self.layers]
+            factor = self._step_factor(stash["logits"], batch["labels"], family, [g.unsqueeze(0) for g in masked])[0]
+            for i, (l, g) in enumerate(zip(self.layers, masked)):
+                change[l.name] = change[l.name] - self.log_edit_lrs[i].exp() * factor * g
             self.last_steps = step + 1
         return change
 

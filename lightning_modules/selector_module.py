@@ -6,7 +6,7 @@ per batch of ``n_problems`` independent edit problems:
 1. the unedited model's logits on the locality inputs (no grad);
 2. the edit: gradient pieces of the edit loss on ``edit_inner``, entries scored by the selector,
    the top ``n_params`` kept (straight-through: hard mask forward, sigmoid backward), one masked
-   descent step with the learned per-layer step sizes;
+   descent step with the learned per-layer step sizes (times Polyak's factor with ``step_rule="polyak"``);
 3. the edited model (base weights + each problem's sparse change, functionally) on the paraphrases
    and locality inputs;
 4. ``loss = c_edit * NLL(paraphrase, new target) + c_loc * KL(pre || post on locality)``;
@@ -54,7 +54,7 @@ class SelectorModule(EditorModule):
 
     def __init__(self, base_model: str = "runs/base_zsre_gpt2_tiny/model", family: Family = "causal",
                  edit_params: list[str] | None = None, n_params: int = 1000, hidden: int = 16,
-                 init_edit_lr: float = 1.0, tau: float = 1.0, until_right_steps: int = 0,
+                 init_edit_lr: float = 1.0, tau: float = 1.0, until_right_steps: int = 0, step_rule: str = "gradient",
                  lr: float = 1e-2, edit_lr_lr: float = 1e-2, c_edit: float = 0.1, c_loc: float = 1.0,
                  cosine_decay: bool = False, output_dir: str = "runs/default",
                  base_dtype: BaseDtype | None = None) -> None:
@@ -62,7 +62,8 @@ class SelectorModule(EditorModule):
         self.save_hyperparameters()
         self._load_base(base_model, family, base_dtype)
         self.editor = Selector.for_model(self.model, edit_params, n_params=n_params, hidden=hidden,
-                                         init_edit_lr=init_edit_lr, tau=tau, until_right_steps=until_right_steps)
+                                         init_edit_lr=init_edit_lr, tau=tau, until_right_steps=until_right_steps,
+                                         step_rule=step_rule)
         self.val = torch.nn.ModuleDict({k: MeanMetric() for k in SELECTOR_VAL_METRICS})
 
     # -- the edit of a batch's problems, and what validation adds to the shared metrics

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -58,14 +59,15 @@ def scrambled(selector: Selector, seed: int = 0) -> Selector:
 
 
 # -- the editor
-@pytest.mark.parametrize("family,n,until_right", [("causal", 37, 0), ("causal", 1000, 4), ("seq2seq", 50, 0),
-                                                  ("classifier", 25, 2)])
-def test_never_changes_more_than_n_weights(tiny_models, tokenizer, family, n, until_right):
+@pytest.mark.parametrize("family,n,until_right,rule", [("causal", 37, 0, "gradient"), ("causal", 1000, 4, "gradient"),
+                                                       ("causal", 1000, 4, "polyak"), ("seq2seq", 50, 0, "polyak"),
+                                                       ("classifier", 25, 2, "gradient")])
+def test_never_changes_more_than_n_weights(tiny_models, tokenizer, family, n, until_right, rule):
     model = tiny_models[family]
     batch = edit_batch(model, tokenizer, family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for sel in (Selector.for_model(model, n_params=n, init_edit_lr=5.0, until_right_steps=until_right),
-                scrambled(Selector.for_model(model, n_params=n, init_edit_lr=5.0, until_right_steps=until_right))):
+    kw = dict(n_params=n, init_edit_lr=5.0 if rule == "gradient" else 0.5, until_right_steps=until_right, step_rule=rule)
+    for sel in (Selector.for_model(model, **kw), scrambled(Selector.for_model(model, **kw))):
         edit = sel.eval().make_edit(model, batch, family)
         changed = n_differ(WeightDelta(edit.deltas).merged(model), model)
         assert 0 < changed <= n, changed
@@ -96,6 +98,33 @@ def test_untrained_selector_picks_the_largest_gradients(tiny_models, tokenizer):
     top = grads.abs().topk(100).indices
     torch.testing.assert_close(got[top], -grads[top], rtol=1e-4, atol=1e-7)
     assert int((got != 0).sum()) == 100
+
+
+@pytest.mark.parametrize("family", ["causal", "classifier"])
+def test_polyak_step_removes_the_fraction_lr_of_each_problems_loss_to_first_order(tiny_models, tokenizer, family):
+    """``step_rule="polyak"``: each problem's change ``D`` satisfies ``<D, G> = -lr * L`` (``G``: the gradient of
+    the problem's edit loss ``L``, computed here by plain autograd), whatever the size of ``G``; the gradient
+    rule's change is ``-lr * M * G``, so its first-order decrease grows with ``|G|^2``."""
+    model = tiny_models[family]
+    batch = edit_batch(model, tokenizer, family, k=4)
+    lr = 0.7
+    rules = {r: scrambled(Selector.for_model(model, n_params=300, init_edit_lr=lr, step_rule=r)).eval()
+             for r in ("polyak", "gradient")}
+    with torch.no_grad():
+        deltas = {r: sel.batched_deltas(model, batch, family, 2) for r, sel in rules.items()}
+    params = dict(model.named_parameters())
+    for b in range(2):
+        rows = {k: v[2 * b:2 * b + 2] for k, v in batch.items()}
+        model.zero_grad()
+        loss = 2 * nll(forward_logits(model, rows, family), rows["labels"], family)  # the sum over its 2 edits
+        loss.backward()
+        inner = {r: sum(float((d[k][b] * params[k].grad).sum()) for k in d) for r, d in deltas.items()}
+        masked_norm2 = sum(float(params[k].grad[deltas["gradient"][k][b] != 0].pow(2).sum()) for k in deltas["gradient"])
+        assert inner["polyak"] == pytest.approx(-lr * float(loss), rel=1e-3)
+        assert inner["gradient"] == pytest.approx(-lr * masked_norm2, rel=1e-3)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="step_rule must be one of"):
+        Selector.for_model(model, step_rule="newton")
 
 
 def meta_loss(sel: Selector, model, tokenizer, P: int = 2):
@@ -299,9 +328,9 @@ def test_meta_training_smoke_run_writes_the_editor(bases, single_run):
                          ids=["config_rates", "step_sizes_frozen", "lr_0"])
 def test_meta_training_lowers_the_meta_loss_and_raises_validation_es(bases, tmp_path, lr, edit_lr_lr):
     """Validation (the tiny world's 11 validation edits with a paraphrase) before and after 60 steps of
-    meta-training through train.py's CLI: the meta-loss falls and edit success rises (here from 8 of 11
-    edits to all 11, for seeds 0 to 3), also with the step sizes frozen, so the learned selection itself
-    helps; at learning rate 0 nothing changes, so the comparison measures the training, not the data."""
+    meta-training through train.py's CLI (the config's step rule and rates): the meta-loss falls and edit
+    success rises, also with the step sizes frozen, so the learned selection itself helps; at learning
+    rate 0 nothing changes, so the comparison measures the training, not the data."""
     from lightning_modules.cli import HypeditCLI
 
     # validate, fit (with its sanity validation), validate: the metric states reset by the first
@@ -320,7 +349,8 @@ def test_meta_training_lowers_the_meta_loss_and_raises_validation_es(bases, tmp_
     assert after["val/loss"] < before["val/loss"], (before, after)
     assert after["val/edit_success"] > before["val/edit_success"], (before, after)
     lrs = cli.model.editor.log_edit_lrs.detach()
-    assert torch.equal(lrs, torch.zeros_like(lrs)) == (edit_lr_lr == 0)
+    start = torch.full_like(lrs, math.log(cli.model.hparams.init_edit_lr))
+    assert torch.equal(lrs, start) == (edit_lr_lr == 0)
 
 
 def test_fever_config_meta_trains_the_classifier(bases, tmp_path):
