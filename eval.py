@@ -60,6 +60,7 @@ EDITOR_ALIASES: dict[str, dict[str, Any]] = {
     "mend": {"class_path": "editors.mend.MEND", "init_args": {"path": EDITOR_FILE}},
     "mend_until_right": {"class_path": "editors.until_right.UntilRight",
                          "init_args": {"editor": {"class_path": "mend"}}},
+    "mend_polyak": {"class_path": "editors.until_right.PolyakStep", "init_args": {"editor": {"class_path": "mend"}}},
     "ft": {"class_path": "editors.ft.FineTune"},
     "ft_kl": {"class_path": "editors.ft.FineTune", "init_args": {"c_loc": 1.0}},
     **{f"surgery_{m}": {"class_path": "editors.surgery.Surgery", "init_args": {"method": m}} for m in SURGERY_METHODS},

@@ -1,13 +1,20 @@
-"""FT's stopping rule for a one-step editor: the smallest scale of its weight change that makes the edit right.
+"""Step-length rules for a one-step editor: the editor proposes a weight change, the rule picks its length.
 
-FT (:mod:`editors.ft`) stops as soon as every edit in the batch is an exact match, so it changes
-the model no more than the edit input needs. MEND takes one step whose size was meta-trained for
-the paraphrases too, and a larger step moves unrelated inputs more (docs/experiments.md: at full size
-the default editor breaks 10% of the questions that share the edit's old answer). ``UntilRight``
-gives a one-step editor FT's rule: it computes the change once, tries it at ``scales`` in
-increasing order, and keeps the first scaled change under which every edit in the batch is right
-(the largest scale if none is). Like FT it looks only at the edit inputs and their targets, never
-at paraphrases or locality inputs; each scale tried costs one forward pass of the edit inputs.
+MEND takes one step whose size was meta-trained for the paraphrases too, and a larger step moves
+unrelated inputs more (docs/experiments.md: at full size the default editor breaks 10% of the
+questions that share the edit's old answer). Two rules rescale the proposed change per edit, looking
+only at the edit inputs and their targets, never at paraphrases or locality inputs:
+
+- ``UntilRight``: FT's stopping rule. FT (:mod:`editors.ft`) stops as soon as every edit in the
+  batch is an exact match; this tries the change at ``scales`` in increasing order and keeps the
+  first under which every edit is right (the largest if none is). Each scale tried costs one
+  forward pass of the edit inputs.
+- ``PolyakStep``: Polyak's step size for a target loss of 0 (Polyak 1987). The change ``D`` is scaled
+  so that, to first order, it removes the fraction ``fraction`` of the edit loss ``L``:
+  ``s = fraction * L / -<D, G>`` with ``G`` the loss's gradient at the unedited weights. An edit the
+  model nearly has gets a short step, one it is far from a long one, whatever length the editor
+  proposed. It costs one forward+backward of the edit inputs.
+
 Plain torch: no Lightning here.
 """
 from __future__ import annotations
@@ -18,45 +25,90 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.encoding import Family
-from editors.losses import forward_logits, scores
+from editors.losses import forward_logits, nll, scores
 from editors.base import DeltaEditor, EditedModel, EditorContext, build_editor
 
 DEFAULT_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-class UntilRight(nn.Module, DeltaEditor):
-    """A one-step editor (anything with ``layers`` and ``deltas(model, batch, family)``) under FT's
-    stopping rule. A module, so moving it to a device moves a wrapped MEND too."""
+class _StepRule(nn.Module, DeltaEditor):
+    """A one-step editor (anything with ``layers`` and ``deltas(model, batch, family)``) whose change is
+    rescaled per edit by :meth:`scale`. A module, so moving it to a device moves a wrapped MEND too."""
 
-    def __init__(self, editor: Any, scales: Sequence[float] = DEFAULT_SCALES, name: str = "mend_until_right") -> None:
+    def __init__(self, editor: Any, name: str, config: Mapping[str, Any]) -> None:
         super().__init__()
-        if not scales or any(s <= 0 for s in scales):
-            raise ValueError(f"scales must be positive and non-empty, got {list(scales)}")
-        self.editor, self.scales, self.name = editor, sorted(float(s) for s in scales), name
-        self.layers = editor.layers
-        self.config = {"class": "UntilRight", "name": name, "scales": self.scales,
+        self.editor, self.name, self.layers = editor, name, editor.layers
+        self.config = {"class": type(self).__name__, "name": name, **config,
                        "editor": getattr(editor, "config", type(editor).__name__)}
         self.last_scale: float | None = None  # the scale the last edit kept
+
+    @staticmethod
+    def _inner(context: EditorContext, editor: Mapping[str, Any] | None) -> Any:
+        """``editor`` (a spec; default a MEND spec without its file) built for ``context``."""
+        return build_editor(editor or {"class_path": "editors.mend.MEND"}, context)
+
+    def scale(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family, full: Mapping[str, Tensor]) -> float:
+        raise NotImplementedError
+
+    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+               loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The wrapped editor's weight changes, scaled by the rule's scale for ``batch``."""
+        full = self.editor.deltas(model, batch, family)
+        self.last_scale = self.scale(model, batch, family, full)
+        return {k: self.last_scale * d for k, d in full.items()}
+
+
+class UntilRight(_StepRule):
+    """The smallest of ``scales`` under which every edit of the batch is right (FT's stopping rule)."""
+
+    def __init__(self, editor: Any, scales: Sequence[float] = DEFAULT_SCALES, name: str = "mend_until_right") -> None:
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be positive and non-empty, got {list(scales)}")
+        self.scales = sorted(float(s) for s in scales)
+        super().__init__(editor, name, {"scales": self.scales})
 
     @classmethod
     def for_evaluation(cls, context: EditorContext, editor: Mapping[str, Any] | None = None,
                        scales: Sequence[float] | None = None, name: str | None = None) -> "UntilRight":
-        """``editor`` (a spec, default a MEND spec without its file) under the rule; ``scales`` default
-        to the config's grid (``context.until_right_scales``), else :data:`DEFAULT_SCALES`."""
-        inner = build_editor(editor or {"class_path": "editors.mend.MEND"}, context)
+        """``editor`` under the rule; ``scales`` default to the config's grid (``context.until_right_scales``),
+        else :data:`DEFAULT_SCALES`."""
+        inner = cls._inner(context, editor)
         if scales is None:
             scales = context.until_right_scales or DEFAULT_SCALES
         return cls(inner, scales, name or f"{inner.name}_until_right")
 
-    def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
-               loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """The wrapped editor's weight changes, scaled by the smallest scale that makes ``batch`` right."""
-        full = self.editor.deltas(model, batch, family)
+    @torch.no_grad()
+    def scale(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family, full: Mapping[str, Tensor]) -> float:
         for s in self.scales:
-            scaled = {k: s * d for k, d in full.items()}
-            with torch.no_grad():
-                right, _ = scores(forward_logits(EditedModel(model, scaled), batch, family), batch["labels"], family)
+            edited = EditedModel(model, {k: s * d for k, d in full.items()})
+            right, _ = scores(forward_logits(edited, batch, family), batch["labels"], family)
             if bool(right.all()):
                 break
-        self.last_scale = s
-        return scaled
+        return s
+
+
+class PolyakStep(_StepRule):
+    """Polyak's step length: the change removes, to first order, ``fraction`` of the edit loss (the sum over
+    the batch's edits of each one's NLL). A change that is not a descent direction to first order
+    (``<D, G> >= 0``) is kept as proposed (scale 1)."""
+
+    def __init__(self, editor: Any, fraction: float = 2.0, name: str = "mend_polyak") -> None:
+        if fraction <= 0:
+            raise ValueError(f"fraction must be positive, got {fraction}")
+        self.fraction = float(fraction)
+        super().__init__(editor, name, {"fraction": self.fraction})
+
+    @classmethod
+    def for_evaluation(cls, context: EditorContext, editor: Mapping[str, Any] | None = None,
+                       fraction: float = 2.0, name: str | None = None) -> "PolyakStep":
+        inner = cls._inner(context, editor)
+        return cls(inner, fraction, name or f"{inner.name}_polyak")
+
+    def scale(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family, full: Mapping[str, Tensor]) -> float:
+        params = dict(model.named_parameters())
+        w = {k: params[k].detach().requires_grad_(True) for k in full}  # the edited weights only
+        with torch.enable_grad():
+            loss = nll(forward_logits(model, batch, family, w), batch["labels"], family) * batch["input_ids"].shape[0]
+            grads = torch.autograd.grad(loss, list(w.values()))
+        slope = sum(float((full[k].double() * g.double()).sum()) for k, g in zip(w, grads))
+        return self.fraction * float(loss) / -slope if slope < 0 else 1.0

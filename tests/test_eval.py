@@ -17,10 +17,10 @@ from datamodules.encoding import collate, encode
 from datamodules.formats import read_nq
 from editors.ft import FineTune
 from editors.layers import select_layers
-from editors.losses import forward_logits, scores, top1_agreement
+from editors.losses import forward_logits, nll, scores, top1_agreement
 from editors.base import DeltaEditor, EditedModel, merge_deltas_
 from editors.mend import MEND
-from editors.until_right import UntilRight
+from editors.until_right import PolyakStep, UntilRight
 from lightning_modules.evaluation import (DEFINITIONS, BaseLocality, EditData, EditMetrics, drawdown, flip_counts,
                                           greedy_answers, locality_scores, retention, run_sequential, select_rows,
                                           stream_checkpoints)
@@ -318,6 +318,36 @@ def test_until_right_keeps_the_smallest_scale_that_makes_the_edit_right(tiny_mod
     assert none_right.last_scale == 2e-6, "no scale is right: the largest is kept"
     with pytest.raises(ValueError, match="positive"):
         UntilRight(_Fixed([], {}), scales=(0.5, 0.0))
+
+
+@pytest.mark.parametrize("family", ["causal", "classifier"])
+def test_polyak_step_removes_the_fraction_of_the_edit_loss_to_first_order(tiny_models, tokenizer, family):
+    """``<s * D, G> = -fraction * L`` for any proposed change ``D`` that descends (``G``: the gradient of the
+    edit loss ``L``, the sum over the batch's edits, by plain autograd); ``D`` of either length gives the
+    same change; a change that does not descend is kept as proposed."""
+    model = tiny_models[family]
+    targets = ["Arvenna", "painter"] if family != "classifier" else ["SUPPORTS", "REFUTES"]
+    batch = collate(encode(tokenizer, family, ["Where was Foo born?", "What does Bar do?"], targets),
+                    tokenizer.pad_token_id, family)
+    full = FineTune.for_model(model, lr=1e-3, max_steps=3).deltas(model, batch, family)
+    params = dict(model.named_parameters())
+    model.zero_grad()
+    loss = 2 * nll(forward_logits(model, batch, family), batch["labels"], family)
+    loss.backward()
+    slope = sum(float((full[k] * params[k].grad).sum()) for k in full)
+    model.zero_grad(set_to_none=True)
+    assert slope < 0
+    for length in (1.0, 10.0):
+        rule = PolyakStep(_Fixed(select_layers(model), {k: length * d for k, d in full.items()}), fraction=0.5)
+        got = rule.deltas(model, batch, family)
+        assert rule.last_scale * length * slope == pytest.approx(-0.5 * float(loss), rel=1e-4)
+        for k in full:  # the same change whatever the proposed length
+            torch.testing.assert_close(got[k], (-0.5 * float(loss) / slope) * full[k], rtol=1e-4, atol=1e-9)
+    ascent = PolyakStep(_Fixed(select_layers(model), {k: -d for k, d in full.items()}))
+    ascent.deltas(model, batch, family)
+    assert ascent.last_scale == 1.0
+    with pytest.raises(ValueError, match="positive"):
+        PolyakStep(_Fixed([], {}), fraction=0.0)
 
 
 # ---------------------------------------------------------------- end to end on a very small world
