@@ -48,6 +48,7 @@ from editors.patcher import Patcher  # noqa: E402
 from editors.rledit import RLEdit  # noqa: E402
 from editors.selector import Selector  # noqa: E402
 from editors.surgery import Surgery  # noqa: E402
+from editors.until_right import PolyakStep  # noqa: E402
 from lightning_modules.evaluation import BaseLocality, score_step  # noqa: E402
 
 SHAPES = {"tiny": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=5000),
@@ -322,7 +323,8 @@ def bench_model(shape: str, quick: bool, tmp: Path, res: dict, prof: dict) -> No
     large.memory_queries(model, FAM)
     others = {"patcher": Patcher(model, memory=make_batch(vocab, 64, 61)), "patcher_memory160k": large,
               "surgery_dynamic": Surgery.for_model(model, n_params=1000, method="dynamic"),
-              "selector": Selector.for_model(model, n_params=1000)}
+              "selector": Selector.for_model(model, n_params=1000, step_rule="polyak"),  # the configs' rule
+              "mend_polyak": PolyakStep(editor)}
     t = round_robin({"other_fwd_bwd_1": lambda: fwd_bwd(model, answer),
                      **{f"edit_{n}": (lambda e=e: e.make_edit(model, answer, FAM)) for n, e in others.items()}}, *few)
     raw.update(t)
