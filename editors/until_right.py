@@ -89,20 +89,21 @@ class UntilRight(_StepRule):
 
 class PolyakStep(_StepRule):
     """Polyak's step length: the change removes, to first order, ``fraction`` of the edit loss (the sum over
-    the batch's edits of each one's NLL). A change that is not a descent direction to first order
-    (``<D, G> >= 0``) is kept as proposed (scale 1)."""
+    the batch's edits of each one's NLL), scaled by at most ``max_scale`` (a far-off edit, or a model
+    that earlier edits of a stream have worn, asks for a long step that first order cannot predict). A
+    change that is not a descent direction to first order (``<D, G> >= 0``) is kept as proposed (scale 1)."""
 
-    def __init__(self, editor: Any, fraction: float = 2.0, name: str = "mend_polyak") -> None:
-        if fraction <= 0:
-            raise ValueError(f"fraction must be positive, got {fraction}")
-        self.fraction = float(fraction)
-        super().__init__(editor, name, {"fraction": self.fraction})
+    def __init__(self, editor: Any, fraction: float = 2.0, max_scale: float = 1.0, name: str = "mend_polyak") -> None:
+        if fraction <= 0 or max_scale <= 0:
+            raise ValueError(f"fraction and max_scale must be positive, got {fraction} and {max_scale}")
+        self.fraction, self.max_scale = float(fraction), float(max_scale)
+        super().__init__(editor, name, {"fraction": self.fraction, "max_scale": self.max_scale})
 
     @classmethod
-    def for_evaluation(cls, context: EditorContext, editor: Mapping[str, Any] | None = None,
-                       fraction: float = 2.0, name: str | None = None) -> "PolyakStep":
+    def for_evaluation(cls, context: EditorContext, editor: Mapping[str, Any] | None = None, fraction: float = 2.0,
+                       max_scale: float = 1.0, name: str | None = None) -> "PolyakStep":
         inner = cls._inner(context, editor)
-        return cls(inner, fraction, name or f"{inner.name}_polyak")
+        return cls(inner, fraction, max_scale, name or f"{inner.name}_polyak")
 
     def scale(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family, full: Mapping[str, Tensor]) -> float:
         params = dict(model.named_parameters())
@@ -111,4 +112,4 @@ class PolyakStep(_StepRule):
             loss = nll(forward_logits(model, batch, family, w), batch["labels"], family) * batch["input_ids"].shape[0]
             grads = torch.autograd.grad(loss, list(w.values()))
         slope = sum(float((full[k].double() * g.double()).sum()) for k, g in zip(w, grads))
-        return self.fraction * float(loss) / -slope if slope < 0 else 1.0
+        return min(self.fraction * float(loss) / -slope, self.max_scale) if slope < 0 else 1.0

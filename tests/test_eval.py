@@ -324,7 +324,7 @@ def test_until_right_keeps_the_smallest_scale_that_makes_the_edit_right(tiny_mod
 def test_polyak_step_removes_the_fraction_of_the_edit_loss_to_first_order(tiny_models, tokenizer, family):
     """``<s * D, G> = -fraction * L`` for any proposed change ``D`` that descends (``G``: the gradient of the
     edit loss ``L``, the sum over the batch's edits, by plain autograd); ``D`` of either length gives the
-    same change; a change that does not descend is kept as proposed."""
+    same change; the scale is capped at ``max_scale``; a change that does not descend is kept as proposed."""
     model = tiny_models[family]
     targets = ["Arvenna", "painter"] if family != "classifier" else ["SUPPORTS", "REFUTES"]
     batch = collate(encode(tokenizer, family, ["Where was Foo born?", "What does Bar do?"], targets),
@@ -338,16 +338,22 @@ def test_polyak_step_removes_the_fraction_of_the_edit_loss_to_first_order(tiny_m
     model.zero_grad(set_to_none=True)
     assert slope < 0
     for length in (1.0, 10.0):
-        rule = PolyakStep(_Fixed(select_layers(model), {k: length * d for k, d in full.items()}), fraction=0.5)
+        rule = PolyakStep(_Fixed(select_layers(model), {k: length * d for k, d in full.items()}), fraction=0.5,
+                          max_scale=1e9)
         got = rule.deltas(model, batch, family)
         assert rule.last_scale * length * slope == pytest.approx(-0.5 * float(loss), rel=1e-4)
         for k in full:  # the same change whatever the proposed length
             torch.testing.assert_close(got[k], (-0.5 * float(loss) / slope) * full[k], rtol=1e-4, atol=1e-9)
+    wanted = -0.5 * float(loss) / slope  # the uncapped scale of the proposed change
+    capped = PolyakStep(_Fixed(select_layers(model), full), fraction=0.5, max_scale=wanted / 4)
+    capped.deltas(model, batch, family)
+    assert capped.last_scale == wanted / 4, "the cap binds: at most max_scale"
     ascent = PolyakStep(_Fixed(select_layers(model), {k: -d for k, d in full.items()}))
     ascent.deltas(model, batch, family)
     assert ascent.last_scale == 1.0
-    with pytest.raises(ValueError, match="positive"):
-        PolyakStep(_Fixed([], {}), fraction=0.0)
+    for bad in ({"fraction": 0.0}, {"max_scale": -1.0}):
+        with pytest.raises(ValueError, match="positive"):
+            PolyakStep(_Fixed([], {}), **bad)
 
 
 # ---------------------------------------------------------------- end to end on a very small world
