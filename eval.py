@@ -69,6 +69,7 @@ EDITOR_ALIASES: dict[str, dict[str, Any]] = {
     "selector_untrained": {"class_path": "editors.selector.Selector", "init_args": {"path": None}},
     "malmen": {"class_path": "editors.malmen.MALMEN", "init_args": {"path": EDITOR_FILE}},
     "rledit": {"class_path": "editors.rledit.RLEdit", "init_args": {"path": EDITOR_FILE}},
+    "rledit_polyak": {"class_path": "editors.until_right.PolyakStep", "init_args": {"editor": {"class_path": "rledit"}}},
     "patcher": {"class_path": "editors.patcher.Patcher"},
 }
 # --mode all without --editor (the MEND ones only with --editor_path)

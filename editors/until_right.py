@@ -31,6 +31,14 @@ from editors.base import DeltaEditor, EditedModel, EditorContext, build_editor
 DEFAULT_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
+def polyak_scale(loss: Tensor, slope: Tensor, fraction: float, max_scale: float) -> Tensor:
+    """:class:`PolyakStep`'s scale (elementwise, e.g. per problem) from the edit loss ``L`` and the slope
+    ``<D, G>`` of the proposed change along the loss's gradient: ``min(fraction * L / -slope, max_scale)``,
+    and 1 where the change does not descend (``slope >= 0``)."""
+    scale = (fraction * loss / -slope.clamp(max=-1e-30)).clamp(max=max_scale)
+    return torch.where(slope < 0, scale, torch.ones_like(scale))
+
+
 class _StepRule(nn.Module, DeltaEditor):
     """A one-step editor (anything with ``layers`` and ``deltas(model, batch, family)``) whose change is
     rescaled per edit by :meth:`scale`. A module, so moving it to a device moves a wrapped MEND too."""
@@ -111,5 +119,5 @@ class PolyakStep(_StepRule):
         with torch.enable_grad():
             loss = nll(forward_logits(model, batch, family, w), batch["labels"], family) * batch["input_ids"].shape[0]
             grads = torch.autograd.grad(loss, list(w.values()))
-        slope = sum(float((full[k].double() * g.double()).sum()) for k, g in zip(w, grads))
-        return min(self.fraction * float(loss) / -slope, self.max_scale) if slope < 0 else 1.0
+        slope = sum((full[k].double() * g.double()).sum() for k, g in zip(w, grads))
+        return float(polyak_scale(loss.detach().double(), slope, self.fraction, self.max_scale))

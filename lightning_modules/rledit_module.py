@@ -12,6 +12,11 @@ as T steps of k (``edits_per_step``). From the base weights ``W_0``, step t (1..
 The objective is ``sum_t gamma^(t-1) L_t / sum_t gamma^(t-1)``, mean over the batch's streams: with
 T = 1 and ``c_norm`` 0 it is MEND's.
 
+With ``polyak_fraction`` set, each step's change is rescaled per stream by Polyak's step length, as
+evaluation's ``rledit_polyak`` (:class:`editors.until_right.PolyakStep`) does: the step's edit loss
+and the slope of its change along the step's gradient (both at ``W_{t-1}``) fix the scale, a
+constant of the step (not differentiated), so the editor is trained for the rule it is used with.
+
 **The gradient.** As in MEND, the pieces are constants (no second-order term through how an earlier
 change moved a later step's gradient). ``L_t`` then depends on the editor only through
 ``D_t = sum_{s<=t} dW_s``, so the objective's gradient is ``sum_s J_s^T H_s`` with ``J_s`` the Jacobian
@@ -33,6 +38,7 @@ and ``val/loss`` (the objective). Torchmetrics means, exact under DDP.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Any
 
@@ -43,10 +49,11 @@ from torchmetrics import MeanMetric
 
 from datamodules.encoding import Family
 from editors.io import editor_file_class
-from editors.layers import dense_edit
-from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement
+from editors.layers import dense_edit, weight_update
+from editors.losses import forward_logits, kl_pre_post, nll, nll_per_example, scores, top1_agreement
 from editors.mend import MEND
 from editors.rledit import RLEdit
+from editors.until_right import polyak_scale
 from lightning_modules.editor_module import EditorModule, has_label, join_problems, split_problems
 from lightning_modules.models import BaseDtype
 
@@ -86,14 +93,37 @@ def stream_seed(indices: list[int], step: int) -> int:
     return int.from_bytes(hashlib.sha256(repr((indices, step)).encode()).digest()[:4], "little")
 
 
+def polyak_step_scales(editor: RLEdit, model: nn.Module, inner_t: dict[str, Tensor], pieces: dict,
+                       dW: dict[str, Tensor], D: dict[str, Tensor] | None, family: Family, n_problems: int,
+                       fraction: float, max_scale: float) -> Tensor:
+    """Per stream ``[P]``, :class:`editors.until_right.PolyakStep`'s scale of a step's change ``dW``: the step's
+    edit loss (the sum over its edits of each one's NLL) at the current model ``W_0 + D``, and the slope
+    ``<dW, G>`` with ``G`` rebuilt from the step's ``pieces`` (the same gradient, so no second backward)."""
+    P = n_problems
+    with torch.no_grad(), dense_edit(model, editor.layers, D) if D is not None else contextlib.nullcontext():
+        loss = nll_per_example(forward_logits(model, inner_t, family), inner_t["labels"], family).view(P, -1).sum(1)
+        slope = sum((dW[l.name].double() * weight_update(l, pieces[l.name][0].view(P, -1, l.d_in),
+                                                         pieces[l.name][1].view(P, -1, l.d_out)).double()).flatten(1).sum(1)
+                    for l in editor.layers)
+    return polyak_scale(loss.double(), slope, fraction, max_scale)
+
+
+def _scaled(dW: dict[str, Tensor], scale: Tensor | None) -> dict[str, Tensor]:
+    """``dW`` ([P, *weight.shape] per layer) times a per-stream ``scale`` (None: as it is)."""
+    if scale is None:
+        return dW
+    return {k: v * scale.to(v.dtype).view(-1, *[1] * (v.dim() - 1)) for k, v in dW.items()}
+
+
 def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_steps: int, coefs: dict[str, float],
                seeds: list[int], with_grad: bool = True, score: bool = False, steps: range | None = None
                ) -> dict[str, Any]:
     """Pass A of the module docstring over the batch's streams (``coefs``: the weights ``edit``, ``back``,
     ``kl``, ``norm`` of the step loss's terms, the discount ``gamma`` and ``n_back``). ``steps`` (default: all
     ``n_steps``) are the steps the objective scores; the steps before them only edit the model (a burn-in:
-    no loss, no gradient), and the steps after them are not run. Returns ``pieces`` and ``G`` (dL_t/dD_t,
-    with ``with_grad``) of each scored step, ``D`` (the final changes, [P, *weight.shape]) and the
+    no loss, no gradient), and the steps after them are not run. ``coefs["polyak"]`` (> 0): each step's
+    change rescaled by :func:`polyak_step_scales` (fraction ``polyak``, cap ``polyak_max``). Returns ``pieces``,
+    ``scales`` (per stream, or None) and ``G`` (dL_t/dD_t, with ``with_grad``) of each scored step, ``D`` (the final changes, [P, *weight.shape]) and the
     objective's terms (``logs``); with ``score``, each scored step's per-edit exact match just after it
     (``es``, ``gs``)."""
     P, layers = batch["n_problems"], editor.layers
@@ -102,7 +132,7 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
     weights = torch.tensor([coefs["gamma"] ** i for i in range(len(steps))], dtype=torch.float64)
     weights = (weights / weights.sum()).tolist()
     D: dict[str, Tensor] | None = None
-    pieces, G, es, gs = [], [], [], []
+    pieces, scales, G, es, gs = [], [], [], [], []
     logs = {k: torch.zeros((), dtype=torch.float64) for k in ("loss", "edit", "back", "kl", "norm")}
     for t in range(steps.stop):
         inner_t = step_rows(inner, P, n_steps, t)
@@ -113,11 +143,16 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
                 p = editor.pieces(model, inner_t, family)
         with torch.no_grad():
             dW = editor.step_deltas(p, P)
-            D = dW if D is None else {k: D[k] + dW[k] for k in D}
+        scale = None
+        if coefs.get("polyak"):
+            scale = polyak_step_scales(editor, model, inner_t, p, dW, D, family, P, coefs["polyak"], coefs["polyak_max"])
+            dW = _scaled(dW, scale)
+        D = dW if D is None else {k: D[k] + dW[k] for k in D}
         if t < steps.start:
             continue
         w = weights[t - steps.start]
         pieces.append(p)
+        scales.append(scale)
         outer_t, loc_t = step_rows(outer, P, n_steps, t), step_rows(loc, P, n_steps, t)
         with torch.no_grad():
             pre_loc = forward_logits(model, loc_t, family)
@@ -139,7 +174,7 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
         if score:
             es.append(scores(post[-1], inner_t["labels"], family)[0].view(P, -1))
             gs.append(scores(post[0], outer_t["labels"], family)[0].view(P, -1))
-    out = {"pieces": pieces, "G": G, "D": D, "logs": logs}
+    out = {"pieces": pieces, "scales": scales, "G": G, "D": D, "logs": logs}
     if score:
         out["es"], out["gs"] = torch.cat(es, 1).flatten(), torch.cat(gs, 1).flatten()
     return out
@@ -158,7 +193,7 @@ def stream_meta_gradients(editor: RLEdit, model: nn.Module, batch: dict, family:
     H = {k: torch.zeros_like(g) for k, g in a["G"][0].items()}
     for t in reversed(range(len(a["G"]))):  # pass B: H_t = sum over later steps' G, one step's graph at a time
         H = {k: H[k] + a["G"][t][k] for k in H}
-        dW = editor.step_deltas(a["pieces"][t], P)
+        dW = _scaled(editor.step_deltas(a["pieces"][t], P), a["scales"][t])
         out = sum((dW[k] * H[k].to(dW[k].dtype)).sum() for k in dW)
         for g, d in zip(grads, torch.autograd.grad(out, params, allow_unused=True)):
             if d is not None:
@@ -182,6 +217,9 @@ class RLEditModule(EditorModule):
     ``init_editor``: a trained MEND (or lifelong) editor file of the same shape to start from: the
     networks of an editor that already edits the base well (or short streams), which stream training
     then teaches to edit edited models (or longer streams: a curriculum).
+    ``polyak_fraction``: each step's change rescaled by Polyak's step length (fraction of the step's edit
+    loss, scale at most ``polyak_max_scale``; see the module docstring); evaluate the editor with
+    ``rledit_polyak`` and the same settings. None: the change as the networks make it.
     ``descent_only``: the step sizes are kept non-negative (set to 0 after any optimizer step that takes
     one below): a negative one makes its layer take an ascent step on every edit, which a long stream
     feeds until the model breaks (``RLEdit.for_evaluation``'s option of the same name, at training time).
@@ -194,8 +232,12 @@ class RLEditModule(EditorModule):
                  edits_per_step: int = 1, window: int | None = None, n_back: int = 4, gamma: float = 1.0,
                  lr: float = 1e-4, edit_lr_lr: float = 1e-3, c_edit: float = 0.1, c_back: float = 0.1,
                  c_loc: float = 1.0, c_norm: float = 0.0, cosine_decay: bool = False, grad_clip: float | None = 100.0,
-                 output_dir: str = "runs/rledit", base_dtype: BaseDtype | None = None, descent_only: bool = False) -> None:
+                 output_dir: str = "runs/rledit", base_dtype: BaseDtype | None = None, descent_only: bool = False,
+                 polyak_fraction: float | None = None, polyak_max_scale: float = 1.0) -> None:
         super().__init__()
+        if (polyak_fraction is not None and polyak_fraction <= 0) or polyak_max_scale <= 0:
+            raise ValueError(f"polyak_fraction (or None) and polyak_max_scale must be positive, got {polyak_fraction} "
+                             f"and {polyak_max_scale}")
         if rank < 1 or min(lr, edit_lr_lr, c_back, c_norm, n_back) < 0 or min(edits_per_step, window or 1) < 1 \
                 or not 0 < gamma <= 1:
             raise ValueError(f"rank, edits_per_step and window must be at least 1, lr, edit_lr_lr, c_back, c_norm and n_back "
@@ -222,7 +264,7 @@ class RLEditModule(EditorModule):
     def coefs(self) -> dict[str, float]:
         hp = self.hparams
         return {"edit": hp.c_edit, "back": hp.c_back, "kl": hp.c_loc, "norm": hp.c_norm, "gamma": hp.gamma,
-                "n_back": hp.n_back}
+                "n_back": hp.n_back, "polyak": hp.polyak_fraction or 0.0, "polyak_max": hp.polyak_max_scale}
 
     def n_steps(self) -> int:
         return self.trainer.datamodule.hparams.n_edits // self.hparams.edits_per_step

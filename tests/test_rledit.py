@@ -101,17 +101,51 @@ def test_backtracking_draws_only_earlier_steps_of_the_same_stream():
     assert torch.equal(again, backtrack_rows(inner, P, T, 3, 3, [5, 6, 7])["input_ids"]), "seeded"
 
 
-@pytest.mark.parametrize("first", [0, 1])
-def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup, first):
+@pytest.mark.parametrize("max_scale", [1.0, 1e9])
+def test_polyak_streams_train_the_rule_evaluation_applies(setup, max_scale):
+    """With ``polyak`` set, each stream step's change is the one evaluation's ``rledit_polyak`` makes on the
+    model the earlier steps left (``PolyakStep`` around the editor, applied stream by stream on a merged
+    copy): the scale from the step's edit loss and pieces equals the one from plain autograd there."""
+    from editors.until_right import PolyakStep
+
+    model, batch, editor = setup
+    P, T, fam = 2, 3, batch["family"]
+    coefs = {**COEFS, "polyak": 2.0, "polyak_max": max_scale}
+    a = run_stream(editor.eval(), model, batch, fam, T, coefs, seeds=[0, 1])
+    plain = run_stream(editor, model, batch, fam, T, COEFS, seeds=[0, 1])
+    assert plain["scales"] == [None] * T
+    rule = PolyakStep(editor, fraction=2.0, max_scale=max_scale)
+    for b in range(P):
+        work = copy.deepcopy(model)
+        params = dict(work.named_parameters())
+        for t in range(T):
+            mine = {k: v[b:b + 1] for k, v in step_rows(batch["edit_inner"], P, T, t).items()}
+            change = rule.deltas(work, mine, fam)
+            assert rule.last_scale == pytest.approx(float(a["scales"][t][b]), rel=1e-6)
+            with torch.no_grad():
+                for k, v in change.items():
+                    params[k].add_(v)
+        base = dict(model.named_parameters())
+        for k, v in a["D"].items():
+            torch.testing.assert_close(base[k] + v[b], params[k])
+    scales = torch.stack(a["scales"])
+    assert bool((scales <= max_scale).all()) and bool((scales != 1).any()), "the rule rescaled some steps"
+
+
+@pytest.mark.parametrize("first,polyak", [(0, 0.0), (1, 0.0), (0, 2.0)])
+def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup, first, polyak):
     """Passes A and B (stream without the editor's graph, then one step's graph at a time with the
     summed later-step gradients) equal autograd through one graph over the whole discounted stream
     objective (pieces constants, as in MEND), for 2 streams of 3 steps with backtracking and the norm;
-    with a burn-in (``first`` 1), step 1 edits the model as a constant and is not scored."""
+    with a burn-in (``first`` 1), step 1 edits the model as a constant and is not scored; with ``polyak``
+    each step's change is scaled by its Polyak scale, a constant of the step."""
     model, batch, editor = setup
     P, T, fam = 2, 3, batch["family"]
     ref = copy.deepcopy(editor)
-    grads, logs = stream_meta_gradients(editor, model, batch, fam, T, COEFS, seeds=[3, 4], update_statistics=False,
+    coefs = {**COEFS, "polyak": polyak, "polyak_max": 1e9}
+    grads, logs = stream_meta_gradients(editor, model, batch, fam, T, coefs, seeds=[3, 4], update_statistics=False,
                                         steps=range(first, T))
+    scales = run_stream(copy.deepcopy(ref), model, batch, fam, T, coefs, seeds=[3, 4], with_grad=False)["scales"]
 
     inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
     w = torch.tensor([COEFS["gamma"] ** t for t in range(T - first)], dtype=torch.float64)
@@ -125,6 +159,8 @@ def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup, 
             with dense_edit(model, ref.layers, {k: v.detach() for k, v in D.items()}):
                 p = ref.pieces(model, i_t, fam)
         dW = ref.step_deltas(p, P)
+        if polyak:
+            dW = {k: v * scales[t].view(-1, 1, 1).to(v.dtype) for k, v in dW.items()}
         if t < first:
             dW = {k: v.detach() for k, v in dW.items()}
         D = dW if D is None else {k: D[k] + dW[k] for k in D}
