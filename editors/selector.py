@@ -24,9 +24,9 @@ selection across many edits, the way MEND (Mitchell et al., ICLR 2022) learns it
    edit by Polyak's step size for a target loss of 0, ``L / ||M * G||^2`` (``L``: the edit's NLL):
    to first order the step then removes the fraction ``lr_layer`` of the edit's loss whatever the
    size of its gradient, so an edit with a small gradient is not under-stepped and one with a large
-   gradient is not over-stepped (the factor is a constant of the edit, not differentiated). Optionally (``until_right_steps``) further masked gradient
-   steps on the same mask until every edit input is an exact match (FT's stopping rule), at edit
-   time only. The returned changes have at most ``n_params`` nonzero entries.
+   gradient is not over-stepped (the factor is a constant of the edit, not differentiated).
+   Optionally (``until_right_steps``) further masked gradient steps on the same mask until every edit
+   input is an exact match (FT's stopping rule), at edit time only. The returned changes have at most ``n_params`` nonzero entries.
 
 Relaxation for meta-training: straight-through top-n. The forward pass uses the hard top-n mask,
 so meta-training optimises exactly the edit that is applied at evaluation and the budget holds in
