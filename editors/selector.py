@@ -26,7 +26,8 @@ selection across many edits, the way MEND (Mitchell et al., ICLR 2022) learns it
    size of its gradient, so an edit with a small gradient is not under-stepped and one with a large
    gradient is not over-stepped (the factor is a constant of the edit, not differentiated).
    Optionally (``until_right_steps``) further masked gradient steps on the same mask until every edit
-   input is an exact match (FT's stopping rule), at edit time only. The returned changes have at most ``n_params`` nonzero entries.
+   input is an exact match (FT's stopping rule), at edit time only. The returned changes have at most
+   ``n_params`` nonzero entries.
 
 Relaxation for meta-training: straight-through top-n. The forward pass uses the hard top-n mask,
 so meta-training optimises exactly the edit that is applied at evaluation and the budget holds in
@@ -56,6 +57,7 @@ from editors.base import DeltaEditor, EditorContext
 from editors.io import FileEditor
 from editors.layers import LayerSpec, gradient_pieces
 from editors.losses import forward_logits, nll, nll_per_example, scores
+from editors.until_right import polyak_scale
 
 STEP_RULES = ("gradient", "polyak")
 N_FEATURES = 3  # per unit: log-norm of its row/column of G, log-rms and log-|sum| of its pieces over tokens
@@ -231,8 +233,8 @@ class Selector(FileEditor, nn.Module, DeltaEditor):
         if self.step_rule == "gradient":
             return masked[0].new_ones(P, 1, 1)
         loss = nll_per_example(logits, labels, family).view(P, -1).sum(1)
-        norm2 = sum(g.pow(2).flatten(1).sum(1) for g in masked)
-        return (loss.to(norm2.dtype) / norm2.clamp_min(_TINY)).view(P, 1, 1)
+        slope = -sum(g.pow(2).flatten(1).sum(1) for g in masked)  # of the step -M*G along G
+        return polyak_scale(loss.to(slope.dtype), slope, 1.0, math.inf).view(P, 1, 1)
 
     def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
                loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:

@@ -38,7 +38,6 @@ and ``val/loss`` (the objective). Torchmetrics means, exact under DDP.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from typing import Any
 
@@ -50,7 +49,7 @@ from torchmetrics import MeanMetric
 from datamodules.encoding import Family
 from editors.io import editor_file_class
 from editors.layers import dense_edit, weight_update
-from editors.losses import forward_logits, kl_pre_post, nll, nll_per_example, scores, top1_agreement
+from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement
 from editors.mend import MEND
 from editors.rledit import RLEdit
 from editors.until_right import polyak_scale
@@ -93,19 +92,18 @@ def stream_seed(indices: list[int], step: int) -> int:
     return int.from_bytes(hashlib.sha256(repr((indices, step)).encode()).digest()[:4], "little")
 
 
-def polyak_step_scales(editor: RLEdit, model: nn.Module, inner_t: dict[str, Tensor], pieces: dict,
-                       dW: dict[str, Tensor], D: dict[str, Tensor] | None, family: Family, n_problems: int,
+def polyak_step_scales(editor: RLEdit, row_losses: Tensor, pieces: dict, dW: dict[str, Tensor], n_problems: int,
                        fraction: float, max_scale: float) -> Tensor:
     """Per stream ``[P]``, :class:`editors.until_right.PolyakStep`'s scale of a step's change ``dW``: the step's
-    edit loss (the sum over its edits of each one's NLL) at the current model ``W_0 + D``, and the slope
-    ``<dW, G>`` with ``G`` rebuilt from the step's ``pieces`` (the same gradient, so no second backward)."""
+    edit loss (the sum over its edits of ``row_losses``, each one's NLL on the current model, from the
+    pieces' forward pass) and the slope ``<dW, G>`` with ``G`` rebuilt from the step's ``pieces`` (the same
+    gradient, so no second pass)."""
     P = n_problems
-    with torch.no_grad(), dense_edit(model, editor.layers, D) if D is not None else contextlib.nullcontext():
-        loss = nll_per_example(forward_logits(model, inner_t, family), inner_t["labels"], family).view(P, -1).sum(1)
+    with torch.no_grad():
         slope = sum((dW[l.name].double() * weight_update(l, pieces[l.name][0].view(P, -1, l.d_in),
                                                          pieces[l.name][1].view(P, -1, l.d_out)).double()).flatten(1).sum(1)
                     for l in editor.layers)
-    return polyak_scale(loss.double(), slope, fraction, max_scale)
+    return polyak_scale(row_losses.double().view(P, -1).sum(1), slope, fraction, max_scale)
 
 
 def _scaled(dW: dict[str, Tensor], scale: Tensor | None) -> dict[str, Tensor]:
@@ -122,10 +120,10 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
     ``kl``, ``norm`` of the step loss's terms, the discount ``gamma`` and ``n_back``). ``steps`` (default: all
     ``n_steps``) are the steps the objective scores; the steps before them only edit the model (a burn-in:
     no loss, no gradient), and the steps after them are not run. ``coefs["polyak"]`` (> 0): each step's
-    change rescaled by :func:`polyak_step_scales` (fraction ``polyak``, cap ``polyak_max``). Returns ``pieces``,
-    ``scales`` (per stream, or None) and ``G`` (dL_t/dD_t, with ``with_grad``) of each scored step, ``D`` (the final changes, [P, *weight.shape]) and the
-    objective's terms (``logs``); with ``score``, each scored step's per-edit exact match just after it
-    (``es``, ``gs``)."""
+    change rescaled by :func:`polyak_step_scales` (fraction ``polyak``, cap ``polyak_max``). Returns
+    ``pieces``, ``scales`` (per stream, or None) and ``G`` (dL_t/dD_t, with ``with_grad``) of each scored
+    step, ``D`` (the final changes, [P, *weight.shape]) and the objective's terms (``logs``); with
+    ``score``, each scored step's per-edit exact match just after it (``es``, ``gs``)."""
     P, layers = batch["n_problems"], editor.layers
     steps = range(n_steps) if steps is None else steps
     inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
@@ -136,16 +134,17 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
     logs = {k: torch.zeros((), dtype=torch.float64) for k in ("loss", "edit", "back", "kl", "norm")}
     for t in range(steps.stop):
         inner_t = step_rows(inner, P, n_steps, t)
+        row_losses: list[Tensor] = []
         if D is None:
-            p = editor.pieces(model, inner_t, family)
+            p = editor.pieces(model, inner_t, family, row_losses)
         else:
             with dense_edit(model, layers, D):
-                p = editor.pieces(model, inner_t, family)
+                p = editor.pieces(model, inner_t, family, row_losses)
         with torch.no_grad():
             dW = editor.step_deltas(p, P)
         scale = None
         if coefs.get("polyak"):
-            scale = polyak_step_scales(editor, model, inner_t, p, dW, D, family, P, coefs["polyak"], coefs["polyak_max"])
+            scale = polyak_step_scales(editor, row_losses[0], p, dW, P, coefs["polyak"], coefs["polyak_max"])
             dW = _scaled(dW, scale)
         D = dW if D is None else {k: D[k] + dW[k] for k in D}
         if t < steps.start:
