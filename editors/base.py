@@ -92,6 +92,10 @@ class WeightDelta(Edit):
     def apply(self, model: nn.Module) -> EditedModel:
         return EditedModel(model, self.deltas)
 
+    def with_deltas(self, deltas: Mapping[str, Tensor]) -> "WeightDelta":
+        """The same kind of edit with other weight changes (a step rule rescales or sums them)."""
+        return WeightDelta(deltas)
+
     def merge_(self, model: nn.Module) -> nn.Module:
         return merge_deltas_(model, self.deltas)
 
@@ -150,15 +154,18 @@ class Editor(ABC):
 
     def save_working(self, path: str | Path, work: nn.Module, original: nn.Module) -> None:
         """Save a stream's working model (``original`` plus merged edits) so that :meth:`load_working`
-        rebuilds it exactly: the parameters that differ from ``original``'s, as safetensors. Editors
-        whose edits add parameters override both methods."""
+        rebuilds it exactly: the parameters that differ from ``original``'s and its key memory
+        (:mod:`editors.key_memory`), as safetensors. Editors whose edits add parameters override both methods."""
         from safetensors.torch import save_file
+
+        from editors.key_memory import memory_tensors
 
         orig = dict(original.named_parameters())
         params = dict(work.named_parameters())
         if set(params) != set(orig):
             raise NotImplementedError(f"{type(self).__name__} edits add parameters: it must override save_working")
         changed = {k: p.detach().cpu().contiguous() for k, p in params.items() if not torch.equal(p, orig[k])}
+        changed.update(memory_tensors(work))
         with atomic_path(path) as tmp:
             save_file(changed, str(tmp))
 
@@ -166,10 +173,12 @@ class Editor(ABC):
         """The working model saved by :meth:`save_working` (a copy; ``original`` untouched)."""
         from safetensors.torch import load_file
 
+        from editors.key_memory import restore_memory_
+
         work = copy.deepcopy(original)
         params = dict(work.named_parameters())
         with torch.no_grad():
-            for k, v in load_file(str(path)).items():
+            for k, v in restore_memory_(work, load_file(str(path))).items():
                 params[k].copy_(v)
         return work
 

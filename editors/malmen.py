@@ -24,6 +24,10 @@ edits at a time (:meth:`MALMEN.piece_chunks`), so no more than two edit chunks' 
 whatever K; ``cache_pieces`` keeps all K edits' pieces instead (memory grows with K; the step time
 measured about the same on the tiny model, where the hypernetwork dominates).
 
+In a stream, ``memory_weight`` mu > 0 (an evaluation option) makes each change also keep the layer's
+outputs at the keys of the edits already merged into the working model: the solve adds ``mu * M_l``,
+``M_l`` the sum of their ``u u^T`` (:mod:`editors.key_memory`), to ``U^T U``.
+
 Plain torch: no Lightning here. Typical use::
 
     editor = MALMEN.load("runs/malmen/editor.safetensors", model)   # refuses a different base model
@@ -39,9 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.encoding import Family
-from editors.base import DeltaEditor
+from editors.base import DeltaEditor, EditorContext, WeightDelta
 from editors.hypernet import PieceNetworks, _sum_over_processes
 from editors.io import FileEditor
+from editors.key_memory import RememberedDelta, key_memory
 from editors.layers import LayerSpec, gradient_pieces
 from editors.losses import forward_logits, nll
 
@@ -57,17 +62,21 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
 
     def __init__(self, layers: Sequence[LayerSpec | Mapping[str, Any]], rank: int = 1920, n_hidden: int = 2,
                  init_edit_lr: float = 1e-3, init_ridge: float = 1.0, edit_chunk: int = 64,
-                 token_chunk: int = 4096, key_cov_weight: float = 0.0, cache_pieces: bool = False) -> None:
+                 token_chunk: int = 4096, key_cov_weight: float = 0.0, cache_pieces: bool = False,
+                 memory_weight: float = 0.0) -> None:
         super().__init__()
-        if init_ridge < 0 or key_cov_weight < 0 or min(edit_chunk, token_chunk) < 1:
-            raise ValueError(f"init_ridge must not be negative, nor key_cov_weight, and edit_chunk, token_chunk at "
-                             f"least 1; got {init_ridge}, {key_cov_weight}, {edit_chunk}, {token_chunk}")
+        if init_ridge < 0 or key_cov_weight < 0 or memory_weight < 0 or min(edit_chunk, token_chunk) < 1:
+            raise ValueError(f"init_ridge, key_cov_weight and memory_weight must not be negative, and edit_chunk, "
+                             f"token_chunk at least 1; got {init_ridge}, {key_cov_weight}, {memory_weight}, "
+                             f"{edit_chunk}, {token_chunk}")
         self.name = "malmen"
         self.layers = [l if isinstance(l, LayerSpec) else LayerSpec(**l) for l in layers]
         self.edit_chunk, self.token_chunk, self.cache_pieces = edit_chunk, token_chunk, cache_pieces
+        self.memory_weight = float(memory_weight)
         self.config = {"layers": [asdict(l) for l in self.layers], "rank": rank, "n_hidden": n_hidden,
                        "init_edit_lr": init_edit_lr, "init_ridge": init_ridge, "edit_chunk": edit_chunk,
-                       "token_chunk": token_chunk, "key_cov_weight": key_cov_weight, "cache_pieces": cache_pieces}
+                       "token_chunk": token_chunk, "key_cov_weight": key_cov_weight, "cache_pieces": cache_pieces,
+                       "memory_weight": self.memory_weight}
         self._build_networks(rank, n_hidden)
         self.edit_lrs = nn.Parameter(torch.full((len(self.layers),), float(init_edit_lr)))
         self.log_ridges = nn.Parameter(torch.full((len(self.layers),), math.log(init_ridge) if init_ridge else -math.inf))
@@ -195,8 +204,39 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
         """:meth:`solve` for all edits of ``batch`` together (no graph)."""
         return self.solve(self.normal_equations(self.piece_chunks(model, batch, family)()))
 
+    @classmethod
+    def for_evaluation(cls, context: EditorContext, path: str, memory_weight: float | None = None,
+                       key_cov_weight: float | None = None) -> "MALMEN":
+        """The trained editor in file ``path``. ``memory_weight`` (default: the file's, 0 after
+        meta-training) sets the stream key memory's weight mu (see the module docstring); ``key_cov_weight``
+        (default: the file's) the weight of its key covariance penalty (a file trained without one has none)."""
+        editor = cls.load(path, context.model)
+        for key, value in (("memory_weight", memory_weight), ("key_cov_weight", key_cov_weight)):
+            if value is None:
+                continue
+            if value < 0 or (key == "key_cov_weight" and not editor.key_cov_weight):
+                raise ValueError(f"{key} must not be negative, and key_cov_weight needs a file trained with one; "
+                                 f"got {value} for {path}")
+            setattr(editor, key, float(value))
+            editor.config[key] = float(value)
+        return editor
+
     def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
                loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The weight changes (to add) that apply all edits of ``batch`` at once (``loc_batch`` unused)."""
-        solved = self.solved(model, batch, family)
-        return {l.name: self.to_weight(l, solved[l.name][0]) for l in self.layers}
+        return self.make_edit(model, batch, family).deltas
+
+    def make_edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                  loc_batch: Mapping[str, Tensor] | None = None) -> WeightDelta:
+        """All edits of ``batch`` at once; with ``memory_weight``, a change that also keeps the outputs at
+        ``model``'s remembered keys and, merged, adds this edit's keys to them."""
+        eqs = self.normal_equations(self.piece_chunks(model, batch, family)())
+        if not self.memory_weight:
+            solved = self.solve(eqs)
+            return WeightDelta({l.name: self.to_weight(l, solved[l.name][0]) for l in self.layers})
+        memory = key_memory(model)
+        kept = {k: (uu + self.memory_weight * memory[k].to(uu.dtype) if k in memory else uu, uv)
+                for k, (uu, uv) in eqs.items()}
+        solved = self.solve(kept)
+        return RememberedDelta({l.name: self.to_weight(l, solved[l.name][0]) for l in self.layers},
+                               {k: uu for k, (uu, _) in eqs.items()})

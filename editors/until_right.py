@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from datamodules.encoding import Family
 from editors.losses import forward_logits, nll, scores
-from editors.base import DeltaEditor, EditedModel, EditorContext, build_editor
+from editors.base import DeltaEditor, EditedModel, Editor, EditorContext, WeightDelta, build_editor, merge_deltas_
 
 DEFAULT_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -58,12 +58,19 @@ class _StepRule(nn.Module, DeltaEditor):
     def scale(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family, full: Mapping[str, Tensor]) -> float:
         raise NotImplementedError
 
+    def make_edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                  loc_batch: Mapping[str, Tensor] | None = None) -> WeightDelta:
+        """The wrapped editor's edit (of its own kind: a MALMEN edit keeps its key memory), its weight
+        changes scaled by the rule's scale for ``batch``."""
+        inner = self.editor
+        edit = (inner.make_edit(model, batch, family) if isinstance(inner, Editor)
+                else WeightDelta(inner.deltas(model, batch, family)))
+        self.last_scale = self.scale(model, batch, family, edit.deltas)
+        return edit.with_deltas({k: self.last_scale * d for k, d in edit.deltas.items()})
+
     def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
                loc_batch: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """The wrapped editor's weight changes, scaled by the rule's scale for ``batch``."""
-        full = self.editor.deltas(model, batch, family)
-        self.last_scale = self.scale(model, batch, family, full)
-        return {k: self.last_scale * d for k, d in full.items()}
+        return self.make_edit(model, batch, family).deltas
 
 
 class UntilRight(_StepRule):
@@ -99,19 +106,54 @@ class PolyakStep(_StepRule):
     """Polyak's step length: the change removes, to first order, ``fraction`` of the edit loss (the sum over
     the batch's edits of each one's NLL), scaled by at most ``max_scale`` (a far-off edit, or a model
     that earlier edits of a stream have worn, asks for a long step that first order cannot predict). A
-    change that is not a descent direction to first order (``<D, G> >= 0``) is kept as proposed (scale 1)."""
+    change that is not a descent direction to first order (``<D, G> >= 0``) is kept as proposed (scale 1).
 
-    def __init__(self, editor: Any, fraction: float = 2.0, max_scale: float = 1.0, name: str = "mend_polyak") -> None:
-        if fraction <= 0 or max_scale <= 0:
-            raise ValueError(f"fraction and max_scale must be positive, got {fraction} and {max_scale}")
-        self.fraction, self.max_scale = float(fraction), float(max_scale)
-        super().__init__(editor, name, {"fraction": self.fraction, "max_scale": self.max_scale})
+    ``max_steps`` > 1: while some edit of the batch is still wrong, the editor proposes another change on
+    the model as the steps so far left it, scaled by the same rule, up to ``max_steps`` changes in all;
+    the edit is their sum. The steps are written into ``model``'s edited weights meanwhile and the
+    weights restored bit for bit before returning. Each extra step costs the editor's step plus a
+    forward+backward and a forward of the edit inputs."""
+
+    def __init__(self, editor: Any, fraction: float = 2.0, max_scale: float = 1.0, name: str = "mend_polyak",
+                 max_steps: int = 1) -> None:
+        if fraction <= 0 or max_scale <= 0 or max_steps < 1:
+            raise ValueError(f"fraction and max_scale must be positive and max_steps at least 1, got {fraction}, "
+                             f"{max_scale} and {max_steps}")
+        self.fraction, self.max_scale, self.max_steps = float(fraction), float(max_scale), int(max_steps)
+        super().__init__(editor, name, {"fraction": self.fraction, "max_scale": self.max_scale,
+                                        **({"max_steps": self.max_steps} if max_steps > 1 else {})})
+        self.last_steps = 0  # the changes the last edit summed
 
     @classmethod
     def for_evaluation(cls, context: EditorContext, editor: Mapping[str, Any] | None = None, fraction: float = 2.0,
-                       max_scale: float = 1.0, name: str | None = None) -> "PolyakStep":
+                       max_scale: float = 1.0, name: str | None = None, max_steps: int = 1) -> "PolyakStep":
         inner = cls._inner(context, editor)
-        return cls(inner, fraction, max_scale, name or f"{inner.name}_polyak")
+        return cls(inner, fraction, max_scale, name or f"{inner.name}_polyak", max_steps)
+
+    def make_edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+                  loc_batch: Mapping[str, Tensor] | None = None) -> WeightDelta:
+        first = super().make_edit(model, batch, family)
+        total, self.last_steps = dict(first.deltas), 1
+        if self.max_steps == 1:
+            return first
+        params = dict(model.named_parameters())
+        kept = {k: params[k].detach().clone() for k in total}
+        try:
+            step = first
+            while True:
+                merge_deltas_(model, step.deltas)
+                with torch.no_grad():
+                    right, _ = scores(forward_logits(model, batch, family), batch["labels"], family)
+                if bool(right.all()) or self.last_steps == self.max_steps:
+                    break
+                step = super().make_edit(model, batch, family)
+                total = {k: total[k] + d for k, d in step.deltas.items()}
+                self.last_steps += 1
+        finally:
+            with torch.no_grad():
+                for k, w in kept.items():
+                    params[k].copy_(w)
+        return first.with_deltas(total)
 
     def scale(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family, full: Mapping[str, Tensor]) -> float:
         params = dict(model.named_parameters())

@@ -18,13 +18,13 @@ from datamodules.formats import read_nq
 from editors.ft import FineTune
 from editors.layers import select_layers
 from editors.losses import forward_logits, nll, scores, top1_agreement
-from editors.base import DeltaEditor, EditedModel, merge_deltas_
+from editors.base import DeltaEditor, EditedModel, WeightDelta, merge_deltas_
 from editors.mend import MEND
 from editors.until_right import PolyakStep, UntilRight
 from lightning_modules.evaluation import (DEFINITIONS, BaseLocality, EditData, EditMetrics, drawdown, flip_counts,
                                           greedy_answers, locality_scores, retention, run_sequential, select_rows,
                                           stream_checkpoints)
-from lightning_modules.models import build_tiny
+from lightning_modules.models import build_tiny, decoder_start_id
 
 eval_cli = importlib.import_module("eval")
 ROOT = Path(__file__).resolve().parents[1]
@@ -354,6 +354,39 @@ def test_polyak_step_removes_the_fraction_of_the_edit_loss_to_first_order(tiny_m
     for bad in ({"fraction": 0.0}, {"max_scale": -1.0}):
         with pytest.raises(ValueError, match="positive"):
             PolyakStep(_Fixed([], {}), **bad)
+
+
+@pytest.mark.parametrize("family", ["causal", "seq2seq"])  # a random classifier flips in one step
+def test_polyak_steps_repeat_on_the_stepped_model_until_right(tiny_models, tokenizer, family):
+    """``max_steps``: each further step is one Polyak step of the editor on the model as the steps so far
+    left it, taken while the edit is wrong; the edit is their sum; the model is left bit for bit as it
+    was; ``max_steps`` 1 is the one-step rule."""
+    model = tiny_models[family]
+    batch = collate(encode(tokenizer, family, ["Where was Foo born?"], ["Arvenna"]), tokenizer.pad_token_id, family,
+                    decoder_start_id(model))
+    ft = FineTune.for_model(model, lr=1e-2, max_steps=2)  # proposes its change on whatever model it is given
+    F = 0.05  # small enough that one step does not do it
+
+    def right(m) -> bool:
+        return bool(scores(forward_logits(m, batch, family), batch["labels"], family)[0].all())
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one = PolyakStep(ft, fraction=F, max_steps=1)
+    torch.testing.assert_close(one.deltas(model, batch, family), PolyakStep(ft, fraction=F).deltas(model, batch, family))
+    work, total, n = copy.deepcopy(model), None, 0  # the rule by hand: one-step edits merged until right
+    while n < 20 and (n == 0 or not right(work)):
+        d = one.deltas(work, batch, family)
+        total = d if total is None else {k: total[k] + v for k, v in d.items()}
+        work, n = WeightDelta(d).merge_(work), n + 1
+    assert 1 < n < 20 and right(work), "the test needs an edit that takes a few steps"
+    rule = PolyakStep(ft, fraction=F, max_steps=20)
+    got = rule.deltas(model, batch, family)
+    assert rule.last_steps == n and rule.config["max_steps"] == 20
+    for k in total:
+        torch.testing.assert_close(got[k], total[k], rtol=1e-4, atol=1e-6)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model is restored"
+    with pytest.raises(ValueError, match="max_steps at least 1"):
+        PolyakStep(ft, max_steps=0)
 
 
 # ---------------------------------------------------------------- end to end on a very small world

@@ -227,7 +227,7 @@ def test_singular_system_without_ridge_is_refused(tiny_models, tokenizer):
     editor = MALMEN.for_model(model, rank=8, init_ridge=0.0)
     with pytest.raises(ValueError, match="singular.*use a positive ridge"):
         editor.deltas(model, batch, "causal")
-    with pytest.raises(ValueError, match="init_ridge must not be negative"):
+    with pytest.raises(ValueError, match="init_ridge, key_cov_weight and memory_weight must not be negative"):
         MALMEN.for_model(model, init_ridge=-1.0)
 
 
@@ -348,5 +348,85 @@ def test_key_covariance_penalty_solves_the_memit_style_normal_equation(tiny_mode
         torch.testing.assert_close(got[l.name], torch.linalg.solve(A, U.T @ V[l.name]))
         assert not torch.allclose(got[l.name], ridge_only[l.name])
     assert int(editor.key_count[0]) == int(mask.sum())
-    with pytest.raises(ValueError, match="nor key_cov_weight"):
+    with pytest.raises(ValueError, match="key_cov_weight and memory_weight must not be negative"):
         MALMEN.for_model(model, key_cov_weight=-1.0)
+
+
+def _real_keys(editor: MALMEN, model, batch) -> dict:
+    """Per layer the keys ``U`` of ``batch``'s real tokens (those with gradient), by plain autograd."""
+    rows = batch["input_ids"].shape[0]
+    p = gradient_pieces(model, editor.layers, lambda: nll(forward_logits(model, batch, "causal"), batch["labels"], "causal") * rows)
+    return {k: u[(u != 0).any(-1) & (d != 0).any(-1)] for k, (u, d) in p.items()}
+
+
+def test_key_memory_solves_with_the_earlier_edits_keys_and_keeps_their_outputs(tiny_models, tokenizer):
+    """A stream of two edits with ``memory_weight`` mu: merging the first records its keys' moment U1^T U1 in
+    the working model (a fresh copy of the base has none); the second change solves
+    (U2^T U2 + lambda I + mu U1^T U1) S = U2^T V2 on the working model, and moves the layer outputs at
+    the first edit's keys less than the same editor without memory; mu = 0 gives a plain change."""
+    from editors.base import WeightDelta
+    from editors.key_memory import RememberedDelta, key_memory
+
+    base = tiny_models["causal"].double()
+    first = _batch(tokenizer, base, "causal", PROMPTS[:1], TARGETS[:1])
+    second = _batch(tokenizer, base, "causal", PROMPTS[1:2], TARGETS[1:2])
+    editor = _trained_looking(MALMEN.for_model(base, rank=8, init_ridge=0.3, init_edit_lr=0.1).double(), base, first, "causal")
+    plain = type(editor.make_edit(base, first, "causal"))
+    assert plain is WeightDelta and not editor.config["memory_weight"]
+    editor.memory_weight = 50.0
+    work = copy.deepcopy(base)
+    edit1 = editor.make_edit(work, first, "causal")
+    assert isinstance(edit1, RememberedDelta) and not key_memory(work)
+    work = edit1.merge_(work)
+    U1 = _real_keys(editor, base, first)
+    for l in editor.layers:
+        torch.testing.assert_close(key_memory(work)[l.name], U1[l.name].T @ U1[l.name])
+    assert not key_memory(copy.deepcopy(base)) and key_memory(copy.deepcopy(work)).keys() == key_memory(work).keys()
+    got = editor.make_edit(work, second, "causal").deltas
+    pieces = editor.pieces(work, second, "causal")
+    with torch.no_grad():
+        V = editor.value_shifts(pieces)
+    editor.memory_weight = 0.0
+    forgetful = editor.make_edit(work, second, "causal").deltas
+    for i, l in enumerate(editor.layers):
+        U2 = pieces[l.name][0]
+        A = U2.T @ U2 + editor.ridges()[i] * torch.eye(l.d_in, dtype=U2.dtype) + 50.0 * key_memory(work)[l.name]
+        S = torch.linalg.solve(A, U2.T @ V[l.name])
+        torch.testing.assert_close(got[l.name], S if l.kind == "conv1d" else S.T)
+        on_first = lambda d: (U1[l.name] @ (d if l.kind == "conv1d" else d.T)).norm()
+        assert on_first(got[l.name]) < 0.5 * on_first(forgetful[l.name])
+
+
+def test_stream_state_with_key_memory_resumes_exactly(tiny_models, tokenizer, tmp_path):
+    """``save_working`` / ``load_working`` carry the working model's key memory: a stream saved after its
+    second edit and continued from the file ends with the weights and memory of the unbroken stream;
+    the Polyak rule around MALMEN, several steps each, keeps the memory of its edits too."""
+    from editors.base import EditorContext
+    from editors.key_memory import key_memory
+    from editors.until_right import PolyakStep
+
+    base = tiny_models["causal"].double()
+    batches = [_batch(tokenizer, base, "causal", PROMPTS[i:i + 1], TARGETS[i:i + 1]) for i in range(3)]
+    editor = _trained_looking(MALMEN.for_model(base, rank=8, init_ridge=0.3, init_edit_lr=0.1).double(), base,
+                              batches[0], "causal")
+    path = editor.save(tmp_path / "editor.safetensors", base)
+    loaded = MALMEN.for_evaluation(EditorContext(base), str(path), memory_weight=10.0)
+    assert loaded.memory_weight == loaded.config["memory_weight"] == 10.0
+    rule = PolyakStep(loaded, fraction=0.5, max_steps=3)
+
+    def stream(work, bs):
+        for b in bs:
+            work = rule.make_edit(work, b, "causal").merge_(work)
+        return work
+
+    unbroken = stream(copy.deepcopy(base), batches)
+    assert len(key_memory(unbroken)) == len(editor.layers)
+    half = stream(copy.deepcopy(base), batches[:2])
+    rule.save_working(tmp_path / "work.safetensors", half, base)
+    resumed = stream(rule.load_working(tmp_path / "work.safetensors", base), batches[2:])
+    for (k, a), b in zip(unbroken.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), k
+    for k, m in key_memory(unbroken).items():
+        assert torch.equal(m, key_memory(resumed)[k]), k
+    with pytest.raises(ValueError, match="needs a file trained with one"):
+        MALMEN.for_evaluation(EditorContext(base), str(path), key_cov_weight=1.0)
