@@ -70,6 +70,10 @@ EDITOR_ALIASES: dict[str, dict[str, Any]] = {
     "malmen": {"class_path": "editors.malmen.MALMEN", "init_args": {"path": EDITOR_FILE}},
     "rledit": {"class_path": "editors.rledit.RLEdit", "init_args": {"path": EDITOR_FILE}},
     "rledit_polyak": {"class_path": "editors.until_right.PolyakStep", "init_args": {"editor": {"class_path": "rledit"}}},
+    # MALMEN for streams: each change keeps the earlier edits' keys (memory_weight), Polyak steps until right
+    "malmen_stream": {"class_path": "editors.until_right.PolyakStep",
+                      "init_args": {"max_steps": 5, "name": "malmen_stream",
+                                    "editor": {"class_path": "malmen", "init_args": {"memory_weight": 10.0}}}},
     "patcher": {"class_path": "editors.patcher.Patcher"},
 }
 # --mode all without --editor (the MEND ones only with --editor_path)

@@ -383,6 +383,23 @@ def bench_malmen(shape: str, res: dict) -> None:
     raw.update(t)
     for name in ("malmen", "mend"):
         res[f"edit_ratio_{shape}_{name}_1000"] = t[f"{name}_edit_1000"] / t["fwd_bwd_1000"]
+
+    # malmen_stream: one stream edit (key memory, Polyak steps until right, at most 5) merged into a working
+    # model that already remembers 10 edits, against one forward+backward of one edit's input
+    stream = PolyakStep(trained_looking(MALMEN.for_model(model, cfg["edit_params"], rank=1920, memory_weight=10.0,
+                                                         key_cov_weight=cfg["key_cov_weight"])), max_steps=5)
+    work, one = copy.deepcopy(model), make_batch(vocab, 1, 81)
+    for i in range(10):
+        stream.make_edit(work, make_batch(vocab, 1, 100 + i), FAM).merge_(work)
+    steps: list[int] = []
+
+    def stream_edit() -> None:
+        stream.make_edit(work, one, FAM).merge_(work)
+        steps.append(stream.last_steps)
+
+    t = round_robin({"fwd_bwd_1": lambda: fwd_bwd(model, one), "malmen_stream_edit": stream_edit}, 5, 1)
+    raw.update({**t, "malmen_stream_edit_steps": steps})
+    res[f"edit_ratio_{shape}_malmen_stream"] = t["malmen_stream_edit"] / t["fwd_bwd_1"]
     model.zero_grad(set_to_none=True)
 
 

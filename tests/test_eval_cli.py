@@ -113,13 +113,15 @@ def test_a_users_editor_is_evaluated_by_class_path_with_its_init_args(config, us
 
 def test_print_config_shows_the_resolved_editors(config, user_editor, capsys, tmp_path):
     printed = _print_config(config, capsys, "--editor", "mend_until_right", "mend_polyak", "rledit_polyak",
-                            "surgery_grad@5", "--editor_path", tmp_path / "e.safetensors", "--editors+",
+                            "malmen_stream", "surgery_grad@5", "--editor_path", tmp_path / "e.safetensors", "--editors+",
                             f"{{class_path: {user_editor}, label: mine}}")
-    ur, polyak, rl_polyak, surgery, mine = printed["editors"]
+    ur, polyak, rl_polyak, stream, surgery, mine = printed["editors"]
     mend = {"class_path": "editors.mend.MEND", "init_args": {"path": str(tmp_path / "e.safetensors")}}
     assert ur == {"class_path": "editors.until_right.UntilRight", "init_args": {"editor": mend}}
     assert polyak == {"class_path": "editors.until_right.PolyakStep", "init_args": {"editor": mend}}
     assert rl_polyak["init_args"]["editor"] == {**mend, "class_path": "editors.rledit.RLEdit"}
+    assert stream["init_args"] == {"max_steps": 5, "name": "malmen_stream", "editor": {
+        "class_path": "editors.malmen.MALMEN", "init_args": {"path": str(tmp_path / "e.safetensors"), "memory_weight": 10.0}}}
     assert surgery == {"class_path": "editors.surgery.Surgery", "init_args": {"method": "grad", "n_params": 5},
                        "label": "surgery_grad@5"}
     assert mine["class_path"] == user_editor and mine["label"] == "mine"
