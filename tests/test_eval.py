@@ -19,6 +19,7 @@ from editors.ft import FineTune
 from editors.layers import select_layers
 from editors.losses import forward_logits, nll, scores, top1_agreement
 from editors.base import DeltaEditor, EditedModel, WeightDelta, merge_deltas_
+from editors.malmen import MALMEN
 from editors.mend import MEND
 from editors.until_right import PolyakStep, UntilRight
 from lightning_modules.evaluation import (DEFINITIONS, BaseLocality, EditData, EditMetrics, drawdown, flip_counts,
@@ -420,6 +421,7 @@ def setup_eval(small_world, tokenizer, tmp_path_factory):
         out[f"{task}_model"] = model
     gpt2 = out["zsre_model"]
     MEND.for_model(gpt2, rank=8, init_edit_lr=1e-2).save(root / "editor.safetensors", gpt2)
+    MALMEN.for_model(gpt2, rank=8, init_edit_lr=1.0).save(root / "malmen.safetensors", gpt2)
     other = type(gpt2)(gpt2.config)  # same architecture, different weights
     MEND.for_model(other, rank=8).save(root / "other.safetensors", other)
     out["wrong_task_config"] = _write_config(root / "wrong.yaml", root / "base-zsre", small_world, "zsre", "causal",
@@ -625,14 +627,17 @@ def test_surgery_and_patcher_run_under_every_protocol(setup_eval):
     assert seq["edit_retention"] == 1.0 and seq["params_changed"] > 0
 
 
-@pytest.mark.parametrize("editor,cls", [("ft", "editors.ft.FineTune"), ("patcher", "editors.patcher.Patcher")])
+@pytest.mark.parametrize("editor,cls", [("ft", "editors.ft.FineTune"), ("patcher", "editors.patcher.Patcher"),
+                                        ("malmen_stream", "editors.until_right.PolyakStep")])
 def test_an_interrupted_stream_resumes_from_its_saved_state(setup_eval, tmp_path, monkeypatch, editor, cls):
     """A stream killed after its 5th edit continues from the state saved at edit 4, not from zero, and
-    ends with the figures of an unbroken stream (timings aside)."""
+    ends with the figures of an unbroken stream (timings aside); ``malmen_stream``'s key memory is part
+    of the saved state."""
     import importlib
 
     args = ("--config", setup_eval["zsre_config"], "--editor", editor, "--mode", "sequential", "--n_edits", 8,
-            "--n_test_probe", 10, "--n_train_probe", 10, "--save_every", 2)
+            "--n_test_probe", 10, "--n_train_probe", 10, "--save_every", 2,
+            "--editor_path", setup_eval["root"] / "malmen.safetensors")
     unbroken = _run(*args, "--stream_state", tmp_path / "a")["entries"][0]
     module, name = cls.rsplit(".", 1)
     klass = getattr(importlib.import_module(module), name)
