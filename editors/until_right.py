@@ -140,11 +140,11 @@ class PolyakStep(_StepRule):
         kept = {k: params[k].detach().clone() for k in total}
         try:
             step = first
-            while True:
+            while self.last_steps < self.max_steps:
                 merge_deltas_(model, step.deltas)
                 with torch.no_grad():
                     right, _ = scores(forward_logits(model, batch, family), batch["labels"], family)
-                if bool(right.all()) or self.last_steps == self.max_steps:
+                if bool(right.all()):
                     break
                 step = super().make_edit(model, batch, family)
                 total = {k: total[k] + d for k, d in step.deltas.items()}
