@@ -211,14 +211,14 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
         meta-training) sets the stream key memory's weight mu (see the module docstring); ``key_cov_weight``
         (default: the file's) the weight of its key covariance penalty (a file trained without one has none)."""
         editor = cls.load(path, context.model)
+        if key_cov_weight is not None and not editor.key_cov_weight:
+            raise ValueError(f"{path} was trained without key statistics: key_cov_weight needs a file trained with one")
         for key, value in (("memory_weight", memory_weight), ("key_cov_weight", key_cov_weight)):
-            if value is None:
-                continue
-            if value < 0 or (key == "key_cov_weight" and not editor.key_cov_weight):
-                raise ValueError(f"{key} must not be negative, and key_cov_weight needs a file trained with one; "
-                                 f"got {value} for {path}")
-            setattr(editor, key, float(value))
-            editor.config[key] = float(value)
+            if value is not None:
+                if value < 0:
+                    raise ValueError(f"{key} must not be negative, got {value}")
+                setattr(editor, key, float(value))
+                editor.config[key] = float(value)
         return editor
 
     def deltas(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
@@ -231,12 +231,11 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
         """All edits of ``batch`` at once; with ``memory_weight``, a change that also keeps the outputs at
         ``model``'s remembered keys and, merged, adds this edit's keys to them."""
         eqs = self.normal_equations(self.piece_chunks(model, batch, family)())
-        if not self.memory_weight:
-            solved = self.solve(eqs)
-            return WeightDelta({l.name: self.to_weight(l, solved[l.name][0]) for l in self.layers})
-        memory = key_memory(model)
+        memory = key_memory(model) if self.memory_weight else {}
         kept = {k: (uu + self.memory_weight * memory[k].to(uu.dtype) if k in memory else uu, uv)
                 for k, (uu, uv) in eqs.items()}
         solved = self.solve(kept)
-        return RememberedDelta({l.name: self.to_weight(l, solved[l.name][0]) for l in self.layers},
-                               {k: uu for k, (uu, _) in eqs.items()})
+        deltas = {l.name: self.to_weight(l, solved[l.name][0]) for l in self.layers}
+        if not self.memory_weight:
+            return WeightDelta(deltas)
+        return RememberedDelta(deltas, {k: uu for k, (uu, _) in eqs.items()})

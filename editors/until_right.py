@@ -133,9 +133,10 @@ class PolyakStep(_StepRule):
     def make_edit(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
                   loc_batch: Mapping[str, Tensor] | None = None) -> WeightDelta:
         first = super().make_edit(model, batch, family)
-        total, self.last_steps = dict(first.deltas), 1
+        self.last_steps = 1
         if self.max_steps == 1:
             return first
+        total = dict(first.deltas)
         params = dict(model.named_parameters())
         kept = {k: params[k].detach().clone() for k in total}
         try:
