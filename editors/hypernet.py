@@ -25,7 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from editors.layers import LayerSpec
+from datamodules.encoding import Family
+from editors.layers import LayerSpec, gradient_pieces
+from editors.losses import forward_logits, nll_per_example
 
 def _sum_over_processes(t: Tensor) -> None:
     """Sum ``t`` in place over all data-parallel processes (nothing to do in one process)."""
@@ -239,6 +241,22 @@ class PieceNetworks:
         self.norms = nn.ModuleList(RunningNorm(len(ix), di + do) for (di, do), ix in self.groups)
         self.preconds = None if precondition_ridge is None else nn.ModuleList(
             InputPreconditioner(len(ix), di, precondition_ridge) for (di, _), ix in self.groups)
+
+    def pieces(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
+               losses: list[Tensor] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer ``(u, delta)`` of every token of ``batch`` (padding as zero rows) for the sum over
+        edits of each edit's mean token NLL: every edit's pieces have the scale they have alone, however
+        many edits share a problem or a batch (a mean would shrink them by 1/K). ``losses``: a list the
+        rows' NLLs (``[rows]``, detached) are appended to, from the same forward pass."""
+        rows = batch["input_ids"].shape[0]
+
+        def loss() -> Tensor:
+            per_row = nll_per_example(forward_logits(model, batch, family), batch["labels"], family)
+            if losses is not None:
+                losses.append(per_row.detach())
+            return per_row.mean() * rows
+
+        return gradient_pieces(model, self.layers, loss)
 
     def _group_inputs(self, pieces: Mapping[str, tuple[Tensor, Tensor]], group: int, n_problems: int
                       ) -> tuple[Tensor, Tensor]:

@@ -98,8 +98,9 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
             keep = {k: (u != 0).any(-1) & (d != 0).any(-1) for k, (u, d) in p.items()}
             yield {k: (u[keep[k]], d[keep[k]]) for k, (u, d) in p.items()}
 
-    def pieces(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> Pieces:
-        """:meth:`edit_chunk_pieces` of all edits of ``batch`` together."""
+    def token_pieces(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> Pieces:
+        """:meth:`edit_chunk_pieces` of all edits of ``batch`` together (real tokens only; :meth:`pieces`,
+        the networks' own, keeps padding as zero rows, in the layout a stream step reads)."""
         parts = list(self.edit_chunk_pieces(model, batch, family))
         return {l.name: (torch.cat([p[l.name][0] for p in parts]), torch.cat([p[l.name][1] for p in parts]))
                 for l in self.layers}
@@ -117,7 +118,7 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
         model (frozen: the same pieces bit for bit) ``edit_chunk`` edits at a time, so a pass holds the
         pieces of the edit chunk it reads (and, while computing the next, of the one before) only."""
         if self.cache_pieces:
-            pieces = self.pieces(model, batch, family)
+            pieces = self.token_pieces(model, batch, family)
             return lambda: self.token_chunks(pieces)
         return lambda: (c for p in self.edit_chunk_pieces(model, batch, family) for c in self.token_chunks(p))
 
@@ -182,17 +183,62 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
         """Per layer ``(S [d_in, d_out], L)``: the ridge solution and the Cholesky factor of
         ``U^T U + lambda I`` (meta-training reuses it for the gradient)."""
         out = {}
-        lam = self.ridges()
         for i, l in enumerate(self.layers):
             uu, uv = eqs[l.name]
-            A = uu + lam[i].to(uu.dtype) * torch.eye(l.d_in, dtype=uu.dtype, device=uu.device)
-            if self.key_cov_weight:
-                A = A + (self.key_cov_weight / self.key_count[i].clamp_min(1) * getattr(self, f"key_moment{i}")).to(A.dtype)
-            L, info = torch.linalg.cholesky_ex(A)
-            if int(info):
-                raise ValueError(f"{l.name}: the least-squares system is singular (ridge {float(lam[i]):g}; the edit "
-                                 f"tokens' keys do not span the layer's {l.d_in} inputs): use a positive ridge")
+            L = self._factor(i, uu)
             out[l.name] = (torch.cholesky_solve(uv, L), L)
+        return out
+
+    def _factor(self, i: int, uu: Tensor) -> Tensor:
+        """The Cholesky factor of layer ``i``'s system ``U^T U + lambda I (+ w C)`` (``uu`` ``[..., d_in, d_in]``;
+        differentiable in the ridge where autograd is on)."""
+        l = self.layers[i]
+        A = uu + self.ridges()[i].to(uu.dtype) * torch.eye(l.d_in, dtype=uu.dtype, device=uu.device)
+        if self.key_cov_weight:
+            A = A + (self.key_cov_weight / self.key_count[i].clamp_min(1) * getattr(self, f"key_moment{i}")).to(A.dtype)
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):
+            raise ValueError(f"{l.name}: the least-squares system is singular (ridge {float(self.ridges()[i]):g}; the "
+                             f"edit tokens' keys do not span the layer's {l.d_in} inputs): use a positive ridge")
+        return L
+
+    # -- a stream step (meta-training over streams: lightning_modules.malmen_stream_module)
+    @staticmethod
+    def _keys(pieces: Pieces, l: LayerSpec, n_problems: int) -> Tensor:
+        """Layer ``l``'s keys ``[P, n, d_in]`` of :meth:`pieces` (``P`` equal consecutive groups), the tokens
+        that carry no gradient (padding) zeroed as the networks mask them."""
+        u, d = pieces[l.name]
+        real = (u != 0).any(-1) & (d != 0).any(-1)
+        return (u * real.unsqueeze(-1).to(u.dtype)).view(n_problems, -1, l.d_in)
+
+    def remember(self, pieces: Pieces, n_problems: int, memory: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        """The stream's key memory after a step: ``memory`` plus, per problem, the step's ``U^T U``
+        (``[P, d_in, d_in]`` per layer; what :class:`editors.key_memory.RememberedDelta` adds on merge)."""
+        out = {}
+        for l in self.layers:
+            u = self._keys(pieces, l, n_problems)
+            u = u.to(torch.promote_types(u.dtype, torch.float32)).detach()
+            uu = u.transpose(1, 2) @ u
+            out[l.name] = uu if memory is None else memory[l.name] + uu
+        return out
+
+    def step_deltas(self, pieces: Pieces, n_problems: int, memory: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """One stream step's changes ``[P, *weight.shape]`` from :meth:`pieces` of ``P`` problems (streams),
+        each problem's edits solved together as :meth:`make_edit` does, with ``memory_weight`` times the
+        stream's key ``memory`` (:meth:`remember` of the earlier steps) in the system; differentiable in
+        the editor's parameters (the statistics as they are: a step is computed twice in meta-training)."""
+        t = self._transformed(pieces, n_problems, update=False)
+        out = {}
+        for i, l in enumerate(self.layers):
+            u = self._keys(pieces, l, n_problems)
+            v = -self.edit_lrs[i] * t[l.name][1]
+            dt = torch.promote_types(u.dtype, torch.float32)
+            u, v = u.to(dt), v.to(dt)
+            uu = u.transpose(1, 2) @ u
+            if memory is not None and self.memory_weight:
+                uu = uu + self.memory_weight * memory[l.name].to(dt)
+            S = torch.cholesky_solve(u.transpose(1, 2) @ v, self._factor(i, uu))
+            out[l.name] = self.to_weight(l, S).to(pieces[l.name][0].dtype)
         return out
 
     @staticmethod

@@ -28,8 +28,7 @@ from datamodules.encoding import Family
 from editors.base import DeltaEditor
 from editors.hypernet import PieceNetworks
 from editors.io import FileEditor
-from editors.layers import LayerSpec, gradient_pieces, weight_update
-from editors.losses import forward_logits, nll_per_example
+from editors.layers import LayerSpec, weight_update
 
 
 class MEND(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
@@ -63,22 +62,6 @@ class MEND(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
         if rows % n_problems:
             raise ValueError(f"{rows} edit rows cannot be split into {n_problems} equal problems")
         return self.factors(self.pieces(model, batch, family), n_problems)
-
-    def pieces(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family,
-               losses: list[Tensor] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per layer ``(u, delta)`` of every token of ``batch`` (padding as zero rows) for the sum over
-        edits of each edit's mean token NLL: every edit's pieces have the scale they have alone, however
-        many edits share a problem or a batch (a mean would shrink them by 1/K). ``losses``: a list the
-        rows' NLLs (``[rows]``, detached) are appended to, from the same forward pass."""
-        rows = batch["input_ids"].shape[0]
-
-        def loss() -> Tensor:
-            per_row = nll_per_example(forward_logits(model, batch, family), batch["labels"], family)
-            if losses is not None:
-                losses.append(per_row.detach())
-            return per_row.mean() * rows
-
-        return gradient_pieces(model, self.layers, loss)
 
     def factors(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int = 1,
                 update: bool | None = None) -> dict[str, tuple[Tensor, Tensor]]:

@@ -57,8 +57,13 @@ class RLEdit(MEND):
         """Set the negative step sizes to 0 (in place): no layer takes an ascent step."""
         self.edit_lrs.clamp_(min=0)
 
-    def step_deltas(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int) -> dict[str, Tensor]:
+    def step_deltas(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int,
+                    memory: None = None) -> dict[str, Tensor]:
         """The dense change ``[n_problems, *weight.shape]`` of one stream step from its :meth:`pieces`,
         with the statistics as they are (a stream step is computed twice in meta-training, and both
-        passes must see the same normalisation)."""
+        passes must see the same normalisation). ``memory``: MEND's change keeps none (see :meth:`remember`)."""
         return self.to_deltas(self.factors(pieces, n_problems, update=False))
+
+    def remember(self, pieces: Mapping[str, tuple[Tensor, Tensor]], n_problems: int, memory: None) -> None:
+        """What a stream keeps of its steps for the next one's change: nothing (MALMEN keeps its keys)."""
+        return None

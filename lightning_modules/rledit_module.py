@@ -50,6 +50,7 @@ from datamodules.encoding import Family
 from editors.io import editor_file_class
 from editors.layers import dense_edit, weight_update
 from editors.losses import forward_logits, kl_pre_post, nll, scores, top1_agreement
+from editors.malmen import MALMEN
 from editors.mend import MEND
 from editors.rledit import RLEdit
 from editors.until_right import polyak_scale
@@ -92,7 +93,7 @@ def stream_seed(indices: list[int], step: int) -> int:
     return int.from_bytes(hashlib.sha256(repr((indices, step)).encode()).digest()[:4], "little")
 
 
-def polyak_step_scales(editor: RLEdit, row_losses: Tensor, pieces: dict, dW: dict[str, Tensor], n_problems: int,
+def polyak_step_scales(editor: RLEdit | MALMEN, row_losses: Tensor, pieces: dict, dW: dict[str, Tensor], n_problems: int,
                        fraction: float, max_scale: float) -> Tensor:
     """Per stream ``[P]``, :class:`editors.until_right.PolyakStep`'s scale of a step's change ``dW``: the step's
     edit loss (the sum over its edits of ``row_losses``, each one's NLL on the current model, from the
@@ -113,7 +114,7 @@ def _scaled(dW: dict[str, Tensor], scale: Tensor | None) -> dict[str, Tensor]:
     return {k: v * scale.to(v.dtype).view(-1, *[1] * (v.dim() - 1)) for k, v in dW.items()}
 
 
-def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_steps: int, coefs: dict[str, float],
+def run_stream(editor: RLEdit | MALMEN, model: nn.Module, batch: dict, family: Family, n_steps: int, coefs: dict[str, float],
                seeds: list[int], with_grad: bool = True, score: bool = False, steps: range | None = None
                ) -> dict[str, Any]:
     """Pass A of the module docstring over the batch's streams (``coefs``: the weights ``edit``, ``back``,
@@ -130,7 +131,8 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
     weights = torch.tensor([coefs["gamma"] ** i for i in range(len(steps))], dtype=torch.float64)
     weights = (weights / weights.sum()).tolist()
     D: dict[str, Tensor] | None = None
-    pieces, scales, G, es, gs = [], [], [], [], []
+    memory = None  # what the stream keeps of its steps for the next change (MALMEN: its keys; RLEdit: none)
+    pieces, memories, scales, G, es, gs = [], [], [], [], [], []
     logs = {k: torch.zeros((), dtype=torch.float64) for k in ("loss", "edit", "back", "kl", "norm")}
     for t in range(steps.stop):
         inner_t = step_rows(inner, P, n_steps, t)
@@ -141,7 +143,8 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
             with dense_edit(model, layers, D):
                 p = editor.pieces(model, inner_t, family, row_losses)
         with torch.no_grad():
-            dW = editor.step_deltas(p, P)
+            dW = editor.step_deltas(p, P, memory)
+        before, memory = memory, editor.remember(p, P, memory)
         scale = None
         if coefs.get("polyak"):
             scale = polyak_step_scales(editor, row_losses[0], p, dW, P, coefs["polyak"], coefs["polyak_max"])
@@ -151,6 +154,7 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
             continue
         w = weights[t - steps.start]
         pieces.append(p)
+        memories.append(before)
         scales.append(scale)
         outer_t, loc_t = step_rows(outer, P, n_steps, t), step_rows(loc, P, n_steps, t)
         with torch.no_grad():
@@ -173,13 +177,13 @@ def run_stream(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_
         if score:
             es.append(scores(post[-1], inner_t["labels"], family)[0].view(P, -1))
             gs.append(scores(post[0], outer_t["labels"], family)[0].view(P, -1))
-    out = {"pieces": pieces, "scales": scales, "G": G, "D": D, "logs": logs}
+    out = {"pieces": pieces, "memories": memories, "scales": scales, "G": G, "D": D, "logs": logs}
     if score:
         out["es"], out["gs"] = torch.cat(es, 1).flatten(), torch.cat(gs, 1).flatten()
     return out
 
 
-def stream_meta_gradients(editor: RLEdit, model: nn.Module, batch: dict, family: Family, n_steps: int,
+def stream_meta_gradients(editor: RLEdit | MALMEN, model: nn.Module, batch: dict, family: Family, n_steps: int,
                           coefs: dict[str, float], seeds: list[int], update_statistics: bool = True,
                           steps: range | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
     """The objective's gradient w.r.t. ``editor.parameters()`` (in that order) by passes A and B of the
@@ -192,7 +196,7 @@ def stream_meta_gradients(editor: RLEdit, model: nn.Module, batch: dict, family:
     H = {k: torch.zeros_like(g) for k, g in a["G"][0].items()}
     for t in reversed(range(len(a["G"]))):  # pass B: H_t = sum over later steps' G, one step's graph at a time
         H = {k: H[k] + a["G"][t][k] for k in H}
-        dW = _scaled(editor.step_deltas(a["pieces"][t], P), a["scales"][t])
+        dW = _scaled(editor.step_deltas(a["pieces"][t], P, a["memories"][t]), a["scales"][t])
         out = sum((dW[k] * H[k].to(dW[k].dtype)).sum() for k in dW)
         for g, d in zip(grads, torch.autograd.grad(out, params, allow_unused=True)):
             if d is not None:
@@ -203,8 +207,10 @@ def stream_meta_gradients(editor: RLEdit, model: nn.Module, batch: dict, family:
     return grads, a["logs"]
 
 
-class RLEditModule(EditorModule):
-    """Wraps a frozen base model (``self.model``) and a trainable :class:`RLEdit` (``self.editor``).
+class StreamModule(EditorModule):
+    """What the stream meta-training modules share (a subclass builds ``self.editor``, a stream editor:
+    :class:`RLEdit` or :class:`editors.malmen.MALMEN`): the stream objective's training step and the
+    validation streams. The subclasses' common arguments:
 
     ``edits_per_step`` k splits each DataModule problem (``n_edits`` = T x k) into T stream steps.
     ``window`` (default: all T): a training stream scores only ``window`` consecutive steps, after a
@@ -213,27 +219,20 @@ class RLEditModule(EditorModule):
     short one (a burn-in step costs about half a scored step), but the gradient is truncated at the
     window's start, so the burn-in's drift is never charged to the editor (on the built-in world it
     did not help: docs/methods.md). Validation scores every step of its streams.
-    ``init_editor``: a trained MEND (or lifelong) editor file of the same shape to start from: the
-    networks of an editor that already edits the base well (or short streams), which stream training
-    then teaches to edit edited models (or longer streams: a curriculum).
+    ``init_editor``: a trained editor file of the same shape to start from (the networks of an editor that
+    already edits the base well, or short streams), which stream training then teaches to edit edited
+    models (or longer streams: a curriculum).
     ``polyak_fraction``: each step's change rescaled by Polyak's step length (fraction of the step's edit
-    loss, scale at most ``polyak_max_scale``; see the module docstring); evaluate the editor with
-    ``rledit_polyak`` and the same settings. None: the change as the networks make it.
-    ``descent_only``: the step sizes are kept non-negative (set to 0 after any optimizer step that takes
-    one below): a negative one makes its layer take an ascent step on every edit, which a long stream
-    feeds until the model breaks (``RLEdit.for_evaluation``'s option of the same name, at training time).
+    loss, scale at most ``polyak_max_scale``; see the module docstring); evaluate the editor under
+    ``PolyakStep`` with the same settings. None: the change as the networks make it.
     Checkpoints hold the editor only, with the base model's fingerprint.
     """
 
-    def __init__(self, base_model: str = "runs/base_zsre_gpt2_tiny/model", family: Family = "causal",
-                 edit_params: list[str] | None = None, rank: int = 1920, n_hidden: int = 2,
-                 init_edit_lr: float = 1e-4, precondition_ridge: float | None = None, init_editor: str | None = None,
-                 edits_per_step: int = 1, window: int | None = None, n_back: int = 4, gamma: float = 1.0,
-                 lr: float = 1e-4, edit_lr_lr: float = 1e-3, c_edit: float = 0.1, c_back: float = 0.1,
-                 c_loc: float = 1.0, c_norm: float = 0.0, cosine_decay: bool = False, grad_clip: float | None = 100.0,
-                 output_dir: str = "runs/rledit", base_dtype: BaseDtype | None = None, descent_only: bool = False,
-                 polyak_fraction: float | None = None, polyak_max_scale: float = 1.0) -> None:
-        super().__init__()
+    editor: RLEdit | MALMEN
+
+    def _check_stream_args(self, rank: int, lr: float, edit_lr_lr: float, c_back: float, c_norm: float, n_back: int,
+                           edits_per_step: int, window: int | None, gamma: float, polyak_fraction: float | None,
+                           polyak_max_scale: float) -> None:
         if (polyak_fraction is not None and polyak_fraction <= 0) or polyak_max_scale <= 0:
             raise ValueError(f"polyak_fraction (or None) and polyak_max_scale must be positive, got {polyak_fraction} "
                              f"and {polyak_max_scale}")
@@ -243,22 +242,33 @@ class RLEditModule(EditorModule):
                              f"not negative, and 0 < gamma <= 1; got rank {rank}, edits_per_step {edits_per_step}, window "
                              f"{window}, lr {lr}, "
                              f"edit_lr_lr {edit_lr_lr}, c_back {c_back}, c_norm {c_norm}, n_back {n_back}, gamma {gamma}")
-        self.save_hyperparameters()
-        self.automatic_optimization = False  # the step computes its own gradient (see the module docstring)
-        self._load_base(base_model, family, base_dtype)
-        self.editor = RLEdit.for_model(self.model, edit_params, rank=rank, n_hidden=n_hidden, init_edit_lr=init_edit_lr,
-                                       precondition_ridge=precondition_ridge)
-        if init_editor:  # a MEND editor, or a lifelong one to go on from (e.g. trained on shorter streams)
-            start_cls = RLEdit if editor_file_class(init_editor) == "RLEdit" else MEND
-            start = start_cls.load(init_editor, self.model)  # refuses a file trained for another base
-            ours = {k: v for k, v in self.editor.config.items() if k != "init_edit_lr"}
-            theirs = {k: v for k, v in start.config.items() if k != "init_edit_lr"}
-            if ours != theirs:
-                diff = sorted(k for k in ours if ours[k] != theirs.get(k))
-                raise ValueError(f"init_editor {init_editor} has another shape than this editor: {diff} differ "
-                                 f"(set them as in its config: {({k: theirs.get(k) for k in diff})})")
-            self.editor.load_state_dict(start.state_dict())
-        self.val = torch.nn.ModuleDict({k: MeanMetric() for k in STREAM_METRICS})
+
+    def _start_from(self, init_editor: str | None, classes: dict[str, type], free: tuple[str, ...]) -> None:
+        """Load ``init_editor`` (a file of one of ``classes``, by class name; refused for another base model)
+        into ``self.editor``; their configs must agree but for the keys in ``free``."""
+        if not init_editor:
+            return
+        kind = editor_file_class(init_editor)
+        if kind not in classes:
+            raise ValueError(f"init_editor {init_editor} holds a {kind} editor; this module starts from "
+                             f"{' or '.join(classes)}")
+        start = classes[kind].load(init_editor, self.model)
+        ours = {k: v for k, v in self.editor.config.items() if k not in free}
+        theirs = {k: v for k, v in start.config.items() if k not in free}
+        if ours != theirs:
+            diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+            raise ValueError(f"init_editor {init_editor} has another shape than this editor: {diff} differ "
+                             f"(set them as in its config: {({k: theirs.get(k) for k in diff})})")
+        tensors = set(self.editor.state_dict()) ^ set(start.state_dict())
+        if tensors:  # e.g. key statistics on one side only
+            raise ValueError(f"init_editor {init_editor} and this editor hold different tensors: {sorted(tensors)}")
+        self.editor.load_state_dict(start.state_dict())
+
+    def _before_step(self, batch: dict) -> None:
+        """Work on a training batch before its stream runs (statistics the step's changes read)."""
+
+    def _after_step(self) -> None:
+        """Work after each optimizer step."""
 
     def coefs(self) -> dict[str, float]:
         hp = self.hparams
@@ -293,11 +303,11 @@ class RLEditModule(EditorModule):
             g = torch.Generator().manual_seed(self.global_step)
             first = int(torch.randint(0, T - hp.window + 1, (1,), generator=g))
             steps = range(first, first + hp.window)
+        self._before_step(batch)
         grads, logs = stream_meta_gradients(self.editor, self.model, batch, hp.family, T, self.coefs(),
                                             self._seeds(batch, self.global_step), steps=steps)
         self.manual_step(grads, hp.grad_clip)
-        if hp.descent_only:
-            self.editor.descent_only_()
+        self._after_step()
         self.log_dict({"train/loss": logs["loss"], "train/edit_nll": logs["edit"], "train/back_nll": logs["back"],
                        "train/loc_kl": logs["kl"], "train/change_norm": logs["norm"]},
                       prog_bar=True, batch_size=batch["n_problems"])
@@ -329,3 +339,35 @@ class RLEditModule(EditorModule):
         m["loc_agreement"].update(top1_agreement(pre, post_loc, loc, fam))
         m["loc_kl"].update(kl_pre_post(pre, post_loc, loc, fam))
         m["loss"].update(a["logs"]["loss"].float(), weight=P)
+
+
+class RLEditModule(StreamModule):
+    """Wraps a frozen base model (``self.model``) and a trainable :class:`RLEdit` (``self.editor``); the
+    stream arguments are :class:`StreamModule`'s. ``init_editor``: a MEND or RLEdit file.
+    ``descent_only``: the step sizes are kept non-negative (set to 0 after any optimizer step that takes
+    one below): a negative one makes its layer take an ascent step on every edit, which a long stream
+    feeds until the model breaks (``RLEdit.for_evaluation``'s option of the same name, at training time).
+    """
+
+    def __init__(self, base_model: str = "runs/base_zsre_gpt2_tiny/model", family: Family = "causal",
+                 edit_params: list[str] | None = None, rank: int = 1920, n_hidden: int = 2,
+                 init_edit_lr: float = 1e-4, precondition_ridge: float | None = None, init_editor: str | None = None,
+                 edits_per_step: int = 1, window: int | None = None, n_back: int = 4, gamma: float = 1.0,
+                 lr: float = 1e-4, edit_lr_lr: float = 1e-3, c_edit: float = 0.1, c_back: float = 0.1,
+                 c_loc: float = 1.0, c_norm: float = 0.0, cosine_decay: bool = False, grad_clip: float | None = 100.0,
+                 output_dir: str = "runs/rledit", base_dtype: BaseDtype | None = None, descent_only: bool = False,
+                 polyak_fraction: float | None = None, polyak_max_scale: float = 1.0) -> None:
+        super().__init__()
+        self._check_stream_args(rank, lr, edit_lr_lr, c_back, c_norm, n_back, edits_per_step, window, gamma,
+                                polyak_fraction, polyak_max_scale)
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # the step computes its own gradient (see the module docstring)
+        self._load_base(base_model, family, base_dtype)
+        self.editor = RLEdit.for_model(self.model, edit_params, rank=rank, n_hidden=n_hidden, init_edit_lr=init_edit_lr,
+                                       precondition_ridge=precondition_ridge)
+        self._start_from(init_editor, {"MEND": MEND, "RLEdit": RLEdit}, free=("init_edit_lr",))
+        self.val = torch.nn.ModuleDict({k: MeanMetric() for k in STREAM_METRICS})
+
+    def _after_step(self) -> None:
+        if self.hparams.descent_only:
+            self.editor.descent_only_()

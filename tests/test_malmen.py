@@ -41,7 +41,7 @@ def _trained_looking(editor: MALMEN, model, batch, family: str) -> MALMEN:
         for net in editor.nets:
             for p in (net.U, net.b, net.scale, net.shift):
                 p.add_(0.2 * torch.randn_like(p))
-    editor.update_statistics([editor.pieces(model, batch, family)])
+    editor.update_statistics([editor.token_pieces(model, batch, family)])
     return editor
 
 
@@ -98,7 +98,7 @@ def test_single_edit_with_vanishing_ridge_fits_its_value_shifts_and_is_right(tin
                               init_edit_lr=100.0).double()
     (layer,) = editor.layers
     assert not scores(forward_logits(model, batch, "causal"), batch["labels"], "causal")[0].bool().any()
-    pieces = editor.pieces(model, batch, "causal")
+    pieces = editor.token_pieces(model, batch, "causal")
     u = pieces[layer.name][0]
     with torch.no_grad():
         v = editor.value_shifts(pieces)[layer.name]
@@ -121,7 +121,7 @@ def test_decoupled_meta_gradient_equals_end_to_end(tiny_models, tokenizer):
     ref = copy.deepcopy(editor)
     grads, logs = decoupled_meta_gradients(editor, model, batch, fam, c_edit=0.1, c_loc=1.0)
 
-    pieces = [ref.pieces(model, problem_rows(inner, b, P), fam) for b in range(P)]
+    pieces = [ref.token_pieces(model, problem_rows(inner, b, P), fam) for b in range(P)]
     ref.update_statistics(pieces)
     loss = torch.zeros((), dtype=torch.float64)
     for b in range(P):
@@ -179,7 +179,7 @@ def test_streamed_edit_equals_cached_edit(tiny_models, tokenizer, family):
     cached, streamed = _cached_and_streamed(model, batch, family, rank=8, init_ridge=0.3, init_edit_lr=0.1,
                                             edit_chunk=4, token_chunk=5)
     chunks = list(streamed.piece_chunks(model, batch, family)())
-    for k, (u, d) in cached.pieces(model, batch, family).items():
+    for k, (u, d) in cached.token_pieces(model, batch, family).items():
         assert torch.equal(torch.cat([c[k][0] for c in chunks]), u) and torch.equal(torch.cat([c[k][1] for c in chunks]), d), k
     got, want = streamed.deltas(model, batch, family), cached.deltas(model, batch, family)
     for k, w in want.items():
@@ -383,7 +383,7 @@ def test_key_memory_solves_with_the_earlier_edits_keys_and_keeps_their_outputs(t
         torch.testing.assert_close(key_memory(work)[l.name], U1[l.name].T @ U1[l.name])
     assert not key_memory(copy.deepcopy(base)) and key_memory(copy.deepcopy(work)).keys() == key_memory(work).keys()
     got = editor.make_edit(work, second, "causal").deltas
-    pieces = editor.pieces(work, second, "causal")
+    pieces = editor.token_pieces(work, second, "causal")
     with torch.no_grad():
         V = editor.value_shifts(pieces)
     editor.memory_weight = 0.0

@@ -15,11 +15,13 @@ from editors.base import EditorContext, build_editor
 from editors.io import EditorFileError
 from editors.layers import dense_edit
 from editors.losses import forward_logits, kl_pre_post, nll
+from editors.malmen import MALMEN
 from editors.mend import MEND
 from editors.rledit import RLEdit
 from lightning_modules.editor_module import join_problems, split_problems
 from lightning_modules.rledit_module import backtrack_rows, run_stream, step_rows, stream_meta_gradients
 from test_malmen import PROMPTS, TARGETS, _batch, bases  # noqa: F401 (bases: the shared tiny base fixture)
+from test_malmen import _trained_looking as _trained_looking_malmen_nets
 from test_train import QUIET, ROOT, assert_runs_equal, check_resume_equals_unbroken, csv_logger, start_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,17 +58,42 @@ def setup(tiny_models, tokenizer, request):
     return model, batch, editor
 
 
-def test_each_step_edits_the_model_the_earlier_steps_left(setup):
+def _trained_looking_malmen(model, batch) -> MALMEN:
+    """A MALMEN stream editor: non-identity networks and statistics, key statistics, a key memory that
+    counts (mu 3) and step sizes that change answers."""
+    fam = batch["family"]
+    editor = MALMEN.for_model(model, rank=8, key_cov_weight=100.0, memory_weight=3.0).double()
+    editor = _trained_looking_malmen_nets(editor, model, batch["edit_inner"], fam)
+    editor.fold_keys(model, batch["loc"], fam)
+    with torch.no_grad():
+        editor.edit_lrs.fill_(1.0)
+    return editor
+
+
+@pytest.fixture(params=[("causal", "rledit"), ("classifier", "rledit"), ("causal", "malmen"), ("classifier", "malmen")],
+                ids="-".join)
+def stream_setup(tiny_models, tokenizer, request):
+    """Either stream editor (MEND's networks, or MALMEN's least-squares change with a key memory)."""
+    family, kind = request.param
+    model = tiny_models[family].double()
+    batch = _stream_batch(tokenizer, model, family)
+    if kind == "malmen":
+        return model, batch, _trained_looking_malmen(model, batch)
+    return model, batch, _trained_looking(RLEdit.for_model(model, rank=8, precondition_ridge=1.0).double(), model, batch)
+
+
+def test_each_step_edits_the_model_the_earlier_steps_left(stream_setup):
     """Step t's pieces are those of the base with steps 1..t-1 merged in (recomputed here stream by stream,
     the changes written into a copy of the model), which differ from the base's own; the stream's final
-    change is the sum of the merged ones."""
-    model, batch, editor = setup
+    change is the sum of the merged ones (MALMEN's steps each solved with the stream's own key memory)."""
+    model, batch, editor = stream_setup
     P, T, fam = 2, 3, batch["family"]
     a = run_stream(editor, model, batch, fam, T, COEFS, seeds=[0, 1])
     inner = batch["edit_inner"]
     for b in range(P):
         work = copy.deepcopy(model)
         params = dict(work.named_parameters())
+        memory = None
         for t in range(T):
             mine = {k: v[b:b + 1] for k, v in step_rows(inner, P, T, t).items()}
             p = editor.pieces(work, mine, fam)
@@ -79,11 +106,58 @@ def test_each_step_edits_the_model_the_earlier_steps_left(setup):
                 assert not torch.allclose(editor.pieces(model, mine, fam)[k][1], p[k][1]), \
                     "a later step's gradient must be the edited model's, not the base's"
             with torch.no_grad():
-                for k, v in editor.step_deltas(p, 1).items():
+                for k, v in editor.step_deltas(p, 1, memory).items():
                     params[k].add_(v[0])
+            memory = editor.remember(p, 1, memory)
         base = dict(model.named_parameters())
         for k, v in a["D"].items():
             torch.testing.assert_close(base[k] + v[b], params[k])
+
+
+@pytest.mark.parametrize("polyak", [0.0, 2.0])
+@pytest.mark.parametrize("family", ["causal", "classifier"])
+def test_malmen_stream_steps_are_evaluations_edits_with_the_key_memory(tiny_models, tokenizer, family, polyak):
+    """A MALMEN training stream makes, step by step, the edits evaluation makes: ``MALMEN.make_edit`` (under
+    ``PolyakStep`` with ``polyak``) on a working copy, merged in, so that the copy's key memory grows as a
+    deployed stream's does. Without the memory the stream's changes differ."""
+    from editors.until_right import PolyakStep
+
+    model = tiny_models[family].double()
+    batch = _stream_batch(tokenizer, model, family)
+    editor = _trained_looking_malmen(model, batch).eval()
+    P, T = 2, 3
+    coefs = {**COEFS, "polyak": polyak, "polyak_max": 1.0}
+    a = run_stream(editor, model, batch, family, T, coefs, seeds=[0, 1], with_grad=False)
+    rule = PolyakStep(editor, fraction=polyak, max_scale=1.0) if polyak else editor
+    base = dict(model.named_parameters())
+    for b in range(P):
+        work = copy.deepcopy(model)
+        for t in range(T):
+            mine = {k: v[b:b + 1] for k, v in step_rows(batch["edit_inner"], P, T, t).items()}
+            rule.make_edit(work, mine, family).merge_(work)
+        params = dict(work.named_parameters())
+        for k, v in a["D"].items():
+            torch.testing.assert_close(base[k] + v[b], params[k])
+    editor.memory_weight = 0.0
+    forgetful = run_stream(editor, model, batch, family, T, coefs, seeds=[0, 1], with_grad=False)["D"]
+    assert any(not torch.allclose(forgetful[k], a["D"][k]) for k in a["D"]), "the key memory changes later steps"
+
+
+def test_a_malmen_stream_of_one_step_is_malmens_objective(tiny_models, tokenizer):
+    """T = 1, no norm penalty: the loss and gradient of MALMEN's memory-decoupled meta-training objective
+    (each problem's edits solved together; nothing remembered yet)."""
+    from lightning_modules.malmen_module import decoupled_meta_gradients
+
+    model = tiny_models["causal"].double()
+    batch = _stream_batch(tokenizer, model, "causal")
+    editor = _trained_looking_malmen(model, batch)
+    coefs = {**COEFS, "norm": 0.0, "gamma": 1.0}
+    grads, logs = stream_meta_gradients(editor, model, batch, "causal", 1, coefs, seeds=[0, 0], update_statistics=False)
+    ref, ref_logs = decoupled_meta_gradients(editor, model, batch, "causal", c_edit=0.1, c_loc=1.0, update_statistics=False)
+    assert float(logs["loss"]) == pytest.approx(float(ref_logs["loss"]), rel=1e-6)  # the reference logs in float32
+    for (name, _), g, r in zip(editor.named_parameters(), grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-10, msg=name)
+    assert max(float(g.abs().max()) for g in grads) > 0
 
 
 def test_backtracking_draws_only_earlier_steps_of_the_same_stream():
@@ -133,13 +207,14 @@ def test_polyak_streams_train_the_rule_evaluation_applies(setup, max_scale):
 
 
 @pytest.mark.parametrize("first,polyak", [(0, 0.0), (1, 0.0), (0, 2.0)])
-def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup, first, polyak):
+def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(stream_setup, first, polyak):
     """Passes A and B (stream without the editor's graph, then one step's graph at a time with the
     summed later-step gradients) equal autograd through one graph over the whole discounted stream
     objective (pieces constants, as in MEND), for 2 streams of 3 steps with backtracking and the norm;
     with a burn-in (``first`` 1), step 1 edits the model as a constant and is not scored; with ``polyak``
-    each step's change is scaled by its Polyak scale, a constant of the step."""
-    model, batch, editor = setup
+    each step's change is scaled by its Polyak scale, a constant of the step. MALMEN: through every
+    step's solve (its ridges included), the earlier steps' keys in it as constants."""
+    model, batch, editor = stream_setup
     P, T, fam = 2, 3, batch["family"]
     ref = copy.deepcopy(editor)
     coefs = {**COEFS, "polyak": polyak, "polyak_max": 1e9}
@@ -150,7 +225,7 @@ def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup, 
     inner, outer, loc = batch["edit_inner"], batch["edit_outer"], batch["loc"]
     w = torch.tensor([COEFS["gamma"] ** t for t in range(T - first)], dtype=torch.float64)
     w = w / w.sum()
-    D, total = None, torch.zeros((), dtype=torch.float64)
+    D, total, memory = None, torch.zeros((), dtype=torch.float64), None
     for t in range(T):
         i_t, o_t, l_t = step_rows(inner, P, T, t), step_rows(outer, P, T, t), step_rows(loc, P, T, t)
         if D is None:
@@ -158,7 +233,8 @@ def test_two_pass_meta_gradient_equals_autograd_through_the_whole_stream(setup, 
         else:
             with dense_edit(model, ref.layers, {k: v.detach() for k, v in D.items()}):
                 p = ref.pieces(model, i_t, fam)
-        dW = ref.step_deltas(p, P)
+        dW = ref.step_deltas(p, P, memory)
+        memory = ref.remember(p, P, memory)
         if polyak:
             dW = {k: v * scales[t].view(-1, 1, 1).to(v.dtype) for k, v in dW.items()}
         if t < first:
@@ -241,9 +317,9 @@ def test_descent_only_leaves_layers_with_a_negative_step_size_unedited(setup, tm
 
 
 # -- meta-training through train.py
-def rledit_args(bases: Path, out: Path, *extra: str) -> list[str]:
+def rledit_args(bases: Path, out: Path, *extra: str, config: str = "rledit_zsre_gpt2_tiny.yaml") -> list[str]:
     data, base = bases / "base_causal" / "data", bases / "base_causal" / "model"
-    return ["--config", str(ROOT / "configs" / "rledit_zsre_gpt2_tiny.yaml"),
+    return ["--config", str(ROOT / "configs" / config),
             "--model.init_args.base_model", str(base), "--model.init_args.rank", "16",
             "--model.init_args.init_editor", "null", "--model.init_args.output_dir", str(out),
             "--data.init_args.train_path", str(data / "zsre-train.jsonl"),
@@ -262,12 +338,25 @@ def rledit_args(bases: Path, out: Path, *extra: str) -> list[str]:
 DDP_COMMON = ["--data.init_args.shuffle", "false", "--trainer.accelerator", "cpu", "--seed_everything", "0"]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(bases, tmp_path_factory, child_env):
+# the MALMEN stream module's job: key statistics folded each step, a key memory, a step that moves answers
+MALMEN_STREAM = {"config": "malmen_stream_zsre_gpt2_tiny.yaml",
+                 "extra": ["--model.init_args.key_cov_weight", "1000", "--model.init_args.memory_weight", "3",
+                           "--model.init_args.init_edit_lr", "0.5"], "class": "MALMEN"}
+KINDS = {"rledit": {"config": "rledit_zsre_gpt2_tiny.yaml", "extra": [], "class": "RLEdit"}, "malmen": MALMEN_STREAM}
+
+
+def kind_args(bases: Path, kind: str):
+    """``rledit_args`` for the module of ``kind`` (``rledit``: RLEdit; ``malmen``: MALMEN over streams)."""
+    k = KINDS[kind]
+    return lambda out, *extra: rledit_args(bases, out, *k["extra"], *extra, config=k["config"])
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def ddp_run(bases, tmp_path_factory, child_env, request):
     out = tmp_path_factory.mktemp("ddp")
-    proc = start_train(rledit_args(bases, out, *DDP_COMMON, "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                                   *csv_logger(out)), out, child_env)
-    yield out, proc
+    proc = start_train(kind_args(bases, request.param)(out, *DDP_COMMON, "--trainer.devices", "2", "--trainer.strategy",
+                                                       "ddp", *csv_logger(out)), out, child_env)
+    yield request.param, out, proc
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -275,18 +364,46 @@ def ddp_run(bases, tmp_path_factory, child_env):
 
 def test_ddp_two_processes_equal_one_process_same_global_batch(bases, ddp_run, tmp_path):
     """2 CPU processes (gloo) x 1 stream per step == 1 process x 2 streams: the same editor after 3 steps
-    (networks, step sizes, input statistics) and the same validation metrics (streams of 3 edits)."""
+    (networks, step sizes, input statistics; MALMEN's ridges and key statistics) and the same validation
+    metrics (streams of 3 edits)."""
+    kind, ddp, proc = ddp_run
     single = tmp_path / "single"
-    train.main(rledit_args(bases, single, *DDP_COMMON, "--data.init_args.batch_size", "2", "--trainer.devices", "1",
-                           *csv_logger(single)))
-    ddp, proc = ddp_run
+    train.main(kind_args(bases, kind)(single, *DDP_COMMON, "--data.init_args.batch_size", "2", "--trainer.devices", "1",
+                                      *csv_logger(single)))
     assert proc.wait(timeout=600) == 0, (ddp / "train.log").read_text()[-3000:]
-    a = assert_runs_equal(single, ddp, "RLEdit", "val/edit_retention")
+    a = assert_runs_equal(single, ddp, KINDS[kind]["class"], "val/edit_retention")
     assert a["nets.0.U"].abs().max() > 0 and a["norms.0.count"].min() > 0, "the networks and statistics moved"
+    if kind == "malmen":
+        assert a["key_count"].min() > 0 and not torch.equal(a["log_ridges"], torch.zeros_like(a["log_ridges"]))
 
 
-def test_resume_equals_uninterrupted_run(bases, tmp_path):
-    check_resume_equals_unbroken(lambda out, *extra: rledit_args(bases, out, *extra), tmp_path, "RLEdit", "edit_lrs")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_resume_equals_uninterrupted_run(bases, tmp_path, kind):
+    check_resume_equals_unbroken(kind_args(bases, kind), tmp_path, KINDS[kind]["class"], "edit_lrs")
+
+
+def test_malmen_stream_training_starts_from_a_malmen_file_and_writes_one_with_its_memory(bases, tmp_path):
+    """The module starts from a MALMEN file of the same shape (not from one without key statistics) and
+    writes a MALMEN file that evaluation loads with the module's ``memory_weight``."""
+    from editors.io import load_editor_file
+
+    model = train_model(bases)
+    layers = yaml.safe_load((ROOT / "configs" / MALMEN_STREAM["config"]).read_text())["model"]["init_args"]["edit_params"]
+    for cov, name in ((1000.0, "cov"), (0.0, "plain")):
+        start = MALMEN.for_model(model, layers, rank=16, key_cov_weight=cov, init_edit_lr=0.123)
+        start.save(tmp_path / f"{name}.safetensors", model)
+    out = tmp_path / "out"
+    train.main(kind_args(bases, "malmen")(out, "--model.init_args.init_editor", str(tmp_path / "cov.safetensors")))
+    trained = MALMEN.load(out / "editor.safetensors", model)
+    assert trained.memory_weight == 3.0 and trained.key_cov_weight == 1000.0
+    assert load_editor_file(out / "editor.safetensors", "MALMEN")[1]["config"]["memory_weight"] == 3.0
+    with pytest.raises(ValueError, match="hold different tensors: .*key_count"):
+        train.main(kind_args(bases, "malmen")(tmp_path / "b", "--model.init_args.init_editor",
+                                              str(tmp_path / "plain.safetensors")))
+    with pytest.raises(ValueError, match="holds a MEND editor; this module starts from MALMEN"):
+        mend = MEND.for_model(model, layers, rank=16)
+        train.main(kind_args(bases, "malmen")(tmp_path / "c", "--model.init_args.init_editor",
+                                              str(mend.save(tmp_path / "mend.safetensors", model))))
 
 
 def test_refusals(bases, tmp_path):
