@@ -404,15 +404,17 @@ def bench_malmen(shape: str, res: dict) -> None:
 
 
 def bench_rledit(shape: str, res: dict, n_steps: int = 10) -> None:
-    """The lifelong editor: one meta-training step over a stream of ``n_steps`` single-edit steps (both passes,
-    no optimizer), and one stream edit (the pieces on the current model, the change, merged into it), each
-    as a ratio to one forward+backward of the base over one edit's input."""
+    """The lifelong editors: one meta-training step over a stream of ``n_steps`` single-edit steps (both
+    passes, no optimizer) of RLEdit and of MALMEN over streams (key memory mu 10), and one RLEdit stream edit
+    (the pieces on the current model, the change, merged into it), each as a ratio to one forward+backward
+    of the base over one edit's input (``malmen_stream``'s edit: :func:`bench_malmen`)."""
     from lightning_modules.rledit_module import stream_meta_gradients
 
     model = build_model(shape)
     vocab, raw = model.config.vocab_size, res["raw"][shape]
-    # eval mode: a stream edit does not update the input statistics (and the step below does not either)
+    # eval mode: a stream edit does not update the input statistics (and the steps below do not either)
     editor = trained_looking(RLEdit.for_model(model, rank=1920, precondition_ridge=1.0)).eval()
+    malmen = trained_looking(MALMEN.for_model(model, rank=1920, memory_weight=10.0)).eval()
     batch = {"n_problems": 1, "index": list(range(n_steps)), "edit_inner": make_batch(vocab, n_steps, 90),
              "edit_outer": make_batch(vocab, n_steps, 91), "loc": make_batch(vocab, 4 * n_steps, 92)}
     coefs = {"edit": 0.1, "back": 0.1, "kl": 1.0, "norm": 0.0, "gamma": 1.0, "n_back": 4}
@@ -422,12 +424,14 @@ def bench_rledit(shape: str, res: dict, n_steps: int = 10) -> None:
     def stream_edit() -> None:
         editor.make_edit(work, one, FAM).merge_(work)
 
-    t = round_robin({"rledit_fwd_bwd_1": lambda: fwd_bwd(model, one),
-                     f"rledit_step_T{n_steps}": lambda: stream_meta_gradients(editor, model, batch, FAM, n_steps, coefs,
-                                                                              [0], update_statistics=False),
-                     "rledit_stream_edit": stream_edit}, 5, 1)
+    def step(e: RLEdit | MALMEN) -> Callable[[], object]:
+        return lambda: stream_meta_gradients(e, model, batch, FAM, n_steps, coefs, [0], update_statistics=False)
+
+    t = round_robin({"rledit_fwd_bwd_1": lambda: fwd_bwd(model, one), f"rledit_step_T{n_steps}": step(editor),
+                     f"malmen_stream_step_T{n_steps}": step(malmen), "rledit_stream_edit": stream_edit}, 5, 1)
     raw.update(t)
     res[f"rledit_step_ratio_{shape}_T{n_steps}"] = t[f"rledit_step_T{n_steps}"] / t["rledit_fwd_bwd_1"]
+    res[f"malmen_stream_step_ratio_{shape}_T{n_steps}"] = t[f"malmen_stream_step_T{n_steps}"] / t["rledit_fwd_bwd_1"]
     res[f"rledit_stream_edit_ratio_{shape}"] = t["rledit_stream_edit"] / t["rledit_fwd_bwd_1"]
     model.zero_grad(set_to_none=True)
 
