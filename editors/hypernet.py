@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.encoding import Family
-from editors.layers import LayerSpec, gradient_pieces
+from editors.layers import LayerSpec, gradient_pieces, real_tokens
 from editors.losses import forward_logits, nll_per_example
 
 def _sum_over_processes(t: Tensor) -> None:
@@ -267,7 +267,7 @@ class PieceNetworks:
         # (encoder vs decoder): pad with zero rows, which the mask leaves out like padding tokens
         x = torch.stack([p if p.shape[1] == n else F.pad(p, (0, 0, 0, n - p.shape[1])) for p in per])
         x = x.flatten(1, 2).to(self.nets[group].U.dtype)  # [M, P * n, D]
-        mask = (x[..., :d_in] != 0).any(-1) & (x[..., d_in:] != 0).any(-1)  # padding carries no gradient
+        mask = real_tokens(x[..., :d_in], x[..., d_in:])  # padding carries no gradient
         return x, mask
 
     @torch.no_grad()

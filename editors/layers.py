@@ -146,6 +146,12 @@ def gradient_pieces(model: nn.Module, layers: list[LayerSpec], loss_fn: Callable
     return pieces
 
 
+def real_tokens(u: Tensor, d: Tensor) -> Tensor:
+    """Which rows of :func:`gradient_pieces`' ``(u, delta)`` (any leading shape) are real tokens: both parts
+    nonzero (padding has no gradient; a zero key carries no change)."""
+    return (u != 0).any(-1) & (d != 0).any(-1)
+
+
 @contextlib.contextmanager
 def per_problem_edit(model: nn.Module, layers: list[LayerSpec], n_problems: int,
                      terms: Mapping[str, Callable[[Tensor], Tensor]]) -> Iterator[None]:

@@ -47,7 +47,7 @@ from editors.base import DeltaEditor, EditorContext, WeightDelta
 from editors.hypernet import PieceNetworks, _sum_over_processes
 from editors.io import FileEditor
 from editors.key_memory import RememberedDelta, key_memory
-from editors.layers import LayerSpec, gradient_pieces
+from editors.layers import LayerSpec, gradient_pieces, real_tokens
 from editors.losses import forward_logits, nll
 
 Pieces = dict[str, tuple[Tensor, Tensor]]  # per layer (u [T, d_in], delta [T, d_out]) of real tokens
@@ -95,7 +95,7 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
             mb = {k: v[a:a + self.edit_chunk] for k, v in batch.items()}
             n = mb["input_ids"].shape[0]
             p = gradient_pieces(model, self.layers, lambda: nll(forward_logits(model, mb, family), mb["labels"], family) * n)
-            keep = {k: (u != 0).any(-1) & (d != 0).any(-1) for k, (u, d) in p.items()}
+            keep = {k: real_tokens(u, d) for k, (u, d) in p.items()}
             yield {k: (u[keep[k]], d[keep[k]]) for k, (u, d) in p.items()}
 
     def token_pieces(self, model: nn.Module, batch: Mapping[str, Tensor], family: Family) -> Pieces:
@@ -204,21 +204,20 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
 
     # -- a stream step (meta-training over streams: lightning_modules.malmen_stream_module)
     @staticmethod
-    def _keys(pieces: Pieces, l: LayerSpec, n_problems: int) -> Tensor:
-        """Layer ``l``'s keys ``[P, n, d_in]`` of :meth:`pieces` (``P`` equal consecutive groups), the tokens
-        that carry no gradient (padding) zeroed as the networks mask them."""
+    def _keys(pieces: Pieces, l: LayerSpec, n_problems: int) -> tuple[Tensor, Tensor]:
+        """Layer ``l``'s keys ``U [P, n, d_in]`` of :meth:`pieces` (``P`` equal consecutive groups; padding
+        zeroed as the networks mask it), in float32 or wider, and their moments ``U^T U [P, d_in, d_in]``."""
         u, d = pieces[l.name]
-        real = (u != 0).any(-1) & (d != 0).any(-1)
-        return (u * real.unsqueeze(-1).to(u.dtype)).view(n_problems, -1, l.d_in)
+        u = u * real_tokens(u, d).unsqueeze(-1).to(u.dtype)
+        u = u.to(torch.promote_types(u.dtype, torch.float32)).view(n_problems, -1, l.d_in)
+        return u, u.transpose(1, 2) @ u
 
     def remember(self, pieces: Pieces, n_problems: int, memory: dict[str, Tensor] | None) -> dict[str, Tensor]:
         """The stream's key memory after a step: ``memory`` plus, per problem, the step's ``U^T U``
         (``[P, d_in, d_in]`` per layer; what :class:`editors.key_memory.RememberedDelta` adds on merge)."""
         out = {}
         for l in self.layers:
-            u = self._keys(pieces, l, n_problems)
-            u = u.to(torch.promote_types(u.dtype, torch.float32)).detach()
-            uu = u.transpose(1, 2) @ u
+            uu = self._keys(pieces, l, n_problems)[1]
             out[l.name] = uu if memory is None else memory[l.name] + uu
         return out
 
@@ -230,13 +229,10 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
         t = self._transformed(pieces, n_problems, update=False)
         out = {}
         for i, l in enumerate(self.layers):
-            u = self._keys(pieces, l, n_problems)
-            v = -self.edit_lrs[i] * t[l.name][1]
-            dt = torch.promote_types(u.dtype, torch.float32)
-            u, v = u.to(dt), v.to(dt)
-            uu = u.transpose(1, 2) @ u
+            u, uu = self._keys(pieces, l, n_problems)
+            v = -self.edit_lrs[i] * t[l.name][1].to(u.dtype)
             if memory is not None and self.memory_weight:
-                uu = uu + self.memory_weight * memory[l.name].to(dt)
+                uu = uu + self.memory_weight * memory[l.name].to(uu.dtype)
             S = torch.cholesky_solve(u.transpose(1, 2) @ v, self._factor(i, uu))
             out[l.name] = self.to_weight(l, S).to(pieces[l.name][0].dtype)
         return out

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from datamodules.encoding import Family
 from editors.base import DeltaEditor, EditorContext
 from editors.io import FileEditor
-from editors.layers import LayerSpec, gradient_pieces
+from editors.layers import LayerSpec, gradient_pieces, real_tokens
 from editors.losses import forward_logits, nll, nll_per_example, scores
 from editors.until_right import polyak_scale
 
@@ -150,7 +150,7 @@ class Selector(FileEditor, nn.Module, DeltaEditor):
         """Scores ``[P, d_out, d_in]`` of layer ``i``'s entries from its gradient ``G [P, d_out, d_in]``
         (output x input orientation) and pieces ``u [P, n, d_in]``, ``d [P, n, d_out]`` (padding rows zero)."""
         with torch.no_grad():  # the features are constants of the edit
-            tok = ((u != 0).any(-1) & (d != 0).any(-1)).to(G.dtype).unsqueeze(-1)  # [P, n, 1]
+            tok = real_tokens(u, d).to(G.dtype).unsqueeze(-1)  # [P, n, 1]
             cnt = tok.sum(1).clamp_min(1)
             fr = torch.stack([G.norm(dim=2), ((d * d * tok).sum(1) / cnt).sqrt(), (d * tok).sum(1).abs()], -1)
             fc = torch.stack([G.norm(dim=1), ((u * u * tok).sum(1) / cnt).sqrt(), (u * tok).sum(1).abs()], -1)
