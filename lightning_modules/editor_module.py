@@ -191,6 +191,10 @@ class EditorModule(L.LightningModule):
         # the base weights are not stored: take them from the model this module was built with
         checkpoint["state_dict"].update({f"model.{k}": v for k, v in self.model.state_dict().items()})
 
+    def exported_config(self) -> dict[str, Any]:
+        """Editor settings the exported file carries instead of the trained ones (none here)."""
+        return {}
+
     def export(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> dict:
         """Write the editor to ``output_dir/editor.safetensors``: the best one by the checkpoint callback
         that monitors a metric when there is one, else the final one; return the run summary."""
@@ -205,6 +209,7 @@ class EditorModule(L.LightningModule):
         # objects), else the final one
         blob = (torch.load(best, map_location="cpu", weights_only=True)[CHECKPOINT_KEY] if best
                 else self.editor.export(self.model, self.base_fingerprint()))
+        blob = {**blob, "config": {**blob["config"], **self.exported_config()}}
         check_finite(blob["state_dict"], "the trained editor")
         # the data it was meta-trained on: eval.py refuses a test locality pool that overlaps its pools
         save_blob(out / "editor.safetensors", {**blob, DATA_KEY: datamodule.data_record()})

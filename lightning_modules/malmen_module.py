@@ -116,7 +116,9 @@ class MALMENModule(EditorModule):
     ``edit_chunk`` bounds the rows of every base-model pass, ``token_chunk`` the tokens of every
     hypernetwork pass; ``cache_pieces`` False keeps the edit tokens' pieces from growing with K (at
     the cost of two more base passes over the edit inputs per step; see the module docstring).
-    Checkpoints hold the editor only, with the base model's fingerprint.
+    ``eval_key_cov_weight``: the key covariance weight written into the editor file (default
+    ``key_cov_weight``, the one meta-training edits with). Checkpoints hold the editor only, with the
+    base model's fingerprint.
     """
 
     step_size_params = ("edit_lrs", "log_ridges")
@@ -124,7 +126,7 @@ class MALMENModule(EditorModule):
     def __init__(self, base_model: str = "runs/base_zsre_gpt2_tiny/model", family: Family = "causal",
                  edit_params: list[str] | None = None, rank: int = 1920, n_hidden: int = 2,
                  init_edit_lr: float = 1e-3, init_ridge: float = 1.0, edit_chunk: int = 64, token_chunk: int = 4096,
-                 key_cov_weight: float = 0.0, cache_pieces: bool = False,
+                 key_cov_weight: float = 0.0, eval_key_cov_weight: float | None = None, cache_pieces: bool = False,
                  lr: float = 1e-4, edit_lr_lr: float = 1e-3, c_edit: float = 0.1, c_loc: float = 1.0,
                  cosine_decay: bool = False, grad_clip: float | None = 100.0, output_dir: str = "runs/malmen",
                  base_dtype: BaseDtype | None = None) -> None:
@@ -132,6 +134,9 @@ class MALMENModule(EditorModule):
         if rank < 1 or min(lr, edit_lr_lr) < 0 or init_ridge <= 0:
             raise ValueError(f"rank must be at least 1, lr and edit_lr_lr not negative and init_ridge positive; got "
                              f"rank {rank}, lr {lr}, edit_lr_lr {edit_lr_lr}, init_ridge {init_ridge}")
+        if eval_key_cov_weight is not None and (eval_key_cov_weight < 0 or not key_cov_weight):
+            raise ValueError(f"eval_key_cov_weight needs key statistics (key_cov_weight > 0) and must not be "
+                             f"negative; got {eval_key_cov_weight} with key_cov_weight {key_cov_weight}")
         self.save_hyperparameters()
         self.automatic_optimization = False  # the step accumulates its own gradient (see the module docstring)
         self._load_base(base_model, family, base_dtype)
@@ -139,6 +144,12 @@ class MALMENModule(EditorModule):
                                        init_ridge=init_ridge, edit_chunk=edit_chunk, token_chunk=token_chunk,
                                        key_cov_weight=key_cov_weight, cache_pieces=cache_pieces)
         self.val = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS})
+
+    def exported_config(self) -> dict[str, Any]:
+        """``eval_key_cov_weight``, when set, is the weight the editor file carries: the networks are fitted
+        at ``key_cov_weight``, and the weight to edit with is chosen afterwards on validation."""
+        w = self.hparams.eval_key_cov_weight
+        return {} if w is None else {"key_cov_weight": float(w)}
 
     def on_fit_start(self) -> None:
         hp = self.trainer.datamodule.hparams

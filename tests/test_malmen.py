@@ -18,7 +18,7 @@ from editors.layers import dense_edit, gradient_pieces
 from editors.losses import forward_logits, kl_pre_post, nll, scores
 from editors.malmen import MALMEN
 from lightning_modules.malmen_module import decoupled_meta_gradients, problem_rows
-from lightning_modules.models import decoder_start_id
+from lightning_modules.models import decoder_start_id, load_model
 from test_train import QUIET, ROOT, assert_runs_equal, base_args, check_resume_equals_unbroken, csv_logger, start_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -319,6 +319,19 @@ def test_resume_equals_uninterrupted_run(bases, tmp_path):
 def test_more_edits_per_step_than_the_training_split_holds_is_refused(bases, tmp_path):
     with pytest.raises(MisconfigurationException, match="edits per step, but the training split has only"):
         train.main(malmen_args(bases, tmp_path / "big", "--data.init_args.n_edits", "100000"))
+
+
+def test_the_editor_file_carries_the_evaluation_key_covariance_weight(bases, tmp_path):
+    """Meta-trained at one key covariance weight, written with the one chosen for evaluation: the file
+    loads with it (the trained weights are unchanged); without key statistics the option is refused."""
+    out = tmp_path / "run"
+    train.main(malmen_args(bases, out, "--model.init_args.key_cov_weight", "10.0",
+                           "--model.init_args.eval_key_cov_weight", "3.0", "--trainer.max_steps", "1"))
+    editor = MALMEN.load(out / "editor.safetensors", load_model(bases / "base_causal" / "model", "causal"))
+    assert editor.key_cov_weight == 3.0 and editor.key_count.min() > 0, "the statistics were folded"
+    with pytest.raises(ValueError, match="eval_key_cov_weight needs key statistics"):
+        train.main(malmen_args(bases, tmp_path / "none", "--model.init_args.key_cov_weight", "0.0",
+                               "--model.init_args.eval_key_cov_weight", "3.0"))
 
 
 def test_key_covariance_penalty_solves_the_memit_style_normal_equation(tiny_models, tokenizer):
