@@ -198,8 +198,14 @@ class MALMEN(FileEditor, PieceNetworks, nn.Module, DeltaEditor):
             A = A + (self.key_cov_weight / self.key_count[i].clamp_min(1) * getattr(self, f"key_moment{i}")).to(A.dtype)
         L, info = torch.linalg.cholesky_ex(A)
         if bool((info != 0).any()):
-            raise ValueError(f"{l.name}: the least-squares system is singular (ridge {float(self.ridges()[i]):g}; the "
-                             f"edit tokens' keys do not span the layer's {l.d_in} inputs): use a positive ridge")
+            ridge = float(self.ridges()[i])
+            if ridge == 0:
+                raise ValueError(f"{l.name}: the least-squares system is singular (ridge 0; the edit tokens' keys do "
+                                 f"not span the layer's {l.d_in} inputs): use a positive ridge")
+            # a wide layer's key moments can outgrow the ridge by more than the dtype resolves
+            raise ValueError(f"{l.name}: the least-squares system is not positive definite in {A.dtype} (ridge {ridge:g}, "
+                             f"largest diagonal entry {float(A.diagonal(dim1=-2, dim2=-1).max()):.3g}): its condition "
+                             f"is past {A.dtype}'s precision; raise init_ridge (about 1e-5 of that entry) or edit in float64")
         return L
 
     # -- a stream step (meta-training over streams: lightning_modules.malmen_stream_module)

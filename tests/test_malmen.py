@@ -231,6 +231,18 @@ def test_singular_system_without_ridge_is_refused(tiny_models, tokenizer):
         MALMEN.for_model(model, init_ridge=-1.0)
 
 
+def test_a_system_past_float32_precision_names_the_cause(tiny_models):
+    # a wide layer's key moments (here 1e12 along one direction) can swamp a ridge of 1 in float32; the
+    # error must not blame a missing ridge
+    model = tiny_models["causal"]
+    editor = MALMEN.for_model(model, rank=8, init_ridge=1.0)
+    d = editor.layers[0].d_in
+    v = torch.randn(d, 1)
+    uu = (1e12 * v @ v.T + torch.randn(d, d) * 1e5).float()
+    with pytest.raises(ValueError, match=r"not positive definite in torch.float32 \(ridge 1,.*raise init_ridge"):
+        editor._factor(0, (uu + uu.T) / 2)
+
+
 def test_editor_file_round_trip_and_refuses_another_base(tiny_models, tokenizer, tmp_path):
     model = tiny_models["causal"]
     editor = MALMEN.for_model(model, rank=8, init_ridge=0.3)
